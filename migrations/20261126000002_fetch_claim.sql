@@ -1,0 +1,140 @@
+-- sp_fetch_and_lock: claim one runnable orchestration instance and its visible messages
+-- in ONE round trip. It returns keys only; the hybrid path then reads messages, metadata,
+-- history and the KV snapshot with plain SQL, concurrently.
+--
+-- Output columns carry an `o_` prefix: a RETURNS TABLE column named like a table column
+-- becomes a PL/pgSQL variable and makes every unqualified reference ambiguous (the
+-- failure recorded in the seed document).
+--
+-- Claim protocol, per candidate:
+--   1. oldest visible queue row (visible_at, id) of an instance without a live lease,
+--      passing the capability filter, not tried yet in this call: FOR UPDATE SKIP LOCKED;
+--   2. pg_try_advisory_xact_lock on (schema, instance): a concurrent claim of the same
+--      instance through another of its rows is skipped instead of waited for (waiting
+--      would deadlock against that claim's message tagging);
+--   3. upsert the lease only if the existing one expired; 0 rows = lost, next candidate;
+--   4. an instance nobody can run yet (no metadata, no history start, no start message)
+--      is skipped; if its batch is only QueueMessages they are orphans and are deleted;
+--   5. tag every visible message with the token and count the attempt.
+-- A lost candidate never turns into "no work": the loop moves to the next one.
+CREATE FUNCTION sp_fetch_and_lock(
+    p_lock_timeout_ms  BIGINT,
+    p_filter_enabled   BOOLEAN,
+    p_min_major INT, p_min_minor INT, p_min_patch INT,
+    p_max_major INT, p_max_minor INT, p_max_patch INT,
+    p_max_candidates   INT DEFAULT 32
+)
+RETURNS TABLE (
+    o_instance_id    TEXT,
+    o_lock_token     TEXT,
+    o_execution_id   BIGINT,
+    o_attempt_count  INT
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_now        BIGINT;
+    v_instance   TEXT;
+    v_token      TEXT;
+    v_tried      TEXT[] := '{}';
+    v_won        INT;
+    v_runnable   BOOLEAN;
+    v_attempts   INT;
+    v_exec       BIGINT;
+    v_lock_space INT := hashtext('duroxide-pg-hybrid:' || current_schema());
+BEGIN
+    FOR i IN 1 .. p_max_candidates LOOP
+        v_now := now_ms();
+
+        SELECT q.instance_id INTO v_instance
+        FROM orchestrator_queue q
+        WHERE q.visible_at_ms <= v_now
+          AND q.instance_id <> ALL (v_tried)
+          AND NOT EXISTS (
+              SELECT 1 FROM instance_locks l
+              WHERE l.instance_id = q.instance_id AND l.locked_until_ms > v_now)
+          AND (NOT p_filter_enabled OR NOT EXISTS (
+              SELECT 1
+              FROM instances i
+              JOIN executions e
+                ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+              WHERE i.instance_id = q.instance_id
+                AND e.pinned_major IS NOT NULL
+                AND NOT ((e.pinned_major, e.pinned_minor, e.pinned_patch)
+                             >= (p_min_major, p_min_minor, p_min_patch)
+                     AND (e.pinned_major, e.pinned_minor, e.pinned_patch)
+                             <= (p_max_major, p_max_minor, p_max_patch))))
+        ORDER BY q.visible_at_ms, q.id
+        LIMIT 1
+        FOR UPDATE OF q SKIP LOCKED;
+
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        v_tried := v_tried || v_instance;
+
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
+
+        v_token := 'lock_' || gen_random_uuid()::TEXT;
+        v_now := now_ms();
+        INSERT INTO instance_locks AS l (instance_id, lock_token, locked_until_ms, locked_at_ms)
+        VALUES (v_instance, v_token, v_now + p_lock_timeout_ms, v_now)
+        ON CONFLICT (instance_id) DO UPDATE
+            SET lock_token = EXCLUDED.lock_token,
+                locked_until_ms = EXCLUDED.locked_until_ms,
+                locked_at_ms = EXCLUDED.locked_at_ms
+            WHERE l.locked_until_ms <= EXCLUDED.locked_at_ms;
+        GET DIAGNOSTICS v_won = ROW_COUNT;
+        CONTINUE WHEN v_won = 0;
+
+        SELECT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = v_instance)
+            OR EXISTS (SELECT 1 FROM history h
+                       WHERE h.instance_id = v_instance AND h.event_type = 'OrchestrationStarted')
+            OR EXISTS (SELECT 1 FROM orchestrator_queue q
+                       WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now
+                         AND q.kind IN ('StartOrchestration', 'ContinueAsNew'))
+        INTO v_runnable;
+
+        IF NOT v_runnable THEN
+            -- Events raised before the orchestration exists. QueueMessages alone are
+            -- orphans by contract and are dropped; anything else (a completion racing
+            -- its start) stays queued for a later turn.
+            IF NOT EXISTS (SELECT 1 FROM orchestrator_queue q
+                           WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now
+                             AND q.kind <> 'QueueMessage') THEN
+                DELETE FROM orchestrator_queue q
+                WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
+            END IF;
+            DELETE FROM instance_locks l WHERE l.lock_token = v_token;
+            CONTINUE;
+        END IF;
+
+        UPDATE orchestrator_queue q
+        SET lock_token = v_token, attempt_count = q.attempt_count + 1
+        WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
+
+        SELECT max(q.attempt_count) INTO v_attempts
+        FROM orchestrator_queue q WHERE q.lock_token = v_token;
+
+        IF v_attempts IS NULL THEN
+            -- The messages were acked or deleted between the scan and the tagging.
+            DELETE FROM instance_locks l WHERE l.lock_token = v_token;
+            CONTINUE;
+        END IF;
+
+        SELECT coalesce(
+                   (SELECT i.current_execution_id FROM instances i WHERE i.instance_id = v_instance),
+                   (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = v_instance),
+                   1)
+        INTO v_exec;
+
+        o_instance_id := v_instance;
+        o_lock_token := v_token;
+        o_execution_id := v_exec;
+        o_attempt_count := v_attempts;
+        RETURN NEXT;
+        RETURN;
+    END LOOP;
+END;
+$fn$;

@@ -1,0 +1,268 @@
+//! `ack_orchestration_item`: one call of the `ack_orchestration_item` SQL function.
+//!
+//! Rust does the parts SQL is bad at: serialising events and work items, deriving each
+//! item's routing columns, and reducing the delta's KV and custom-status events to their
+//! net effect, so the SQL side is a fixed sequence of set-based statements.
+
+use std::time::Instant;
+
+use duroxide::providers::{ExecutionMetadata, ProviderError, ScheduledActivityIdentifier, WorkItem};
+use duroxide::{Event, EventKind};
+
+use crate::codec::{encode_event, encode_item, to_i64};
+use crate::errors::{db_error, decode_error};
+use crate::provider::{PostgresProvider, TRACING_TARGET};
+
+const OP: &str = "ack_orchestration_item";
+
+const ACK: &str = "SELECT {s}.ack_orchestration_item(\
+     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+     $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)";
+
+/// Net KV effect of one turn's delta.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct KvChanges {
+    /// A `KeyValuesCleared` occurred: tombstone every key known before the turn.
+    pub clear_all: bool,
+    /// Final state per key after the delta, in first-touched order: value `None` is a
+    /// tombstone, timestamp `None` means "now" (database clock).
+    pub keys: Vec<(String, Option<String>, Option<i64>)>,
+}
+
+/// Folds the delta's KV events in order. Only the last write per key matters, and a
+/// clear-all discards everything before it.
+pub(crate) fn reduce_kv(delta: &[Event]) -> KvChanges {
+    let mut out = KvChanges::default();
+    let put = |out: &mut KvChanges, key: &str, value: Option<String>, ts: Option<i64>| {
+        match out.keys.iter_mut().find(|(k, _, _)| k == key) {
+            Some(slot) => {
+                slot.1 = value;
+                slot.2 = ts;
+            }
+            None => out.keys.push((key.to_string(), value, ts)),
+        }
+    };
+    for e in delta {
+        match &e.kind {
+            EventKind::KeyValueSet { key, value, last_updated_at_ms } => {
+                let ts = i64::try_from(*last_updated_at_ms).unwrap_or(i64::MAX);
+                put(&mut out, key, Some(value.clone()), Some(ts));
+            }
+            EventKind::KeyValueCleared { key } => put(&mut out, key, None, None),
+            EventKind::KeyValuesCleared => {
+                out.clear_all = true;
+                out.keys.clear();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The last `CustomStatusUpdated` of the delta: `Some(Some(s))` set, `Some(None)` clear,
+/// `None` untouched.
+pub(crate) fn last_custom_status(delta: &[Event]) -> Option<Option<String>> {
+    delta.iter().rev().find_map(|e| match &e.kind {
+        EventKind::CustomStatusUpdated { status } => Some(status.clone()),
+        _ => None,
+    })
+}
+
+#[derive(Default)]
+struct WorkerRows {
+    items: Vec<String>,
+    instances: Vec<String>,
+    executions: Vec<i64>,
+    activities: Vec<i64>,
+    sessions: Vec<Option<String>>,
+    tags: Vec<Option<String>>,
+}
+
+#[derive(Default)]
+struct OrchRows {
+    instances: Vec<String>,
+    kinds: Vec<String>,
+    items: Vec<String>,
+    visible_at: Vec<Option<i64>>,
+}
+
+impl PostgresProvider {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn ack_orchestration(
+        &self,
+        lock_token: &str,
+        execution_id: u64,
+        history_delta: Vec<Event>,
+        worker_items: Vec<WorkItem>,
+        orchestrator_items: Vec<WorkItem>,
+        metadata: ExecutionMetadata,
+        cancelled_activities: Vec<ScheduledActivityIdentifier>,
+    ) -> Result<(), ProviderError> {
+        let started = Instant::now();
+        let bad = |msg: String| decode_error(OP, None, msg);
+        let execution_id = to_i64("execution_id", execution_id).map_err(bad)?;
+
+        let mut ev_ids = Vec::with_capacity(history_delta.len());
+        let mut ev_types = Vec::with_capacity(history_delta.len());
+        let mut ev_data = Vec::with_capacity(history_delta.len());
+        for e in &history_delta {
+            let enc = encode_event(e).map_err(bad)?;
+            ev_ids.push(enc.event_id);
+            ev_types.push(enc.event_type);
+            ev_data.push(enc.json);
+        }
+
+        let mut w = WorkerRows::default();
+        for item in &worker_items {
+            let WorkItem::ActivityExecute { instance, execution_id, id, session_id, tag, .. } = item else {
+                return Err(bad(format!(
+                    "worker_items may only hold ActivityExecute, got {}",
+                    crate::codec::work_item_kind(item)
+                )));
+            };
+            w.items.push(serde_json::to_string(item).map_err(|e| bad(e.to_string()))?);
+            w.instances.push(instance.clone());
+            w.executions.push(to_i64("execution_id", *execution_id).map_err(bad)?);
+            w.activities.push(to_i64("activity id", *id).map_err(bad)?);
+            w.sessions.push(session_id.clone());
+            w.tags.push(tag.clone());
+        }
+
+        let mut o = OrchRows::default();
+        for item in &orchestrator_items {
+            if matches!(item, WorkItem::ActivityExecute { .. }) {
+                return Err(bad("orchestrator_items may not hold ActivityExecute".to_string()));
+            }
+            let enc = encode_item(item).map_err(bad)?;
+            let visible_at = match item {
+                WorkItem::TimerFired { fire_at_ms, .. } => Some(to_i64("fire_at_ms", *fire_at_ms).map_err(bad)?),
+                _ => None,
+            };
+            o.instances.push(enc.instance);
+            o.kinds.push(enc.kind.to_string());
+            o.items.push(enc.json);
+            o.visible_at.push(visible_at);
+        }
+
+        let mut c_inst = Vec::with_capacity(cancelled_activities.len());
+        let mut c_exec = Vec::with_capacity(cancelled_activities.len());
+        let mut c_act = Vec::with_capacity(cancelled_activities.len());
+        for c in &cancelled_activities {
+            c_inst.push(c.instance.clone());
+            c_exec.push(to_i64("execution_id", c.execution_id).map_err(bad)?);
+            c_act.push(to_i64("activity id", c.activity_id).map_err(bad)?);
+        }
+
+        let kv = reduce_kv(&history_delta);
+        let (kv_keys, (kv_values, kv_ts)): (Vec<String>, (Vec<Option<String>>, Vec<Option<i64>>)) =
+            kv.keys.into_iter().map(|(k, v, t)| (k, (v, t))).unzip();
+        let custom_status = last_custom_status(&history_delta);
+        let pin = metadata.pinned_duroxide_version.as_ref().map(|v| {
+            let c = |x: u64| i32::try_from(x).unwrap_or(i32::MAX);
+            (c(v.major), c(v.minor), c(v.patch))
+        });
+
+        let result = sqlx::query_scalar::<_, String>(&self.sql(ACK))
+            .bind(lock_token)
+            .bind(execution_id)
+            .bind(&ev_ids)
+            .bind(&ev_types)
+            .bind(&ev_data)
+            .bind(&metadata.orchestration_name)
+            .bind(&metadata.orchestration_version)
+            .bind(&metadata.parent_instance_id)
+            .bind(&metadata.status)
+            .bind(&metadata.output)
+            .bind(pin.map(|p| p.0))
+            .bind(pin.map(|p| p.1))
+            .bind(pin.map(|p| p.2))
+            .bind(custom_status.is_some())
+            .bind(custom_status.flatten())
+            .bind(kv.clear_all)
+            .bind(&kv_keys)
+            .bind(&kv_values)
+            .bind(&kv_ts)
+            .bind(&w.items)
+            .bind(&w.instances)
+            .bind(&w.executions)
+            .bind(&w.activities)
+            .bind(&w.sessions)
+            .bind(&w.tags)
+            .bind(&c_inst)
+            .bind(&c_exec)
+            .bind(&c_act)
+            .bind(&o.instances)
+            .bind(&o.kinds)
+            .bind(&o.items)
+            .bind(&o.visible_at)
+            .fetch_one(self.pool_ref())
+            .await;
+
+        match result {
+            Ok(instance) => {
+                tracing::debug!(
+                    target: TRACING_TARGET,
+                    operation = OP,
+                    instance = %instance,
+                    execution_id,
+                    events = ev_ids.len(),
+                    worker_items = w.items.len(),
+                    orchestrator_items = o.items.len(),
+                    cancelled = c_inst.len(),
+                    status = metadata.status.as_deref().unwrap_or(""),
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "acked orchestration turn"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let err = db_error(OP, None, e);
+                tracing::debug!(
+                    target: TRACING_TARGET,
+                    operation = OP,
+                    retryable = err.is_retryable(),
+                    error = %err,
+                    "ack rejected"
+                );
+                Err(err)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: u64, kind: EventKind) -> Event {
+        Event::with_event_id(id, "i", 1, None, kind)
+    }
+
+    #[test]
+    fn kv_reduction_keeps_last_write_and_clear_all_resets() {
+        let delta = vec![
+            ev(1, EventKind::KeyValueSet { key: "a".into(), value: "1".into(), last_updated_at_ms: 5 }),
+            ev(2, EventKind::KeyValueSet { key: "b".into(), value: "2".into(), last_updated_at_ms: 6 }),
+            ev(3, EventKind::KeyValuesCleared),
+            ev(4, EventKind::KeyValueSet { key: "a".into(), value: "3".into(), last_updated_at_ms: 7 }),
+            ev(5, EventKind::KeyValueCleared { key: "c".into() }),
+            ev(6, EventKind::KeyValueSet { key: "a".into(), value: "4".into(), last_updated_at_ms: 8 }),
+        ];
+        let kv = reduce_kv(&delta);
+        assert!(kv.clear_all);
+        assert_eq!(
+            kv.keys,
+            vec![("a".into(), Some("4".into()), Some(8)), ("c".into(), None, None)]
+        );
+    }
+
+    #[test]
+    fn custom_status_takes_the_last_update() {
+        let delta = vec![
+            ev(1, EventKind::CustomStatusUpdated { status: Some("x".into()) }),
+            ev(2, EventKind::CustomStatusUpdated { status: None }),
+        ];
+        assert_eq!(last_custom_status(&delta), Some(None));
+        assert_eq!(last_custom_status(&[]), None);
+    }
+}

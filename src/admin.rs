@@ -1,0 +1,1 @@
+//! (placeholder: the ProviderAdmin implementation is being written)

@@ -1,0 +1,194 @@
+//! `fetch_orchestration_item`: claim an instance (one round trip, `sp_fetch_and_lock`),
+//! then load what the turn needs. Two interchangeable paths share the claim and the read
+//! functions:
+//!
+//! * hybrid: claim, then four plain reads issued concurrently on separate pooled
+//!   connections, so the serial depth is 2 round trips;
+//! * procedure: `fetch_orchestration_full`, claim and reads in one call (1 round trip).
+//!
+//! Both end in [`assemble`], so the item handed to duroxide is built by one piece of code
+//! whichever path fetched it.
+
+mod claim;
+mod procedure;
+mod reads;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use duroxide::providers::{
+    DispatcherCapabilityFilter, KvEntry, OrchestrationItem, ProviderError, WorkItem,
+};
+use duroxide::EventKind;
+
+use crate::codec::{decode_history, decode_messages};
+use crate::options::FetchPath;
+use crate::provider::{PostgresProvider, TRACING_TARGET};
+
+pub(crate) const OP: &str = "fetch_orchestration_item";
+
+/// Arguments of the claim: lease length and the capability filter as SQL values.
+pub(crate) struct ClaimArgs {
+    pub lock_timeout_ms: i64,
+    pub filter_enabled: bool,
+    pub min: (i32, i32, i32),
+    pub max: (i32, i32, i32),
+}
+
+impl ClaimArgs {
+    /// `None` when the filter admits nothing (an empty range list): no call is needed.
+    fn new(lock_timeout: Duration, filter: Option<&DispatcherCapabilityFilter>) -> Option<Self> {
+        let lock_timeout_ms = crate::codec::millis(lock_timeout);
+        let Some(filter) = filter else {
+            return Some(Self { lock_timeout_ms, filter_enabled: false, min: (0, 0, 0), max: (0, 0, 0) });
+        };
+        // duroxide's contract ("phase 1"): only the first range is honoured.
+        let range = filter.supported_duroxide_versions.first()?;
+        let v = |v: &semver::Version| (clamp(v.major), clamp(v.minor), clamp(v.patch));
+        Some(Self { lock_timeout_ms, filter_enabled: true, min: v(&range.min), max: v(&range.max) })
+    }
+}
+
+fn clamp(v: u64) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+/// What a claim returns: keys only.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Claim {
+    pub o_instance_id: String,
+    pub o_lock_token: String,
+    pub o_execution_id: i64,
+    pub o_attempt_count: i32,
+}
+
+/// Raw rows of a claimed turn, as either path loaded them.
+pub(crate) struct TurnRows {
+    pub claim: Claim,
+    /// `Some((name, version))` when the instance row exists.
+    pub meta: Option<(String, Option<String>)>,
+    pub messages: Vec<String>,
+    pub history: Vec<String>,
+    pub kv: Vec<(String, String, i64)>,
+}
+
+impl PostgresProvider {
+    pub(crate) async fn fetch_orchestration(
+        &self,
+        lock_timeout: Duration,
+        filter: Option<&DispatcherCapabilityFilter>,
+    ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
+        let Some(args) = ClaimArgs::new(lock_timeout, filter) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let rows = match self.fetch_path() {
+            FetchPath::Hybrid => self.fetch_hybrid(&args).await?,
+            FetchPath::Procedure => self.fetch_procedure(&args).await?,
+        };
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        let fetched = assemble(rows);
+        tracing::debug!(
+            target: TRACING_TARGET,
+            operation = OP,
+            instance = %fetched.0.instance,
+            execution_id = fetched.0.execution_id,
+            messages = fetched.0.messages.len(),
+            history = fetched.0.history.len(),
+            attempt = fetched.2,
+            fetch_path = %self.fetch_path(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "claimed orchestration turn"
+        );
+        Ok(Some(fetched))
+    }
+
+    async fn fetch_hybrid(&self, args: &ClaimArgs) -> Result<Option<TurnRows>, ProviderError> {
+        let Some(claim) = self.claim(args).await? else {
+            return Ok(None);
+        };
+        match self.read_turn(&claim).await {
+            Ok((meta, messages, history, kv)) => Ok(Some(TurnRows { claim, meta, messages, history, kv })),
+            Err(e) => {
+                // Never return an error while holding a lease: give the instance back
+                // (attempt not counted, messages visible at once) and report the error.
+                self.release_after_failed_read(&claim.o_lock_token, &claim.o_instance_id).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Builds the item duroxide sees from the raw rows of either path.
+fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
+    let TurnRows { claim, meta, messages, history, kv } = rows;
+    let instance = claim.o_instance_id;
+    let messages: Vec<WorkItem> = decode_messages(&instance, &messages);
+    let (history, history_error) = match decode_history(&history) {
+        Ok(h) => (h, None),
+        Err(e) => {
+            tracing::warn!(
+                target: TRACING_TARGET,
+                operation = OP,
+                instance = %instance,
+                error = %e,
+                "history does not decode; handing the turn to duroxide with history_error"
+            );
+            (Vec::new(), Some(format!("instance {instance:?}: {e}")))
+        }
+    };
+    let mut execution_id = u64::try_from(claim.o_execution_id).unwrap_or(1);
+    let (name, version) = match meta {
+        Some((name, version)) => (name, version.unwrap_or_else(|| "unknown".to_string())),
+        None => {
+            // No instance row yet (first turn, or acks without metadata): the start
+            // event in history, else the start message in the batch.
+            let from_history = history.iter().find_map(|e| match &e.kind {
+                EventKind::OrchestrationStarted { name, version, .. } => {
+                    Some((name.clone(), version.clone()))
+                }
+                _ => None,
+            });
+            match from_history {
+                Some(nv) => nv,
+                None => {
+                    execution_id = 1;
+                    messages
+                        .iter()
+                        .find_map(|m| match m {
+                            WorkItem::StartOrchestration { orchestration, version, .. }
+                            | WorkItem::ContinueAsNew { orchestration, version, .. } => Some((
+                                orchestration.clone(),
+                                version.clone().unwrap_or_else(|| "unknown".to_string()),
+                            )),
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| ("Unknown".to_string(), "unknown".to_string()))
+                }
+            }
+        }
+    };
+    let kv_snapshot: HashMap<String, KvEntry> = if history_error.is_some() {
+        HashMap::new()
+    } else {
+        kv.into_iter()
+            .map(|(k, value, ts)| {
+                (k, KvEntry { value, last_updated_at_ms: u64::try_from(ts).unwrap_or(0) })
+            })
+            .collect()
+    };
+    let attempts = u32::try_from(claim.o_attempt_count).unwrap_or(0);
+    let item = OrchestrationItem {
+        instance,
+        orchestration_name: name,
+        execution_id,
+        version,
+        history,
+        messages,
+        history_error,
+        kv_snapshot,
+    };
+    (item, claim.o_lock_token, attempts)
+}

@@ -1,0 +1,327 @@
+//! Provider configuration: a plain struct with documented defaults, `from_env`, and
+//! `validate` (run before any connection is made).
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::errors::ConfigError;
+use crate::schema::validate_schema_name;
+
+/// Default schema holding every table, function and the migrations ledger.
+pub const DEFAULT_SCHEMA: &str = "duroxide";
+
+/// Which `fetch_orchestration_item` implementation a provider uses.
+///
+/// Both paths claim through the same `sp_fetch_and_lock` function and share one schema,
+/// so workers on different paths can run side by side against one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FetchPath {
+    /// `sp_fetch_and_lock` (one round trip), then messages, metadata, history and KV
+    /// snapshot read concurrently on separate pooled connections (one more round trip).
+    Hybrid,
+    /// `fetch_orchestration_full`: claim and all reads in one function call (one round trip).
+    Procedure,
+}
+
+impl FetchPath {
+    /// The path compiled in as default: `Procedure` with the `full-procedure` feature,
+    /// `Hybrid` otherwise.
+    pub const fn compiled_default() -> Self {
+        if cfg!(feature = "full-procedure") {
+            FetchPath::Procedure
+        } else {
+            FetchPath::Hybrid
+        }
+    }
+
+    /// The name used in configuration (`hybrid` / `procedure`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FetchPath::Hybrid => "hybrid",
+            FetchPath::Procedure => "procedure",
+        }
+    }
+}
+
+impl Default for FetchPath {
+    fn default() -> Self {
+        Self::compiled_default()
+    }
+}
+
+impl fmt::Display for FetchPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for FetchPath {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hybrid" => Ok(FetchPath::Hybrid),
+            "procedure" | "full-procedure" | "full_procedure" => Ok(FetchPath::Procedure),
+            other => Err(ConfigError::new(format!(
+                "unknown fetch path {other:?}: expected \"hybrid\" or \"procedure\""
+            ))),
+        }
+    }
+}
+
+/// Options of a [`PostgresProvider`](crate::PostgresProvider).
+///
+/// ```
+/// use duroxide_pg_hybrid::{FetchPath, ProviderOptions};
+/// let opts = ProviderOptions {
+///     schema: "tenant_a".into(),
+///     max_connections: 8,
+///     fetch_path: Some(FetchPath::Procedure),
+///     ..ProviderOptions::default()
+/// };
+/// assert!(opts.validate().is_ok());
+/// ```
+#[derive(Clone)]
+pub struct ProviderOptions {
+    /// Schema holding all objects (validated: `[a-z_][a-z0-9_]*`, at most 63 bytes).
+    pub schema: String,
+    /// Pool size. A hybrid fetch uses up to four connections at once for its reads.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a call waits for a pooled connection before failing with a retryable
+    /// error.
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout` for the provider's connections (`None` = server
+    /// default).
+    pub statement_timeout: Option<Duration>,
+    /// Server-side `lock_timeout` for the provider's connections (`None` = server default).
+    pub lock_timeout: Option<Duration>,
+    /// Apply pending migrations on connect (default). When `false`, connect only verifies
+    /// that the schema is at the version this binary expects.
+    pub auto_migrate: bool,
+    /// Fetch path; `None` = `DUROXIDE_PG_FETCH_PATH` if set, else the compiled default.
+    pub fetch_path: Option<FetchPath>,
+    /// `application_name` reported to the server (visible in `pg_stat_activity`).
+    pub application_name: String,
+}
+
+impl Default for ProviderOptions {
+    fn default() -> Self {
+        Self {
+            schema: DEFAULT_SCHEMA.to_string(),
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(30),
+            statement_timeout: None,
+            lock_timeout: None,
+            auto_migrate: true,
+            fetch_path: None,
+            application_name: "duroxide-pg-hybrid".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for ProviderOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderOptions")
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("auto_migrate", &self.auto_migrate)
+            .field("fetch_path", &self.fetch_path)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// Environment variables read by [`ProviderOptions::from_env`].
+pub mod env {
+    /// Connection URL (`postgres://` or `postgresql://`).
+    pub const DATABASE_URL: &str = "DATABASE_URL";
+    /// Schema name.
+    pub const SCHEMA: &str = "DUROXIDE_PG_SCHEMA";
+    /// Pool size.
+    pub const MAX_CONNECTIONS: &str = "DUROXIDE_PG_MAX_CONNECTIONS";
+    /// `hybrid` or `procedure`.
+    pub const FETCH_PATH: &str = "DUROXIDE_PG_FETCH_PATH";
+    /// `true`/`false`: apply migrations on connect.
+    pub const AUTO_MIGRATE: &str = "DUROXIDE_PG_AUTO_MIGRATE";
+    /// Pool acquire timeout in milliseconds.
+    pub const ACQUIRE_TIMEOUT_MS: &str = "DUROXIDE_PG_ACQUIRE_TIMEOUT_MS";
+    /// Server statement timeout in milliseconds.
+    pub const STATEMENT_TIMEOUT_MS: &str = "DUROXIDE_PG_STATEMENT_TIMEOUT_MS";
+}
+
+impl ProviderOptions {
+    /// Reads options from the environment (variables in [`env`]); unset variables keep
+    /// their defaults. Returns the options and `DATABASE_URL`.
+    ///
+    /// # Errors
+    /// A variable that is set but malformed, a missing `DATABASE_URL`, or options that
+    /// fail [`validate`](Self::validate).
+    pub fn from_env() -> Result<(String, Self), ConfigError> {
+        let url = std::env::var(env::DATABASE_URL)
+            .map_err(|_| ConfigError::new(format!("{} is not set", env::DATABASE_URL)))?;
+        let opts = Self::default().with_env_overrides()?;
+        Ok((url, opts))
+    }
+
+    /// Applies the `DUROXIDE_PG_*` variables that are set on top of `self`.
+    ///
+    /// # Errors
+    /// A set variable that does not parse, or options that fail validation.
+    pub fn with_env_overrides(mut self) -> Result<Self, ConfigError> {
+        if let Some(v) = read_env(env::SCHEMA) {
+            self.schema = v;
+        }
+        if let Some(v) = read_env(env::MAX_CONNECTIONS) {
+            self.max_connections = parse_env(env::MAX_CONNECTIONS, &v)?;
+        }
+        if let Some(v) = read_env(env::FETCH_PATH) {
+            self.fetch_path = Some(v.parse()?);
+        }
+        if let Some(v) = read_env(env::AUTO_MIGRATE) {
+            self.auto_migrate = parse_bool(env::AUTO_MIGRATE, &v)?;
+        }
+        if let Some(v) = read_env(env::ACQUIRE_TIMEOUT_MS) {
+            self.acquire_timeout = Duration::from_millis(parse_env(env::ACQUIRE_TIMEOUT_MS, &v)?);
+        }
+        if let Some(v) = read_env(env::STATEMENT_TIMEOUT_MS) {
+            self.statement_timeout =
+                Some(Duration::from_millis(parse_env(env::STATEMENT_TIMEOUT_MS, &v)?));
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the options without touching the database.
+    ///
+    /// # Errors
+    /// An invalid schema name, a pool of size 0, or `min_connections > max_connections`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_schema_name(&self.schema)?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("max_connections must be at least 1"));
+        }
+        if self.min_connections > self.max_connections {
+            return Err(ConfigError::new(format!(
+                "min_connections ({}) exceeds max_connections ({})",
+                self.min_connections, self.max_connections
+            )));
+        }
+        Ok(())
+    }
+
+    /// The fetch path these options resolve to: the explicit option, else
+    /// `DUROXIDE_PG_FETCH_PATH`, else the compiled default.
+    ///
+    /// # Errors
+    /// `DUROXIDE_PG_FETCH_PATH` is set to something other than `hybrid`/`procedure`.
+    pub fn resolved_fetch_path(&self) -> Result<FetchPath, ConfigError> {
+        if let Some(p) = self.fetch_path {
+            return Ok(p);
+        }
+        match read_env(env::FETCH_PATH) {
+            Some(v) => v.parse(),
+            None => Ok(FetchPath::compiled_default()),
+        }
+    }
+}
+
+fn read_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(format!("{name}={value:?} is not a valid number")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(format!("{name}={value:?} is not a boolean"))),
+    }
+}
+
+/// Renders a connection URL with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return redact_query_password(url);
+    };
+    let userinfo = &authority[..at];
+    let redacted_userinfo = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => userinfo.to_string(),
+    };
+    redact_query_password(&format!(
+        "{}{}@{}",
+        &url[..scheme_end + 3],
+        redacted_userinfo,
+        &rest[at + 1..]
+    ))
+}
+
+fn redact_query_password(url: &str) -> String {
+    let Some(q) = url.find('?') else {
+        return url.to_string();
+    };
+    let params: Vec<String> = url[q + 1..]
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{}?{}", &url[..q], params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_userinfo_and_query() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgresql://db/x?user=a&password=p&sslmode=require"),
+            "postgresql://db/x?user=a&password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+    }
+
+    #[test]
+    fn parses_fetch_paths() {
+        assert_eq!("hybrid".parse::<FetchPath>().unwrap(), FetchPath::Hybrid);
+        assert_eq!(" Procedure ".parse::<FetchPath>().unwrap(), FetchPath::Procedure);
+        let err = "fast".parse::<FetchPath>().unwrap_err();
+        assert!(err.to_string().contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        let bad = ProviderOptions { max_connections: 0, ..Default::default() };
+        assert!(bad.validate().is_err());
+        let bad = ProviderOptions { schema: "a;b".into(), ..Default::default() };
+        assert!(bad.validate().is_err());
+        let bad = ProviderOptions { min_connections: 5, max_connections: 2, ..Default::default() };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! The provider handle: connection pool, schema, fetch path, and construction.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duroxide::providers::ProviderError;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::errors::db_error;
+use crate::options::{FetchPath, ProviderOptions, DEFAULT_SCHEMA};
+use crate::schema::{self, quote_ident};
+
+/// Target of every `tracing` event the provider emits.
+pub const TRACING_TARGET: &str = "duroxide::providers::postgres";
+
+/// PostgreSQL storage provider for duroxide.
+///
+/// Cheap to clone (an `Arc` inside); every clone shares one pool.
+#[derive(Clone)]
+pub struct PostgresProvider {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
+    /// `"schema"`, quoted once, substituted for `{s}` in every query template.
+    pub(crate) schema_q: String,
+    pub(crate) fetch_path: FetchPath,
+}
+
+impl fmt::Debug for PostgresProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Deliberately shows no connection details: URLs carry passwords.
+        f.debug_struct("PostgresProvider")
+            .field("schema", &self.inner.schema)
+            .field("fetch_path", &self.inner.fetch_path)
+            .field("pool_size", &self.inner.pool.size())
+            .finish()
+    }
+}
+
+impl PostgresProvider {
+    /// Connects with default options (schema `duroxide`, migrations applied).
+    ///
+    /// # Errors
+    /// Unreachable server, bad URL, failed migration or schema verification.
+    pub async fn connect(url: &str) -> Result<Self, ProviderError> {
+        Self::connect_with(url, ProviderOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    ///
+    /// # Errors
+    /// Invalid options (before any connection is made), unreachable server, failed
+    /// migration or schema verification.
+    pub async fn connect_with(url: &str, options: ProviderOptions) -> Result<Self, ProviderError> {
+        options.validate()?;
+        let connect = url
+            .parse::<PgConnectOptions>()
+            .map_err(|e| {
+                ProviderError::permanent(
+                    "connect",
+                    format!("invalid database URL {}: {e}", crate::options::redact_url(url)),
+                )
+            })?
+            .application_name(&options.application_name)
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
+        let connect = with_session_settings(connect, &options);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .min_connections(options.min_connections)
+            .acquire_timeout(options.acquire_timeout)
+            // No ping before each checkout: on a remote database it would double the
+            // round trips of every call. Broken connections surface as retryable errors.
+            .test_before_acquire(false)
+            .connect_lazy_with(connect);
+        Self::from_pool(pool, options).await
+    }
+
+    /// Wraps an existing pool. The pool's own settings (size, timeouts, TLS) are kept;
+    /// options decide the schema, migration and fetch path.
+    ///
+    /// # Errors
+    /// Invalid options, failed migration or schema verification.
+    pub async fn from_pool(pool: PgPool, options: ProviderOptions) -> Result<Self, ProviderError> {
+        options.validate()?;
+        let fetch_path = options.resolved_fetch_path()?;
+        let schema = options.schema.clone();
+        if options.auto_migrate {
+            schema::migrate(&pool, &schema)
+                .await
+                .map_err(|e| db_error("migrate", None, e))
+                .map_err(|e| with_schema_context(e, &schema))?;
+        } else {
+            schema::verify(&pool, &schema)
+                .await
+                .map_err(|e| db_error("verify_schema", None, e))
+                .map_err(|e| with_schema_context(e, &schema))?;
+        }
+        tracing::info!(
+            target: TRACING_TARGET,
+            schema = %schema,
+            fetch_path = %fetch_path,
+            "duroxide-pg-hybrid provider ready"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner { schema_q: quote_ident(&schema), schema, pool, fetch_path }),
+        })
+    }
+
+    /// duroxide-pg compatible constructor: default schema `duroxide`.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn new(url: &str) -> Result<Self, ProviderError> {
+        Self::connect(url).await
+    }
+
+    /// duroxide-pg compatible constructor: `None` selects the default schema.
+    ///
+    /// # Errors
+    /// As [`connect_with`](Self::connect_with).
+    pub async fn new_with_schema(url: &str, schema: Option<&str>) -> Result<Self, ProviderError> {
+        let options = ProviderOptions {
+            schema: schema.unwrap_or(DEFAULT_SCHEMA).to_string(),
+            ..ProviderOptions::default()
+        };
+        Self::connect_with(url, options).await
+    }
+
+    /// Connects using [`ProviderOptions::from_env`] (`DATABASE_URL`, `DUROXIDE_PG_*`).
+    ///
+    /// # Errors
+    /// Missing or malformed variables, then as [`connect_with`](Self::connect_with).
+    pub async fn from_env() -> Result<Self, ProviderError> {
+        let (url, options) = ProviderOptions::from_env()?;
+        Self::connect_with(&url, options).await
+    }
+
+    /// The pool (for the application's own queries, e.g. in tests or tooling).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The schema holding this provider's objects.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// The fetch path this provider uses.
+    pub fn fetch_path(&self) -> FetchPath {
+        self.inner.fetch_path
+    }
+
+    /// Drops the provider's schema with everything in it. Irreversible; meant for tests
+    /// and tear-down scripts.
+    ///
+    /// # Errors
+    /// Database errors (e.g. missing privileges).
+    pub async fn drop_schema(&self) -> Result<(), ProviderError> {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.inner.schema_q))
+            .execute(&self.inner.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| db_error("drop_schema", None, e))
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+    }
+
+    /// A query template with `{s}` replaced by the quoted schema.
+    pub(crate) fn sql(&self, template: &str) -> String {
+        template.replace("{s}", &self.inner.schema_q)
+    }
+
+    pub(crate) fn pool_ref(&self) -> &PgPool {
+        &self.inner.pool
+    }
+}
+
+fn with_session_settings(connect: PgConnectOptions, options: &ProviderOptions) -> PgConnectOptions {
+    let mut connect = connect;
+    if let Some(t) = options.statement_timeout {
+        connect = connect.options([("statement_timeout", format!("{}ms", t.as_millis()))]);
+    }
+    if let Some(t) = options.lock_timeout {
+        connect = connect.options([("lock_timeout", format!("{}ms", t.as_millis()))]);
+    }
+    connect
+}
+
+fn with_schema_context(mut e: ProviderError, schema: &str) -> ProviderError {
+    if !e.message.contains(schema) {
+        e.message = format!("schema {schema:?}: {}", e.message);
+    }
+    e
+}

@@ -1,0 +1,322 @@
+//! Worker queue (activities) and sessions. Every call is one statement: the claim, the
+//! session upsert that guards it, and the lease bookkeeping live in data-modifying CTEs,
+//! so there is no client-side transaction and no extra round trip.
+
+use std::time::Duration;
+
+use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem};
+
+use crate::codec::{millis, to_i64, work_item_kind};
+use crate::errors::{db_error, decode_error};
+use crate::provider::{PostgresProvider, TRACING_TARGET};
+
+/// Oldest visible, unleased item (FIFO by (visible_at, id)) that the tag filter and the
+/// session rules admit; leased in the same statement. A session item is only leased if
+/// the session upsert wins (unowned, expired, or already ours): otherwise the whole
+/// statement returns nothing and changes nothing.
+///
+/// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
+/// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
+const FETCH: &str = "\
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+cand AS MATERIALIZED (
+    SELECT w.id, w.session_id
+    FROM {s}.worker_queue w
+    WHERE w.visible_at_ms <= (SELECT now FROM clock)
+      AND (w.lock_token IS NULL OR w.locked_until_ms <= (SELECT now FROM clock))
+      AND ($6 = 3 OR ($6 IN (0, 2) AND w.tag IS NULL) OR ($6 IN (1, 2) AND w.tag = ANY($7)))
+      AND (w.session_id IS NULL OR ($3 AND NOT EXISTS (
+              SELECT 1 FROM {s}.sessions s
+              WHERE s.session_id = w.session_id
+                AND s.locked_until_ms > (SELECT now FROM clock)
+                AND s.worker_id <> $4)))
+    ORDER BY w.visible_at_ms, w.id
+    LIMIT 1
+    FOR UPDATE OF w SKIP LOCKED
+),
+sess AS (
+    INSERT INTO {s}.sessions AS s (session_id, worker_id, locked_until_ms, last_activity_at_ms)
+    SELECT cand.session_id, $4::TEXT, clock.now + $5::BIGINT, clock.now
+    FROM cand, clock
+    WHERE cand.session_id IS NOT NULL
+    ON CONFLICT (session_id) DO UPDATE
+        SET worker_id = EXCLUDED.worker_id,
+            locked_until_ms = EXCLUDED.locked_until_ms,
+            last_activity_at_ms = EXCLUDED.last_activity_at_ms
+        WHERE s.locked_until_ms <= EXCLUDED.last_activity_at_ms OR s.worker_id = EXCLUDED.worker_id
+    RETURNING s.session_id
+)
+UPDATE {s}.worker_queue w
+SET lock_token = $1, locked_until_ms = clock.now + $2, attempt_count = w.attempt_count + 1
+FROM cand, clock
+WHERE w.id = cand.id AND (cand.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
+RETURNING w.work_item, w.attempt_count, w.instance_id";
+
+/// Deletes the leased item if its lease is live, touches its session, and enqueues the
+/// completion for the orchestration, atomically.
+const ACK: &str = "\
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+done AS (
+    DELETE FROM {s}.worker_queue w
+    WHERE w.lock_token = $1 AND w.locked_until_ms > (SELECT now FROM clock)
+    RETURNING w.session_id
+),
+touched AS (
+    UPDATE {s}.sessions s SET last_activity_at_ms = clock.now
+    FROM done, clock
+    WHERE s.session_id = done.session_id AND s.locked_until_ms > clock.now
+),
+completion AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+    SELECT $2::TEXT, $3::TEXT, $4::TEXT, clock.now, clock.now FROM clock
+    WHERE $4::TEXT IS NOT NULL AND EXISTS (SELECT 1 FROM done)
+)
+SELECT count(*) FROM done";
+
+const RENEW: &str = "\
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+renewed AS (
+    UPDATE {s}.worker_queue w SET locked_until_ms = clock.now + $2
+    FROM clock
+    WHERE w.lock_token = $1 AND w.locked_until_ms > clock.now
+    RETURNING w.session_id
+),
+touched AS (
+    UPDATE {s}.sessions s SET last_activity_at_ms = clock.now
+    FROM renewed, clock
+    WHERE s.session_id = renewed.session_id AND s.locked_until_ms > clock.now
+)
+SELECT count(*) FROM renewed";
+
+/// $2 delay ms (NULL = visible now), $3 ignore attempt.
+const ABANDON: &str = "\
+UPDATE {s}.worker_queue w
+SET lock_token = NULL, locked_until_ms = NULL,
+    visible_at_ms = CASE WHEN $2::BIGINT IS NULL THEN w.visible_at_ms ELSE {s}.now_ms() + $2 END,
+    attempt_count = CASE WHEN $3 THEN greatest(0, w.attempt_count - 1) ELSE w.attempt_count END
+WHERE w.lock_token = $1
+RETURNING w.instance_id";
+
+const ENQUEUE: &str = "\
+INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
+                              visible_at_ms, created_at_ms)
+SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, c.now, c.now FROM (SELECT {s}.now_ms() AS now) c";
+
+const RENEW_SESSIONS: &str = "\
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+renewed AS (
+    UPDATE {s}.sessions s SET locked_until_ms = clock.now + $2
+    FROM clock
+    WHERE s.worker_id = ANY($1) AND s.locked_until_ms > clock.now
+      AND s.last_activity_at_ms > clock.now - $3
+    RETURNING 1
+)
+SELECT count(*) FROM renewed";
+
+const CLEANUP_SESSIONS: &str = "\
+WITH removed AS (
+    DELETE FROM {s}.sessions s
+    WHERE s.locked_until_ms < {s}.now_ms()
+      AND NOT EXISTS (SELECT 1 FROM {s}.worker_queue w WHERE w.session_id = s.session_id)
+    RETURNING 1
+)
+SELECT count(*) FROM removed";
+
+fn tag_args(filter: &TagFilter) -> Option<(i32, Vec<String>)> {
+    let sorted = |s: &std::collections::HashSet<String>| {
+        let mut v: Vec<String> = s.iter().cloned().collect();
+        v.sort();
+        v
+    };
+    match filter {
+        TagFilter::DefaultOnly => Some((0, Vec::new())),
+        TagFilter::Tags(s) => Some((1, sorted(s))),
+        TagFilter::DefaultAnd(s) => Some((2, sorted(s))),
+        TagFilter::Any => Some((3, Vec::new())),
+        TagFilter::None => None,
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct LeasedItem {
+    work_item: String,
+    attempt_count: i32,
+    instance_id: String,
+}
+
+impl PostgresProvider {
+    pub(crate) async fn fetch_work(
+        &self,
+        lock_timeout: Duration,
+        session: Option<&SessionFetchConfig>,
+        tag_filter: &TagFilter,
+    ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
+        const OP: &str = "fetch_work_item";
+        let Some((tag_mode, tags)) = tag_args(tag_filter) else {
+            return Ok(None);
+        };
+        let token = format!("work_{}", uuid::Uuid::new_v4());
+        let row = sqlx::query_as::<_, LeasedItem>(&self.sql(FETCH))
+            .bind(&token)
+            .bind(millis(lock_timeout))
+            .bind(session.is_some())
+            .bind(session.map(|s| s.owner_id.as_str()).unwrap_or(""))
+            .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
+            .bind(tag_mode)
+            .bind(&tags)
+            .fetch_optional(self.pool_ref())
+            .await
+            .map_err(|e| db_error(OP, None, e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let item: WorkItem = match serde_json::from_str(&row.work_item) {
+            Ok(item) => item,
+            Err(e) => {
+                // Leave the lease to expire: the attempt count keeps rising, so duroxide
+                // can eventually treat the row as poison instead of us spinning on it.
+                return Err(decode_error(
+                    OP,
+                    Some(&row.instance_id),
+                    format!("worker item does not decode: {e}"),
+                ));
+            }
+        };
+        tracing::debug!(
+            target: TRACING_TARGET,
+            operation = OP,
+            instance = %row.instance_id,
+            attempt = row.attempt_count,
+            "leased work item"
+        );
+        Ok(Some((item, token, u32::try_from(row.attempt_count).unwrap_or(0))))
+    }
+
+    pub(crate) async fn ack_work(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {
+        const OP: &str = "ack_work_item";
+        let (instance, kind, json) = match &completion {
+            None => (None, None, None),
+            Some(item @ (WorkItem::ActivityCompleted { instance, .. } | WorkItem::ActivityFailed { instance, .. })) => {
+                let json = serde_json::to_string(item).map_err(|e| decode_error(OP, Some(instance), e))?;
+                (Some(instance.as_str()), Some(work_item_kind(item)), Some(json))
+            }
+            Some(other) => {
+                return Err(ProviderError::permanent(
+                    OP,
+                    format!(
+                        "a worker completion must be ActivityCompleted or ActivityFailed, got {}",
+                        work_item_kind(other)
+                    ),
+                ));
+            }
+        };
+        let acked: i64 = sqlx::query_scalar(&self.sql(ACK))
+            .bind(token)
+            .bind(instance)
+            .bind(kind)
+            .bind(json)
+            .fetch_one(self.pool_ref())
+            .await
+            .map_err(|e| db_error(OP, instance, e))?;
+        if acked == 0 {
+            return Err(ProviderError::permanent(
+                OP,
+                format!(
+                    "Invalid lock token or lease expired: work item lock {token} is not held \
+                     (already acked, expired, cancelled, or its instance was deleted)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn renew_work(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+        const OP: &str = "renew_work_item_lock";
+        let renewed: i64 = sqlx::query_scalar(&self.sql(RENEW))
+            .bind(token)
+            .bind(millis(extend_for))
+            .fetch_one(self.pool_ref())
+            .await
+            .map_err(|e| db_error(OP, None, e))?;
+        if renewed == 0 {
+            return Err(ProviderError::permanent(
+                OP,
+                format!("work item lock {token} is not held (expired, acked, or cancelled)"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn abandon_work(
+        &self,
+        token: &str,
+        delay: Option<Duration>,
+        ignore_attempt: bool,
+    ) -> Result<(), ProviderError> {
+        const OP: &str = "abandon_work_item";
+        let row: Option<String> = sqlx::query_scalar(&self.sql(ABANDON))
+            .bind(token)
+            .bind(delay.map(millis))
+            .bind(ignore_attempt)
+            .fetch_optional(self.pool_ref())
+            .await
+            .map_err(|e| db_error(OP, None, e))?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(ProviderError::permanent(
+                OP,
+                format!("Invalid lock token or already acked: work item lock {token} is not held"),
+            )),
+        }
+    }
+
+    pub(crate) async fn enqueue_worker(&self, item: WorkItem) -> Result<(), ProviderError> {
+        const OP: &str = "enqueue_for_worker";
+        let WorkItem::ActivityExecute { instance, execution_id, id, session_id, tag, .. } = &item else {
+            return Err(ProviderError::permanent(
+                OP,
+                format!("only ActivityExecute goes to the worker queue, got {}", work_item_kind(&item)),
+            ));
+        };
+        let bad = |m: String| decode_error(OP, Some(instance), m);
+        let json = serde_json::to_string(&item).map_err(|e| bad(e.to_string()))?;
+        sqlx::query(&self.sql(ENQUEUE))
+            .bind(json)
+            .bind(instance)
+            .bind(to_i64("execution_id", *execution_id).map_err(bad)?)
+            .bind(to_i64("activity id", *id).map_err(bad)?)
+            .bind(session_id)
+            .bind(tag)
+            .execute(self.pool_ref())
+            .await
+            .map_err(|e| db_error(OP, Some(instance), e))?;
+        Ok(())
+    }
+
+    pub(crate) async fn renew_sessions(
+        &self,
+        owner_ids: &[&str],
+        extend_for: Duration,
+        idle_timeout: Duration,
+    ) -> Result<usize, ProviderError> {
+        if owner_ids.is_empty() {
+            return Ok(0);
+        }
+        let n: i64 = sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
+            .bind(owner_ids)
+            .bind(millis(extend_for))
+            .bind(millis(idle_timeout))
+            .fetch_one(self.pool_ref())
+            .await
+            .map_err(|e| db_error("renew_session_lock", None, e))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    pub(crate) async fn cleanup_sessions(&self) -> Result<usize, ProviderError> {
+        let n: i64 = sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS))
+            .fetch_one(self.pool_ref())
+            .await
+            .map_err(|e| db_error("cleanup_orphaned_sessions", None, e))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+}

@@ -1,0 +1,314 @@
+//! Shared helpers for the integration tests: the database URL, a conformance/stress
+//! factory that hands out providers on fresh schemas, and schema clean-up that also runs
+//! when a test panics.
+//!
+//! Every provider made here lives in its own schema `t_<16 hex>` and is tagged with
+//! `application_name = "dpgh-test <schema>"`. When the owner (a [`PgFactory`] or a
+//! [`SchemaGuard`]) is dropped, its pools are closed, any connection still carrying the
+//! tag is terminated, and the schemas are dropped with `DROP SCHEMA ... CASCADE`. Set
+//! `DUROXIDE_PG_TEST_KEEP_SCHEMAS=1` to keep them for inspection.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::time::Duration;
+
+use duroxide::provider_stress_tests::parallel_orchestrations::ProviderStressFactory;
+use duroxide::provider_validations::ProviderFactory;
+use duroxide::providers::Provider;
+use duroxide_pg_hybrid::options::redact_url;
+use duroxide_pg_hybrid::schema::quote_ident;
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
+use sqlx::{Connection, PgConnection};
+
+/// Used when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Pool size of every test provider. `scripts/test.sh` runs 8 test threads, so the suite
+/// needs roughly 8 x 5 connections plus one short-lived clean-up connection per test.
+pub const TEST_POOL_SIZE: u32 = 5;
+
+/// Lock timeout the conformance tests pass to `fetch_*` (and sleep on).
+pub const TEST_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How fast an empty fetch must return (the provider short-polls; includes a round trip).
+pub const SHORT_POLL_THRESHOLD: Duration = Duration::from_millis(500);
+
+/// Keep test schemas instead of dropping them (for debugging a failure).
+pub const KEEP_SCHEMAS_ENV: &str = "DUROXIDE_PG_TEST_KEEP_SCHEMAS";
+
+/// `DATABASE_URL`, else [`DEFAULT_DATABASE_URL`].
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
+}
+
+/// A fresh schema name: `t_` + 16 hex characters of a v4 uuid.
+pub fn unique_schema() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t_{}", &id[..16])
+}
+
+/// The `application_name` of a test provider's connections; clean-up terminates
+/// connections carrying it before dropping the schema.
+fn application_name(schema: &str) -> String {
+    format!("dpgh-test {schema}")
+}
+
+/// Options for a test provider on `schema` using `path`.
+pub fn test_options(schema: &str, path: FetchPath) -> ProviderOptions {
+    ProviderOptions {
+        schema: schema.to_string(),
+        max_connections: TEST_POOL_SIZE,
+        min_connections: 0,
+        fetch_path: Some(path),
+        application_name: application_name(schema),
+        ..ProviderOptions::default()
+    }
+}
+
+/// Installs a `tracing` subscriber writing through the test harness when `RUST_LOG` is
+/// set (e.g. `RUST_LOG=duroxide::providers::postgres=debug`). Idempotent.
+pub fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// Schemas (and the providers using them) that are dropped together when this value is
+/// dropped, whether the test passed or panicked.
+struct SchemaCleanup {
+    url: String,
+    owned: Mutex<Owned>,
+}
+
+#[derive(Default)]
+struct Owned {
+    schemas: Vec<String>,
+    providers: Vec<Arc<PostgresProvider>>,
+}
+
+impl SchemaCleanup {
+    fn new(url: String) -> Self {
+        Self { url, owned: Mutex::default() }
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, Owned> {
+        self.owned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates a provider on a new schema. The schema is registered before connecting, so
+    /// a migration that fails half-way is cleaned up too.
+    async fn create(&self, path: FetchPath) -> Arc<PostgresProvider> {
+        self.create_with(path, |_| {}).await
+    }
+
+    async fn create_with(
+        &self,
+        path: FetchPath,
+        customize: impl FnOnce(&mut ProviderOptions),
+    ) -> Arc<PostgresProvider> {
+        let schema = unique_schema();
+        self.owned().schemas.push(schema.clone());
+        let mut options = test_options(&schema, path);
+        customize(&mut options);
+        let provider = PostgresProvider::connect_with(&self.url, options).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot create a test provider on schema {schema} at {}: {e}\n\
+                 (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
+                redact_url(&self.url)
+            )
+        });
+        let provider = Arc::new(provider);
+        self.owned().providers.push(provider.clone());
+        provider
+    }
+}
+
+impl Drop for SchemaCleanup {
+    fn drop(&mut self) {
+        let Owned { schemas, providers } =
+            std::mem::take(self.owned.get_mut().unwrap_or_else(PoisonError::into_inner));
+        // `close()` marks the pool closed at once (the returned future only waits for the
+        // connections to finish closing, which would need the test's runtime). Tasks a
+        // failed test leaked now get `PoolClosed` instead of new connections.
+        for p in &providers {
+            let _closing = p.pool().close();
+        }
+        drop(providers);
+        if schemas.is_empty() || std::env::var_os(KEEP_SCHEMAS_ENV).is_some() {
+            return;
+        }
+        // Drop may run inside the test's runtime (even while unwinding), where blocking on
+        // async work is not allowed: use a thread with its own small runtime.
+        let url = self.url.clone();
+        let outcome = std::thread::spawn(move || -> Result<(), BoxError> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(drop_schemas(&url, &schemas))
+                .map_err(|e| format!("dropping test schemas {schemas:?}: {e}").into())
+        })
+        .join();
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: test clean-up failed: {e}"),
+            Err(_) => eprintln!("warning: test clean-up thread panicked"),
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(15), PgConnection::connect(url))
+        .await
+        .map_err(|_| "timed out connecting")??;
+    // Connections a panicking test left behind (e.g. a runtime that was never shut down)
+    // could hold locks that DROP SCHEMA would wait on.
+    let tags: Vec<String> = schemas.iter().map(|s| application_name(s)).collect();
+    if let Err(e) = sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = ANY($1) AND pid <> pg_backend_pid()",
+    )
+    .bind(&tags)
+    .execute(&mut conn)
+    .await
+    {
+        eprintln!("warning: could not terminate leftover test connections: {e}");
+    }
+    sqlx::query("SET lock_timeout = '30s'").execute(&mut conn).await?;
+    for schema in schemas {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(schema)))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// Conformance and stress factory: every `create_provider()` returns a provider on a new,
+/// empty schema using the configured fetch path. The special hooks act on the provider
+/// created last. All schemas are dropped when the factory is dropped.
+pub struct PgFactory {
+    path: FetchPath,
+    last: Mutex<Option<Arc<PostgresProvider>>>,
+    cleanup: SchemaCleanup,
+}
+
+impl PgFactory {
+    /// A factory for `path` against [`database_url()`].
+    pub fn new(path: FetchPath) -> Self {
+        init_tracing();
+        Self { path, last: Mutex::new(None), cleanup: SchemaCleanup::new(database_url()) }
+    }
+
+    /// The fetch path of the providers this factory creates.
+    pub fn fetch_path(&self) -> FetchPath {
+        self.path
+    }
+
+    /// Creates a provider on a fresh schema (the typed form of `create_provider`).
+    pub async fn create_pg_provider(&self) -> Arc<PostgresProvider> {
+        let provider = self.cleanup.create(self.path).await;
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(provider.clone());
+        provider
+    }
+
+    /// The provider created last; panics if none was created yet.
+    pub fn last_provider(&self) -> Arc<PostgresProvider> {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .expect("the test called a factory hook before create_provider()")
+    }
+}
+
+#[async_trait::async_trait]
+impl ProviderFactory for PgFactory {
+    async fn create_provider(&self) -> Arc<dyn Provider> {
+        self.create_pg_provider().await
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        TEST_LOCK_TIMEOUT
+    }
+
+    fn short_poll_threshold(&self) -> Duration {
+        SHORT_POLL_THRESHOLD
+    }
+
+    async fn corrupt_instance_history(&self, instance: &str) {
+        let provider = self.last_provider();
+        let sql = format!(
+            "UPDATE {}.history SET event_data = $2 WHERE instance_id = $1",
+            quote_ident(provider.schema())
+        );
+        sqlx::query(&sql)
+            .bind(instance)
+            .bind("NOT_VALID_JSON{{{")
+            .execute(provider.pool())
+            .await
+            .unwrap_or_else(|e| panic!("corrupt_instance_history({instance}): {e}"));
+    }
+
+    async fn get_max_attempt_count(&self, instance: &str) -> u32 {
+        let provider = self.last_provider();
+        let sql = format!(
+            "SELECT MAX(attempt_count) FROM {}.orchestrator_queue WHERE instance_id = $1",
+            quote_ident(provider.schema())
+        );
+        let max: Option<i32> = sqlx::query_scalar(&sql)
+            .bind(instance)
+            .fetch_one(provider.pool())
+            .await
+            .unwrap_or_else(|e| panic!("get_max_attempt_count({instance}): {e}"));
+        max.map_or(0, |m| u32::try_from(m).expect("attempt_count is never negative"))
+    }
+}
+
+#[async_trait::async_trait]
+impl ProviderStressFactory for PgFactory {
+    async fn create_provider(&self) -> Arc<dyn Provider> {
+        self.create_pg_provider().await
+    }
+}
+
+/// Drops the schema of a provider made by [`new_provider`] when dropped (also on panic).
+pub struct SchemaGuard {
+    schema: String,
+    cleanup: SchemaCleanup,
+}
+
+impl SchemaGuard {
+    /// The guarded schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+}
+
+/// A provider on a fresh schema for tests outside the conformance suite. Keep the guard
+/// alive for as long as the provider is used.
+pub async fn new_provider(path: FetchPath) -> (Arc<PostgresProvider>, SchemaGuard) {
+    new_provider_with(path, |_| {}).await
+}
+
+/// Like [`new_provider`], with a chance to adjust the options (schema and application
+/// name are already set; changing the schema defeats the clean-up).
+pub async fn new_provider_with(
+    path: FetchPath,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (Arc<PostgresProvider>, SchemaGuard) {
+    init_tracing();
+    let cleanup = SchemaCleanup::new(database_url());
+    let provider = cleanup.create_with(path, customize).await;
+    let schema = provider.schema().to_string();
+    (provider, SchemaGuard { schema, cleanup })
+}
