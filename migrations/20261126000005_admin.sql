@@ -10,19 +10,23 @@
 --
 -- Deletion and concurrent turns. A delete must never let an in-flight turn recreate what
 -- it removed (a "zombie"), so admin_delete_instances works in this order:
---   1. the claim's per-instance advisory lock (the key sp_fetch_and_lock tries) is taken
---      for every id, in sorted order: claims already holding one finish first, later
---      claims of these instances skip them until this transaction ends;
---   2. the lease rows go first: an ack holding its lease (SELECT ... FOR UPDATE) finishes
---      before the delete continues, and any later ack with that token fails with
---      "Invalid lock token";
---   3. only then the data, so every statement sees whatever such an ack committed.
--- Claims only try advisory locks and acks take none, so neither waits on this function
--- while it waits on them: the ordering cannot deadlock with the runtime.
+--   1. the claim's per-instance advisory lock (the key sp_fetch_and_lock tries, migration
+--      0002) is taken for every id, in sorted order: a claim already holding one finishes
+--      first, later claims of these instances skip them until this transaction ends;
+--   2. the lease rows go next: an ack holding its lease (SELECT ... FOR UPDATE) finishes
+--      before the delete goes on, and any later ack with that token fails with "Invalid
+--      lock token"; the running and orphan checks come after this, so they see what
+--      such an ack wrote;
+--   3. worker rows before orchestrator rows (a worker ack in flight finishes first, and
+--      the completion it enqueued is deleted with the rest), then the data.
+-- Claims only TRY advisory locks and acks take none, so nothing the runtime does waits on
+-- this function while it waits on the runtime: the ordering cannot deadlock.
+-- Cost: one advisory lock per distinct id until commit (shared lock table, sized by
+-- max_locks_per_transaction x max_connections), which bounds sensible bulk batch sizes to
+-- a few thousand instances per call.
 
 -- Ids of an instance tree: the given root (even if it has no instance row) and every
--- descendant, breadth-first. UNION plus the CYCLE clause keep corrupt parent links from
--- looping.
+-- descendant, breadth-first. The CYCLE clause keeps corrupt parent links from looping.
 CREATE FUNCTION admin_instance_tree(p_root TEXT)
 RETURNS TABLE (o_instance_id TEXT)
 LANGUAGE sql STABLE

@@ -11,6 +11,7 @@ mod admin;
 mod codec;
 mod contract;
 pub mod errors;
+pub mod inspect;
 mod fetch;
 mod history;
 mod kv;

@@ -32,7 +32,7 @@ macro_rules! factory_tests {
 
 /// Same shape for the long-polling tests, which take a provider (and a threshold).
 macro_rules! provider_test {
-    ($(#[$attr:meta])* $path:expr, $test:ident $(, $threshold:ident)?) => {
+    ($path:expr; $(#[$attr:meta])* $test:ident $(, $threshold:ident)?) => {
         $(#[$attr])*
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $test() {
@@ -340,17 +340,17 @@ macro_rules! conformance_suite {
             }
 
             mod long_polling {
-                provider_test!($path, test_short_poll_returns_immediately, short_poll_threshold);
-                provider_test!($path, test_short_poll_work_item_returns_immediately, short_poll_threshold);
-                provider_test!($path, test_fetch_respects_timeout_upper_bound);
+                provider_test!($path; test_short_poll_returns_immediately, short_poll_threshold);
+                provider_test!($path; test_short_poll_work_item_returns_immediately, short_poll_threshold);
+                provider_test!($path; test_fetch_respects_timeout_upper_bound);
                 provider_test!(
+                    $path;
                     #[ignore = "issue #4: long polling (LISTEN/NOTIFY) not implemented yet"]
-                    $path,
                     test_long_poll_waits_for_timeout
                 );
                 provider_test!(
+                    $path;
                     #[ignore = "issue #4: long polling (LISTEN/NOTIFY) not implemented yet"]
-                    $path,
                     test_long_poll_work_item_waits_for_timeout
                 );
             }
