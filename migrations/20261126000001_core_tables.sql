@@ -18,6 +18,30 @@ CREATE FUNCTION now_ms() RETURNS BIGINT
 LANGUAGE sql VOLATILE PARALLEL SAFE
 AS $$ SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
 
+-- LISTEN/NOTIFY channel of one queue ('orchestrator' or 'worker') of this schema.
+-- Scoped to the schema, and hashed so it always fits PostgreSQL's 63-byte limit.
+CREATE FUNCTION notify_channel(p_queue TEXT) RETURNS TEXT
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$ SELECT 'duroxide_' || left(p_queue, 4) || '_' || left(md5(current_schema()), 16) $$;
+
+-- Wakes long-polling fetchers: called by the statements that make work visible now
+-- (never by a per-row trigger). The payload is how many items became visible, so the
+-- listener wakes that many waiters rather than all of them. PostgreSQL delivers at
+-- commit and folds identical notifications of one transaction.
+CREATE FUNCTION notify_work_available(p_queue TEXT, p_count BIGINT) RETURNS VOID
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT
+AS $$ SELECT pg_notify(notify_channel(p_queue), p_count::TEXT) WHERE p_count > 0 $$;
+
+-- Advisory-lock key space of per-instance claims: (instance_lock_space(), hashtext(id)).
+-- Scoped to the schema so tenants sharing a database never contend on equal instance ids.
+-- Taken by the claim (try, skip on conflict) and by deletes (wait).
+CREATE FUNCTION instance_lock_space() RETURNS INT
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$ SELECT hashtext('duroxide-pg-hybrid:' || current_schema()) $$;
+
 CREATE TABLE instances (
     instance_id            TEXT PRIMARY KEY,
     orchestration_name     TEXT NOT NULL,
@@ -89,6 +113,8 @@ CREATE TABLE instance_locks (
     locked_until_ms  BIGINT NOT NULL,
     locked_at_ms     BIGINT NOT NULL
 );
+-- Earliest lease expiry = when an idle long-poller must look again.
+CREATE INDEX instance_locks_until_idx ON instance_locks (locked_until_ms);
 
 CREATE TABLE worker_queue (
     id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -111,6 +137,7 @@ CREATE INDEX worker_queue_ready_idx ON worker_queue (visible_at_ms, id);
 CREATE INDEX worker_queue_activity_idx ON worker_queue (instance_id, execution_id, activity_id);
 CREATE INDEX worker_queue_session_idx ON worker_queue (session_id) WHERE session_id IS NOT NULL;
 CREATE UNIQUE INDEX worker_queue_lock_idx ON worker_queue (lock_token) WHERE lock_token IS NOT NULL;
+CREATE INDEX worker_queue_lease_idx ON worker_queue (locked_until_ms) WHERE lock_token IS NOT NULL;
 
 CREATE TABLE sessions (
     session_id           TEXT PRIMARY KEY,
@@ -119,6 +146,7 @@ CREATE TABLE sessions (
     last_activity_at_ms  BIGINT NOT NULL
 );
 CREATE INDEX sessions_worker_idx ON sessions (worker_id);
+CREATE INDEX sessions_until_idx ON sessions (locked_until_ms);
 
 -- KV state of finished executions (merged on Completed / ContinuedAsNew / Failed).
 CREATE TABLE kv_store (

@@ -17,6 +17,12 @@
 --      is skipped; if its batch is only QueueMessages they are orphans and are deleted;
 --   5. tag every visible message with the token and count the attempt.
 -- A lost candidate never turns into "no work": the loop moves to the next one.
+--
+-- Always returns exactly one row. With nothing claimed, o_instance_id is NULL and
+-- o_next_wake_ms says when work may next become claimable without any new write (the
+-- earliest future visible_at or lease expiry, NULL = never): a long-polling caller
+-- sleeps until then or until a notification, using the database clock (o_now_ms) so
+-- that its own clock never matters.
 CREATE FUNCTION sp_fetch_and_lock(
     p_lock_timeout_ms  BIGINT,
     p_filter_enabled   BOOLEAN,
@@ -28,7 +34,9 @@ RETURNS TABLE (
     o_instance_id    TEXT,
     o_lock_token     TEXT,
     o_execution_id   BIGINT,
-    o_attempt_count  INT
+    o_attempt_count  INT,
+    o_now_ms         BIGINT,
+    o_next_wake_ms   BIGINT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -42,7 +50,7 @@ DECLARE
     v_runnable   BOOLEAN;
     v_attempts   INT;
     v_exec       BIGINT;
-    v_lock_space INT := hashtext('duroxide-pg-hybrid:' || current_schema());
+    v_lock_space INT := instance_lock_space();
 BEGIN
     FOR i IN 1 .. p_max_candidates LOOP
         v_now := now_ms();
@@ -69,9 +77,7 @@ BEGIN
         LIMIT 1
         FOR UPDATE OF q SKIP LOCKED;
 
-        IF NOT FOUND THEN
-            RETURN;
-        END IF;
+        EXIT WHEN NOT FOUND;
         v_tried := v_tried || v_instance;
 
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
@@ -133,8 +139,20 @@ BEGIN
         o_lock_token := v_token;
         o_execution_id := v_exec;
         o_attempt_count := v_attempts;
+        o_now_ms := v_now;
         RETURN NEXT;
         RETURN;
     END LOOP;
+
+    o_now_ms := now_ms();
+    IF cardinality(v_tried) >= p_max_candidates THEN
+        -- Every candidate of this call was lost or skipped; more may be waiting.
+        o_next_wake_ms := o_now_ms;
+    ELSE
+        o_next_wake_ms := least(
+            (SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.visible_at_ms > o_now_ms),
+            (SELECT min(l.locked_until_ms) FROM instance_locks l WHERE l.locked_until_ms > o_now_ms));
+    END IF;
+    RETURN NEXT;
 END;
 $fn$;

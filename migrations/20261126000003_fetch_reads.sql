@@ -64,6 +64,8 @@ RETURNS TABLE (
     o_lock_token             TEXT,
     o_execution_id           BIGINT,
     o_attempt_count          INT,
+    o_now_ms                 BIGINT,
+    o_next_wake_ms           BIGINT,
     o_has_instance           BOOLEAN,
     o_orchestration_name     TEXT,
     o_orchestration_version  TEXT,
@@ -79,20 +81,24 @@ AS $fn$
 DECLARE
     v_claim RECORD;
 BEGIN
-    SELECT c.o_instance_id, c.o_lock_token, c.o_execution_id, c.o_attempt_count
+    SELECT c.o_instance_id, c.o_lock_token, c.o_execution_id, c.o_attempt_count,
+           c.o_now_ms, c.o_next_wake_ms
     INTO v_claim
     FROM sp_fetch_and_lock(p_lock_timeout_ms, p_filter_enabled,
                            p_min_major, p_min_minor, p_min_patch,
                            p_max_major, p_max_minor, p_max_patch,
                            p_max_candidates) c;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
 
     o_instance_id := v_claim.o_instance_id;
     o_lock_token := v_claim.o_lock_token;
     o_execution_id := v_claim.o_execution_id;
     o_attempt_count := v_claim.o_attempt_count;
+    o_now_ms := v_claim.o_now_ms;
+    o_next_wake_ms := v_claim.o_next_wake_ms;
+    IF o_instance_id IS NULL THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
 
     SELECT m.o_orchestration_name, m.o_orchestration_version
     INTO o_orchestration_name, o_orchestration_version

@@ -155,6 +155,16 @@ BEGIN
          AS o(instance_id, kind, item, visible_at_ms);
 
     DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token;
+
+    -- Wake long-pollers for what this turn made runnable: new activities, messages
+    -- visible now (other instances, or this one, which is unlocked from here on, with
+    -- anything that arrived while it was locked).
+    PERFORM notify_work_available('worker', cardinality(p_worker_items));
+    PERFORM notify_work_available('orchestrator',
+        (SELECT count(*) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at IS NULL OR v.at <= v_now)
+        + CASE WHEN EXISTS (SELECT 1 FROM orchestrator_queue q
+                            WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now)
+               THEN 1 ELSE 0 END);
     RETURN v_instance;
 END;
 $fn$;

@@ -60,8 +60,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
 DECLARE
-    -- Same key space as sp_fetch_and_lock (migration 0002).
-    v_lock_space INT := hashtext('duroxide-pg-hybrid:' || current_schema());
+    v_lock_space INT := instance_lock_space();
     v_running    TEXT;
     v_child      TEXT;
     v_parent     TEXT;

@@ -25,10 +25,10 @@ impl Provider for PostgresProvider {
     async fn fetch_orchestration_item(
         &self,
         lock_timeout: Duration,
-        _poll_timeout: Duration,
+        poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
-        self.fetch_orchestration(lock_timeout, filter).await
+        self.fetch_orchestration(lock_timeout, poll_timeout, filter).await
     }
 
     async fn ack_orchestration_item(
@@ -86,11 +86,11 @@ impl Provider for PostgresProvider {
     async fn fetch_work_item(
         &self,
         lock_timeout: Duration,
-        _poll_timeout: Duration,
+        poll_timeout: Duration,
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        self.fetch_work(lock_timeout, session, tag_filter).await
+        self.fetch_work(lock_timeout, poll_timeout, session, tag_filter).await
     }
 
     async fn ack_work_item(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {
@@ -132,7 +132,7 @@ impl Provider for PostgresProvider {
     }
 
     fn as_management_capability(&self) -> Option<&dyn ProviderAdmin> {
-        None // TEMP-ADMIN: restore Some(self)
+        Some(self)
     }
 
     async fn get_custom_status(

@@ -15,6 +15,8 @@ pub mod inspect;
 mod fetch;
 mod history;
 mod kv;
+mod notify;
+mod poll;
 pub mod options;
 mod provider;
 mod queue;

@@ -104,6 +104,13 @@ pub struct ProviderOptions {
     pub fetch_path: Option<FetchPath>,
     /// `application_name` reported to the server (visible in `pg_stat_activity`).
     pub application_name: String,
+    /// Honour duroxide's `poll_timeout` with LISTEN/NOTIFY (default). When `false`,
+    /// every fetch returns at once (short polling), as duroxide-pg does.
+    pub long_poll: bool,
+    /// Longest a long-polling fetch sleeps without looking at the database, even when no
+    /// notification or timer is due: a safety net for notifications lost outside the
+    /// listener's reconnect handling. Idle cost: one claim per dispatcher per interval.
+    pub fallback_poll_interval: Duration,
 }
 
 impl Default for ProviderOptions {
@@ -118,6 +125,8 @@ impl Default for ProviderOptions {
             auto_migrate: true,
             fetch_path: None,
             application_name: "duroxide-pg-hybrid".to_string(),
+            long_poll: true,
+            fallback_poll_interval: Duration::from_secs(10),
         }
     }
 }
@@ -134,6 +143,8 @@ impl fmt::Debug for ProviderOptions {
             .field("auto_migrate", &self.auto_migrate)
             .field("fetch_path", &self.fetch_path)
             .field("application_name", &self.application_name)
+            .field("long_poll", &self.long_poll)
+            .field("fallback_poll_interval", &self.fallback_poll_interval)
             .finish()
     }
 }
@@ -154,6 +165,10 @@ pub mod env {
     pub const ACQUIRE_TIMEOUT_MS: &str = "DUROXIDE_PG_ACQUIRE_TIMEOUT_MS";
     /// Server statement timeout in milliseconds.
     pub const STATEMENT_TIMEOUT_MS: &str = "DUROXIDE_PG_STATEMENT_TIMEOUT_MS";
+    /// `true`/`false`: long polling with LISTEN/NOTIFY.
+    pub const LONG_POLL: &str = "DUROXIDE_PG_LONG_POLL";
+    /// Fallback poll interval of long polling, in milliseconds.
+    pub const FALLBACK_POLL_MS: &str = "DUROXIDE_PG_FALLBACK_POLL_MS";
 }
 
 impl ProviderOptions {
@@ -194,6 +209,12 @@ impl ProviderOptions {
             self.statement_timeout =
                 Some(Duration::from_millis(parse_env(env::STATEMENT_TIMEOUT_MS, &v)?));
         }
+        if let Some(v) = read_env(env::LONG_POLL) {
+            self.long_poll = parse_bool(env::LONG_POLL, &v)?;
+        }
+        if let Some(v) = read_env(env::FALLBACK_POLL_MS) {
+            self.fallback_poll_interval = Duration::from_millis(parse_env(env::FALLBACK_POLL_MS, &v)?);
+        }
         self.validate()?;
         Ok(self)
     }
@@ -206,6 +227,9 @@ impl ProviderOptions {
         validate_schema_name(&self.schema)?;
         if self.max_connections == 0 {
             return Err(ConfigError::new("max_connections must be at least 1"));
+        }
+        if self.fallback_poll_interval.is_zero() {
+            return Err(ConfigError::new("fallback_poll_interval must be greater than zero"));
         }
         if self.min_connections > self.max_connections {
             return Err(ConfigError::new(format!(

@@ -9,6 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::errors::db_error;
+use crate::notify::Notifier;
 use crate::options::{FetchPath, ProviderOptions, DEFAULT_SCHEMA};
 use crate::schema::{self, quote_ident};
 
@@ -29,6 +30,9 @@ pub(crate) struct Inner {
     /// `"schema"`, quoted once, substituted for `{s}` in every query template.
     pub(crate) schema_q: String,
     pub(crate) fetch_path: FetchPath,
+    pub(crate) long_poll: bool,
+    pub(crate) fallback_poll_interval: Duration,
+    pub(crate) notifier: Arc<Notifier>,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -105,10 +109,19 @@ impl PostgresProvider {
             target: TRACING_TARGET,
             schema = %schema,
             fetch_path = %fetch_path,
+            long_poll = options.long_poll,
             "duroxide-pg-hybrid provider ready"
         );
         Ok(Self {
-            inner: Arc::new(Inner { schema_q: quote_ident(&schema), schema, pool, fetch_path }),
+            inner: Arc::new(Inner {
+                schema_q: quote_ident(&schema),
+                schema,
+                pool,
+                fetch_path,
+                long_poll: options.long_poll,
+                fallback_poll_interval: options.fallback_poll_interval,
+                notifier: Arc::new(Notifier::new()),
+            }),
         })
     }
 
@@ -154,6 +167,11 @@ impl PostgresProvider {
     /// The fetch path this provider uses.
     pub fn fetch_path(&self) -> FetchPath {
         self.inner.fetch_path
+    }
+
+    /// Whether fetches honour `poll_timeout` with LISTEN/NOTIFY.
+    pub fn long_poll(&self) -> bool {
+        self.inner.long_poll
     }
 
     /// Drops the provider's schema with everything in it. Irreversible; meant for tests

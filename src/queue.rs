@@ -12,8 +12,12 @@ use crate::provider::PostgresProvider;
 /// $4 delay ms (0 = visible now). Visibility is the database clock plus the delay; a
 /// TimerFired enqueued here uses the delay, not its fire_at_ms (duroxide's contract).
 const ENQUEUE: &str = "\
-INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-SELECT $1::TEXT, $2::TEXT, $3::TEXT, c.now + $4::BIGINT, c.now FROM (SELECT {s}.now_ms() AS now) c";
+WITH queued AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+    SELECT $1::TEXT, $2::TEXT, $3::TEXT, c.now + $4::BIGINT, c.now FROM (SELECT {s}.now_ms() AS now) c
+    RETURNING 1
+)
+SELECT count(*) FROM queued, {s}.notify_work_available('orchestrator', CASE WHEN $4::BIGINT <= 0 THEN 1 ELSE 0 END)";
 
 /// Drops the lease and hands the batch back: only rows tagged with this token change.
 /// $2 delay ms (NULL = visible as before), $3 ignore attempt.
@@ -28,7 +32,8 @@ requeued AS (
         attempt_count = CASE WHEN $3 THEN greatest(0, q.attempt_count - 1) ELSE q.attempt_count END
     WHERE q.lock_token = $1 AND EXISTS (SELECT 1 FROM released)
 )
-SELECT instance_id FROM released";
+SELECT r.instance_id
+FROM released r, {s}.notify_work_available('orchestrator', CASE WHEN $2::BIGINT IS NULL THEN 1 ELSE 0 END)";
 
 const RENEW: &str = "\
 UPDATE {s}.instance_locks l SET locked_until_ms = c.now + $2

@@ -8,6 +8,8 @@ use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem
 
 use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
+use crate::notify::Queue;
+use crate::poll::{wake_in, Attempt};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 
 /// Oldest visible, unleased item (FIFO by (visible_at, id)) that the tag filter and the
@@ -17,6 +19,8 @@ use crate::provider::{PostgresProvider, TRACING_TARGET};
 ///
 /// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
 /// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
+/// Always one row: the leased item, or NULLs and the next wake-up time (see
+/// `sp_fetch_and_lock`).
 const FETCH: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
 cand AS MATERIALIZED (
@@ -45,12 +49,26 @@ sess AS (
             last_activity_at_ms = EXCLUDED.last_activity_at_ms
         WHERE s.locked_until_ms <= EXCLUDED.last_activity_at_ms OR s.worker_id = EXCLUDED.worker_id
     RETURNING s.session_id
+),
+leased AS (
+    UPDATE {s}.worker_queue w
+    SET lock_token = $1, locked_until_ms = clock.now + $2, attempt_count = w.attempt_count + 1
+    FROM cand, clock
+    WHERE w.id = cand.id AND (cand.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
+    RETURNING w.work_item, w.attempt_count, w.instance_id
 )
-UPDATE {s}.worker_queue w
-SET lock_token = $1, locked_until_ms = clock.now + $2, attempt_count = w.attempt_count + 1
-FROM cand, clock
-WHERE w.id = cand.id AND (cand.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
-RETURNING w.work_item, w.attempt_count, w.instance_id";
+SELECT l.work_item, l.attempt_count, l.instance_id, clock.now AS now_ms,
+       CASE
+           WHEN l.work_item IS NOT NULL THEN NULL
+           -- Lost a session race for a candidate: look again at once.
+           WHEN EXISTS (SELECT 1 FROM cand) THEN clock.now
+           ELSE least(
+               (SELECT min(w.visible_at_ms) FROM {s}.worker_queue w WHERE w.visible_at_ms > clock.now),
+               (SELECT min(w.locked_until_ms) FROM {s}.worker_queue w
+                 WHERE w.lock_token IS NOT NULL AND w.locked_until_ms > clock.now),
+               (SELECT min(s.locked_until_ms) FROM {s}.sessions s WHERE s.locked_until_ms > clock.now))
+       END AS next_wake_ms
+FROM clock LEFT JOIN leased l ON true";
 
 /// Deletes the leased item if its lease is live, touches its session, and enqueues the
 /// completion for the orchestration, atomically.
@@ -70,8 +88,10 @@ completion AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
     SELECT $2::TEXT, $3::TEXT, $4::TEXT, clock.now, clock.now FROM clock
     WHERE $4::TEXT IS NOT NULL AND EXISTS (SELECT 1 FROM done)
+    RETURNING 1
 )
-SELECT count(*) FROM done";
+SELECT (SELECT count(*) FROM done)
+FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion))";
 
 const RENEW: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -90,17 +110,26 @@ SELECT count(*) FROM renewed";
 
 /// $2 delay ms (NULL = visible now), $3 ignore attempt.
 const ABANDON: &str = "\
-UPDATE {s}.worker_queue w
-SET lock_token = NULL, locked_until_ms = NULL,
-    visible_at_ms = CASE WHEN $2::BIGINT IS NULL THEN w.visible_at_ms ELSE {s}.now_ms() + $2 END,
-    attempt_count = CASE WHEN $3 THEN greatest(0, w.attempt_count - 1) ELSE w.attempt_count END
-WHERE w.lock_token = $1
-RETURNING w.instance_id";
+WITH released AS (
+    UPDATE {s}.worker_queue w
+    SET lock_token = NULL, locked_until_ms = NULL,
+        visible_at_ms = CASE WHEN $2::BIGINT IS NULL THEN w.visible_at_ms ELSE {s}.now_ms() + $2 END,
+        attempt_count = CASE WHEN $3 THEN greatest(0, w.attempt_count - 1) ELSE w.attempt_count END
+    WHERE w.lock_token = $1
+    RETURNING w.instance_id
+)
+SELECT r.instance_id
+FROM released r, {s}.notify_work_available('worker', CASE WHEN $2::BIGINT IS NULL THEN 1 ELSE 0 END)";
 
 const ENQUEUE: &str = "\
-INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
-                              visible_at_ms, created_at_ms)
-SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, c.now, c.now FROM (SELECT {s}.now_ms() AS now) c";
+WITH queued AS (
+    INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
+                                  visible_at_ms, created_at_ms)
+    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, c.now, c.now
+    FROM (SELECT {s}.now_ms() AS now) c
+    RETURNING 1
+)
+SELECT count(*) FROM queued, {s}.notify_work_available('worker', 1)";
 
 const RENEW_SESSIONS: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -138,58 +167,66 @@ fn tag_args(filter: &TagFilter) -> Option<(i32, Vec<String>)> {
 }
 
 #[derive(sqlx::FromRow)]
-struct LeasedItem {
-    work_item: String,
-    attempt_count: i32,
-    instance_id: String,
+struct LeaseRow {
+    work_item: Option<String>,
+    attempt_count: Option<i32>,
+    instance_id: Option<String>,
+    now_ms: i64,
+    next_wake_ms: Option<i64>,
 }
 
 impl PostgresProvider {
     pub(crate) async fn fetch_work(
         &self,
         lock_timeout: Duration,
+        poll_timeout: Duration,
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        const OP: &str = "fetch_work_item";
         let Some((tag_mode, tags)) = tag_args(tag_filter) else {
             return Ok(None);
         };
+        self.poll_until(Queue::Worker, poll_timeout, || self.lease_work(lock_timeout, session, tag_mode, &tags))
+            .await
+    }
+
+    async fn lease_work(
+        &self,
+        lock_timeout: Duration,
+        session: Option<&SessionFetchConfig>,
+        tag_mode: i32,
+        tags: &[String],
+    ) -> Result<Attempt<(WorkItem, String, u32)>, ProviderError> {
+        const OP: &str = "fetch_work_item";
         let token = format!("work_{}", uuid::Uuid::new_v4());
-        let row = sqlx::query_as::<_, LeasedItem>(&self.sql(FETCH))
+        let row = sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
             .bind(&token)
             .bind(millis(lock_timeout))
             .bind(session.is_some())
             .bind(session.map(|s| s.owner_id.as_str()).unwrap_or(""))
             .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
             .bind(tag_mode)
-            .bind(&tags)
-            .fetch_optional(self.pool_ref())
+            .bind(tags)
+            .fetch_one(self.pool_ref())
             .await
             .map_err(|e| db_error(OP, None, e))?;
-        let Some(row) = row else {
-            return Ok(None);
+        let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {
+            return Ok(Attempt::Empty { wake_in: wake_in(row.now_ms, row.next_wake_ms) });
         };
-        let item: WorkItem = match serde_json::from_str(&row.work_item) {
-            Ok(item) => item,
-            Err(e) => {
-                // Leave the lease to expire: the attempt count keeps rising, so duroxide
-                // can eventually treat the row as poison instead of us spinning on it.
-                return Err(decode_error(
-                    OP,
-                    Some(&row.instance_id),
-                    format!("worker item does not decode: {e}"),
-                ));
-            }
-        };
+        let attempts = row.attempt_count.unwrap_or(1);
+        let item: WorkItem = serde_json::from_str(&json).map_err(|e| {
+            // The lease is left to expire: the attempt count keeps rising, so the row
+            // ends up visible to operators as a poison candidate instead of spinning.
+            decode_error(OP, Some(&instance), format!("worker item does not decode: {e}"))
+        })?;
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,
-            instance = %row.instance_id,
-            attempt = row.attempt_count,
+            instance = %instance,
+            attempt = attempts,
             "leased work item"
         );
-        Ok(Some((item, token, u32::try_from(row.attempt_count).unwrap_or(0))))
+        Ok(Attempt::Claimed((item, token, u32::try_from(attempts).unwrap_or(0))))
     }
 
     pub(crate) async fn ack_work(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {

@@ -3,11 +3,23 @@
 use duroxide::providers::ProviderError;
 
 use super::{Claim, ClaimArgs, OP};
+use crate::poll::{wake_in, Attempt};
 use crate::errors::db_error;
 use crate::provider::PostgresProvider;
 
-const CLAIM: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count \
-     FROM {s}.sp_fetch_and_lock($1, $2, $3, $4, $5, $6, $7, $8)";
+const CLAIM: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
+     o_now_ms, o_next_wake_ms FROM {s}.sp_fetch_and_lock($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// The claim's one row: keys when won, else the next wake-up time.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    o_instance_id: Option<String>,
+    o_lock_token: Option<String>,
+    o_execution_id: Option<i64>,
+    o_attempt_count: Option<i32>,
+    o_now_ms: i64,
+    o_next_wake_ms: Option<i64>,
+}
 
 /// Gives a claimed instance back after its reads failed: the lease is dropped and the
 /// attempt is not counted, so a transient read error cannot push a turn towards poison.
@@ -17,8 +29,8 @@ const RELEASE: &str = "WITH released AS (DELETE FROM {s}.instance_locks WHERE lo
      WHERE q.lock_token = $1 AND EXISTS (SELECT 1 FROM released)";
 
 impl PostgresProvider {
-    pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Option<Claim>, ProviderError> {
-        sqlx::query_as::<_, Claim>(&self.sql(CLAIM))
+    pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
+        let row = sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
             .bind(a.lock_timeout_ms)
             .bind(a.filter_enabled)
             .bind(a.min.0)
@@ -27,12 +39,21 @@ impl PostgresProvider {
             .bind(a.max.0)
             .bind(a.max.1)
             .bind(a.max.2)
-            .fetch_optional(self.pool_ref())
+            .fetch_one(self.pool_ref())
             .await
-            .map_err(|e| db_error(OP, None, e))
+            .map_err(|e| db_error(OP, None, e))?;
+        Ok(match (row.o_instance_id, row.o_lock_token) {
+            (Some(instance), Some(lock_token)) => Attempt::Claimed(Claim {
+                instance,
+                lock_token,
+                execution_id: row.o_execution_id.unwrap_or(1),
+                attempt_count: row.o_attempt_count.unwrap_or(1),
+            }),
+            _ => Attempt::Empty { wake_in: wake_in(row.o_now_ms, row.o_next_wake_ms) },
+        })
     }
 
-    pub(crate) async fn release_after_failed_read(&self, lock_token: &str, instance: &str) {
+    pub(crate) async fn release_claim(&self, lock_token: &str, instance: &str) {
         if let Err(e) = sqlx::query(&self.sql(RELEASE)).bind(lock_token).execute(self.pool_ref()).await {
             // The lease expires on its own; nothing is lost, the turn is only delayed.
             tracing::warn!(

@@ -22,7 +22,9 @@ use duroxide::providers::{
 use duroxide::EventKind;
 
 use crate::codec::{decode_history, decode_messages};
+use crate::notify::Queue;
 use crate::options::FetchPath;
+use crate::poll::Attempt;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 
 pub(crate) const OP: &str = "fetch_orchestration_item";
@@ -53,13 +55,13 @@ fn clamp(v: u64) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
 
-/// What a claim returns: keys only.
-#[derive(Debug, sqlx::FromRow)]
+/// A won claim: keys only.
+#[derive(Debug)]
 pub(crate) struct Claim {
-    pub o_instance_id: String,
-    pub o_lock_token: String,
-    pub o_execution_id: i64,
-    pub o_attempt_count: i32,
+    pub instance: String,
+    pub lock_token: String,
+    pub execution_id: i64,
+    pub attempt_count: i32,
 }
 
 /// Raw rows of a claimed turn, as either path loaded them.
@@ -76,16 +78,21 @@ impl PostgresProvider {
     pub(crate) async fn fetch_orchestration(
         &self,
         lock_timeout: Duration,
+        poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
         let Some(args) = ClaimArgs::new(lock_timeout, filter) else {
             return Ok(None);
         };
         let started = Instant::now();
-        let rows = match self.fetch_path() {
-            FetchPath::Hybrid => self.fetch_hybrid(&args).await?,
-            FetchPath::Procedure => self.fetch_procedure(&args).await?,
-        };
+        let rows = self
+            .poll_until(Queue::Orchestrator, poll_timeout, || async {
+                match self.fetch_path() {
+                    FetchPath::Hybrid => self.fetch_hybrid(&args).await,
+                    FetchPath::Procedure => self.fetch_procedure(&args).await,
+                }
+            })
+            .await?;
         let Some(rows) = rows else {
             return Ok(None);
         };
@@ -105,18 +112,62 @@ impl PostgresProvider {
         Ok(Some(fetched))
     }
 
-    async fn fetch_hybrid(&self, args: &ClaimArgs) -> Result<Option<TurnRows>, ProviderError> {
-        let Some(claim) = self.claim(args).await? else {
-            return Ok(None);
+    async fn fetch_hybrid(&self, args: &ClaimArgs) -> Result<Attempt<TurnRows>, ProviderError> {
+        let claim = match self.claim(args).await? {
+            Attempt::Claimed(c) => c,
+            Attempt::Empty { wake_in } => return Ok(Attempt::Empty { wake_in }),
         };
+        // If this future is dropped during the reads (shutdown), the guard gives the
+        // instance back instead of leaving it leased until expiry.
+        let guard = ReleaseOnDrop::new(self, &claim);
         match self.read_turn(&claim).await {
-            Ok((meta, messages, history, kv)) => Ok(Some(TurnRows { claim, meta, messages, history, kv })),
+            Ok((meta, messages, history, kv)) => {
+                guard.disarm();
+                Ok(Attempt::Claimed(TurnRows { claim, meta, messages, history, kv }))
+            }
             Err(e) => {
                 // Never return an error while holding a lease: give the instance back
                 // (attempt not counted, messages visible at once) and report the error.
-                self.release_after_failed_read(&claim.o_lock_token, &claim.o_instance_id).await;
+                guard.disarm();
+                self.release_claim(&claim.lock_token, &claim.instance).await;
                 Err(e)
             }
+        }
+    }
+}
+
+/// Releases a claim whose fetch future was dropped before returning it.
+struct ReleaseOnDrop {
+    provider: PostgresProvider,
+    token: String,
+    instance: String,
+    armed: bool,
+}
+
+impl ReleaseOnDrop {
+    fn new(provider: &PostgresProvider, claim: &Claim) -> Self {
+        Self {
+            provider: provider.clone(),
+            token: claim.lock_token.clone(),
+            instance: claim.instance.clone(),
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (provider, token, instance) =
+                (self.provider.clone(), std::mem::take(&mut self.token), std::mem::take(&mut self.instance));
+            rt.spawn(async move { provider.release_claim(&token, &instance).await });
         }
     }
 }
@@ -124,7 +175,7 @@ impl PostgresProvider {
 /// Builds the item duroxide sees from the raw rows of either path.
 fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
     let TurnRows { claim, meta, messages, history, kv } = rows;
-    let instance = claim.o_instance_id;
+    let instance = claim.instance;
     let messages: Vec<WorkItem> = decode_messages(&instance, &messages);
     let (history, history_error) = match decode_history(&history) {
         Ok(h) => (h, None),
@@ -139,7 +190,7 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
             (Vec::new(), Some(format!("instance {instance:?}: {e}")))
         }
     };
-    let mut execution_id = u64::try_from(claim.o_execution_id).unwrap_or(1);
+    let mut execution_id = u64::try_from(claim.execution_id).unwrap_or(1);
     let (name, version) = match meta {
         Some((name, version)) => (name, version.unwrap_or_else(|| "unknown".to_string())),
         None => {
@@ -179,7 +230,7 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
             })
             .collect()
     };
-    let attempts = u32::try_from(claim.o_attempt_count).unwrap_or(0);
+    let attempts = u32::try_from(claim.attempt_count).unwrap_or(0);
     let item = OrchestrationItem {
         instance,
         orchestration_name: name,
@@ -190,5 +241,5 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
         history_error,
         kv_snapshot,
     };
-    (item, claim.o_lock_token, attempts)
+    (item, claim.lock_token, attempts)
 }

@@ -3,33 +3,36 @@
 use duroxide::providers::ProviderError;
 
 use super::{Claim, ClaimArgs, TurnRows, OP};
+use crate::poll::{wake_in, Attempt};
 use crate::errors::db_error;
 use crate::provider::PostgresProvider;
 
 const FETCH_FULL: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
-     o_has_instance, o_orchestration_name, o_orchestration_version, \
+     o_now_ms, o_next_wake_ms, o_has_instance, o_orchestration_name, o_orchestration_version, \
      o_messages, o_history, o_kv_keys, o_kv_values, o_kv_updated_ms \
      FROM {s}.fetch_orchestration_full($1, $2, $3, $4, $5, $6, $7, $8)";
 
 #[derive(sqlx::FromRow)]
 struct FullRow {
-    o_instance_id: String,
-    o_lock_token: String,
-    o_execution_id: i64,
-    o_attempt_count: i32,
-    o_has_instance: bool,
+    o_instance_id: Option<String>,
+    o_lock_token: Option<String>,
+    o_execution_id: Option<i64>,
+    o_attempt_count: Option<i32>,
+    o_now_ms: i64,
+    o_next_wake_ms: Option<i64>,
+    o_has_instance: Option<bool>,
     o_orchestration_name: Option<String>,
     o_orchestration_version: Option<String>,
-    o_messages: Vec<String>,
-    o_history: Vec<String>,
-    o_kv_keys: Vec<String>,
-    o_kv_values: Vec<String>,
-    o_kv_updated_ms: Vec<i64>,
+    o_messages: Option<Vec<String>>,
+    o_history: Option<Vec<String>>,
+    o_kv_keys: Option<Vec<String>>,
+    o_kv_values: Option<Vec<String>>,
+    o_kv_updated_ms: Option<Vec<i64>>,
 }
 
 impl PostgresProvider {
-    pub(crate) async fn fetch_procedure(&self, a: &ClaimArgs) -> Result<Option<TurnRows>, ProviderError> {
-        let row = sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
+    pub(crate) async fn fetch_procedure(&self, a: &ClaimArgs) -> Result<Attempt<TurnRows>, ProviderError> {
+        let r = sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
             .bind(a.lock_timeout_ms)
             .bind(a.filter_enabled)
             .bind(a.min.0)
@@ -38,34 +41,36 @@ impl PostgresProvider {
             .bind(a.max.0)
             .bind(a.max.1)
             .bind(a.max.2)
-            .fetch_optional(self.pool_ref())
+            .fetch_one(self.pool_ref())
             .await
             .map_err(|e| db_error(OP, None, e))?;
-        Ok(row.map(|r| {
-            let meta = if r.o_has_instance {
-                r.o_orchestration_name.map(|n| (n, r.o_orchestration_version))
-            } else {
-                None
-            };
-            let kv = r
-                .o_kv_keys
-                .into_iter()
-                .zip(r.o_kv_values)
-                .zip(r.o_kv_updated_ms)
-                .map(|((k, v), ts)| (k, v, ts))
-                .collect();
-            TurnRows {
-                claim: Claim {
-                    o_instance_id: r.o_instance_id,
-                    o_lock_token: r.o_lock_token,
-                    o_execution_id: r.o_execution_id,
-                    o_attempt_count: r.o_attempt_count,
-                },
-                meta,
-                messages: r.o_messages,
-                history: r.o_history,
-                kv,
-            }
+        let (Some(instance), Some(lock_token)) = (r.o_instance_id, r.o_lock_token) else {
+            return Ok(Attempt::Empty { wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms) });
+        };
+        let meta = if r.o_has_instance.unwrap_or(false) {
+            r.o_orchestration_name.map(|n| (n, r.o_orchestration_version))
+        } else {
+            None
+        };
+        let kv = r
+            .o_kv_keys
+            .unwrap_or_default()
+            .into_iter()
+            .zip(r.o_kv_values.unwrap_or_default())
+            .zip(r.o_kv_updated_ms.unwrap_or_default())
+            .map(|((k, v), ts)| (k, v, ts))
+            .collect();
+        Ok(Attempt::Claimed(TurnRows {
+            claim: Claim {
+                instance,
+                lock_token,
+                execution_id: r.o_execution_id.unwrap_or(1),
+                attempt_count: r.o_attempt_count.unwrap_or(1),
+            },
+            meta,
+            messages: r.o_messages.unwrap_or_default(),
+            history: r.o_history.unwrap_or_default(),
+            kv,
         }))
     }
 }

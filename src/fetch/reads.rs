@@ -22,20 +22,20 @@ impl PostgresProvider {
         &self,
         claim: &Claim,
     ) -> Result<(Meta, Vec<String>, Vec<String>, KvRows), ProviderError> {
-        let instance = claim.o_instance_id.as_str();
+        let instance = claim.instance.as_str();
         let pool = self.pool_ref();
         let (messages_sql, meta_sql, history_sql, kv_sql) =
             (self.sql(MESSAGES), self.sql(META), self.sql(HISTORY), self.sql(KV));
         let (messages, meta, history, kv) = tokio::join!(
             sqlx::query_scalar::<_, String>(&messages_sql)
-                .bind(&claim.o_lock_token)
+                .bind(&claim.lock_token)
                 .fetch_all(pool),
             sqlx::query_as::<_, (String, Option<String>)>(&meta_sql)
                 .bind(instance)
                 .fetch_optional(pool),
             sqlx::query_scalar::<_, String>(&history_sql)
                 .bind(instance)
-                .bind(claim.o_execution_id)
+                .bind(claim.execution_id)
                 .fetch_all(pool),
             sqlx::query_as::<_, (String, String, i64)>(&kv_sql).bind(instance).fetch_all(pool),
         );

@@ -98,7 +98,10 @@ struct Owned {
 
 impl SchemaCleanup {
     fn new(url: String) -> Self {
-        Self { url, owned: Mutex::default() }
+        Self {
+            url,
+            owned: Mutex::default(),
+        }
     }
 
     fn owned(&self) -> std::sync::MutexGuard<'_, Owned> {
@@ -120,13 +123,15 @@ impl SchemaCleanup {
         self.owned().schemas.push(schema.clone());
         let mut options = test_options(&schema, path);
         customize(&mut options);
-        let provider = PostgresProvider::connect_with(&self.url, options).await.unwrap_or_else(|e| {
-            panic!(
-                "cannot create a test provider on schema {schema} at {}: {e}\n\
+        let provider = PostgresProvider::connect_with(&self.url, options)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
-                redact_url(&self.url)
-            )
-        });
+                    redact_url(&self.url)
+                )
+            });
         let provider = Arc::new(provider);
         self.owned().providers.push(provider.clone());
         provider
@@ -151,7 +156,9 @@ impl Drop for SchemaCleanup {
         // async work is not allowed: use a thread with its own small runtime.
         let url = self.url.clone();
         let outcome = std::thread::spawn(move || -> Result<(), BoxError> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(drop_schemas(&url, &schemas))
                 .map_err(|e| format!("dropping test schemas {schemas:?}: {e}").into())
         })
@@ -183,11 +190,16 @@ async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
     {
         eprintln!("warning: could not terminate leftover test connections: {e}");
     }
-    sqlx::query("SET lock_timeout = '30s'").execute(&mut conn).await?;
+    sqlx::query("SET lock_timeout = '30s'")
+        .execute(&mut conn)
+        .await?;
     for schema in schemas {
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(schema)))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_ident(schema)
+        ))
+        .execute(&mut conn)
+        .await?;
     }
     conn.close().await?;
     Ok(())
@@ -206,7 +218,11 @@ impl PgFactory {
     /// A factory for `path` against [`database_url()`].
     pub fn new(path: FetchPath) -> Self {
         init_tracing();
-        Self { path, last: Mutex::new(None), cleanup: SchemaCleanup::new(database_url()) }
+        Self {
+            path,
+            last: Mutex::new(None),
+            cleanup: SchemaCleanup::new(database_url()),
+        }
     }
 
     /// The fetch path of the providers this factory creates.
@@ -270,7 +286,9 @@ impl ProviderFactory for PgFactory {
             .fetch_one(provider.pool())
             .await
             .unwrap_or_else(|e| panic!("get_max_attempt_count({instance}): {e}"));
-        max.map_or(0, |m| u32::try_from(m).expect("attempt_count is never negative"))
+        max.map_or(0, |m| {
+            u32::try_from(m).expect("attempt_count is never negative")
+        })
     }
 }
 
