@@ -154,8 +154,14 @@ impl PostgresProvider {
         }
 
         let kv = reduce_kv(&history_delta);
-        let (kv_keys, (kv_values, kv_ts)): (Vec<String>, (Vec<Option<String>>, Vec<Option<i64>>)) =
-            kv.keys.into_iter().map(|(k, v, t)| (k, (v, t))).unzip();
+        let mut kv_keys = Vec::with_capacity(kv.keys.len());
+        let mut kv_values = Vec::with_capacity(kv.keys.len());
+        let mut kv_ts = Vec::with_capacity(kv.keys.len());
+        for (k, v, t) in kv.keys {
+            kv_keys.push(k);
+            kv_values.push(v);
+            kv_ts.push(t);
+        }
         let custom_status = last_custom_status(&history_delta);
         let pin = metadata.pinned_duroxide_version.as_ref().map(|v| {
             let c = |x: u64| i32::try_from(x).unwrap_or(i32::MAX);

@@ -303,6 +303,10 @@ CROSS JOIN LATERAL (
 
 /// Queue depths, instance counts and leases of the provider's schema (one statement).
 ///
+/// The counts read every row of the queues, `instances` and `instance_locks`: cheap for
+/// an operator's tool, but not meant to be polled at high frequency on very large
+/// tables.
+///
 /// # Errors
 /// Database errors, mapped with [`db_error`](crate::errors::db_error).
 pub async fn stats(provider: &PostgresProvider) -> Result<QueueStats, ProviderError> {

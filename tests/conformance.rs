@@ -30,14 +30,14 @@ macro_rules! factory_tests {
     };
 }
 
-/// Same shape for the long-polling tests, which take a provider (and a threshold).
+/// The long-polling tests take a provider (and a threshold) instead of the factory;
+/// `$options` adjusts the provider's options.
 macro_rules! provider_test {
-    ($path:expr; $(#[$attr:meta])* $test:ident $(, $threshold:ident)?) => {
-        $(#[$attr])*
+    ($path:expr, $options:expr; $test:ident $(, $threshold:ident)?) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $test() {
             use duroxide::provider_validations::ProviderFactory;
-            let factory = crate::common::PgFactory::new($path);
+            let factory = crate::common::PgFactory::with_options($path, $options);
             let provider = factory.create_provider().await;
             duroxide::provider_validation::long_polling::$test(
                 &*provider
@@ -339,20 +339,17 @@ macro_rules! conformance_suite {
                 }
             }
 
+            // Providers long-poll by default (LISTEN/NOTIFY); the short-poll tests run on
+            // providers built with `long_poll = false`.
             mod long_polling {
-                provider_test!($path; test_short_poll_returns_immediately, short_poll_threshold);
-                provider_test!($path; test_short_poll_work_item_returns_immediately, short_poll_threshold);
-                provider_test!($path; test_fetch_respects_timeout_upper_bound);
-                provider_test!(
-                    $path;
-                    #[ignore = "issue #4: long polling (LISTEN/NOTIFY) not implemented yet"]
-                    test_long_poll_waits_for_timeout
-                );
-                provider_test!(
-                    $path;
-                    #[ignore = "issue #4: long polling (LISTEN/NOTIFY) not implemented yet"]
-                    test_long_poll_work_item_waits_for_timeout
-                );
+                use crate::common::short_polling;
+                fn default_options(_: &mut duroxide_pg_hybrid::ProviderOptions) {}
+
+                provider_test!($path, short_polling; test_short_poll_returns_immediately, short_poll_threshold);
+                provider_test!($path, short_polling; test_short_poll_work_item_returns_immediately, short_poll_threshold);
+                provider_test!($path, default_options; test_long_poll_waits_for_timeout);
+                provider_test!($path, default_options; test_long_poll_work_item_waits_for_timeout);
+                provider_test!($path, default_options; test_fetch_respects_timeout_upper_bound);
             }
         }
     };

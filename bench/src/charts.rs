@@ -62,7 +62,10 @@ pub fn latency_vs_rtt(records: &[Record], path: &Path, metric_prefix: &str, titl
         .x_desc("simulated round-trip time to PostgreSQL (ms)")
         .y_desc("start → completed (ms)")
         .x_labels(12)
-        .light_line_style(RGBColor(235, 235, 235))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
         .draw()?;
     for provider in providers_in(&recs) {
         let color = provider_color(&provider);
@@ -106,7 +109,9 @@ pub fn grouped_bars(
     metric: &str,
     rtt: u64,
     title: &str,
+    x_desc: &str,
     y_desc: &str,
+    log: bool,
 ) -> Result<bool, ChartError> {
     let recs: Vec<&Record> =
         records.iter().filter(|r| r.scenario == scenario && r.metric == metric && r.rtt_ms == rtt).collect();
@@ -120,7 +125,15 @@ pub fn grouped_bars(
         }
     }
     let providers = providers_in(&recs);
-    let y_max = recs.iter().map(|r| r.max).fold(0.0, f64::max) * 1.15;
+    // A log axis is drawn as log10 values on a linear axis (bars need a finite floor).
+    let t = |v: f64| if log { v.max(1e-9).log10() } else { v };
+    let raw_max = recs.iter().map(|r| r.max).fold(0.0, f64::max);
+    let raw_min = recs.iter().map(|r| r.min).filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+    let (y_lo, y_max) = if log {
+        (raw_min.log10().floor(), (raw_max.log10() + 0.4).ceil())
+    } else {
+        (0.0, (raw_max * 1.3).max(1.0))
+    };
     let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let n = cases.len() as f64;
@@ -130,7 +143,7 @@ pub fn grouped_bars(
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.0..n, 0.0..y_max.max(1.0))?;
+        .build_cartesian_2d(0.0..n, y_lo..y_max)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -143,8 +156,20 @@ pub fn grouped_bars(
                 String::new()
             }
         })
+        .x_desc(x_desc)
         .y_desc(y_desc)
-        .light_line_style(RGBColor(235, 235, 235))
+        .y_labels(if log { (y_max - y_lo) as usize + 1 } else { 10 })
+        .y_label_formatter(&|y| {
+            if log {
+                crate::report::fmt_num(10f64.powf(*y))
+            } else if y_max >= 20.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.1}")
+            }
+        })
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
         .draw()?;
     let group_w = 0.8;
     let bar_w = group_w / providers.len().max(1) as f64;
@@ -154,18 +179,18 @@ pub fn grouped_bars(
         for (i, case) in cases.iter().enumerate() {
             if let Some(r) = recs.iter().find(|r| &r.provider == provider && &r.case == case) {
                 let x0 = i as f64 + 0.1 + j as f64 * bar_w;
-                bars.push((x0, x0 + bar_w * 0.9, r.median, r.min, r.max));
+                bars.push((x0, x0 + bar_w * 0.9, t(r.median), t(r.min), t(r.max), r.median));
             }
         }
         chart
-            .draw_series(bars.iter().map(|b| Rectangle::new([(b.0, 0.0), (b.1, b.2)], color.filled())))?
+            .draw_series(bars.iter().map(|b| Rectangle::new([(b.0, y_lo), (b.1, b.2)], color.filled())))?
             .label(provider.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
         chart.draw_series(
             bars.iter().map(|b| ErrorBar::new_vertical((b.0 + b.1) / 2.0, b.3, b.2, b.4, BLACK.stroke_width(1), 6)),
         )?;
         chart.draw_series(bars.iter().map(|b| {
-            Text::new(format!("{:.1}", b.2), ((b.0 + b.1) / 2.0 - bar_w * 0.3, b.4 + y_max * 0.025), ("sans-serif", 12))
+            Text::new(crate::report::fmt_num(b.5), ((b.0 + b.1) / 2.0 - bar_w * 0.3, b.4 + (y_max - y_lo) * 0.025), ("sans-serif", 12))
         }))?;
     }
     chart

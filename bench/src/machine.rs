@@ -54,7 +54,7 @@ pub fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-pub async fn collect(admin: &PgPool, scenario: &str, quick: bool, providers: Vec<String>, pgss: bool) -> Meta {
+pub async fn collect(admin: &PgPool, url: &str, scenario: &str, quick: bool, providers: Vec<String>, pgss: bool) -> Meta {
     let postgres_version = sqlx::query_scalar::<_, String>("SELECT version()")
         .fetch_one(admin)
         .await
@@ -89,6 +89,7 @@ pub async fn collect(admin: &PgPool, scenario: &str, quick: bool, providers: Vec
         providers,
         incumbent_crate: cfg!(feature = "incumbent").then(|| "duroxide-pg 0.1.38".to_string()),
         duroxide_version: "0.1.32".to_string(),
+        database_url: duroxide_pg_hybrid::options::redact_url(url),
     }
 }
 

@@ -204,6 +204,11 @@ fn finish_report(cli: &Cli, fresh: &[Record]) -> Result<(), BoxError> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    // Installed before duroxide's runtime tries to install its own (which would log to
+    // stdout and mix with the table / JSON lines). RUST_LOG overrides the level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     if let Err(e) = real_main(cli).await {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -257,7 +262,7 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
     for scenario in scenarios {
         let started = Instant::now();
         eprintln!("== {} ({}) ==", scenario.name(), names.join(", "));
-        let meta = machine::collect(&env.admin, scenario.name(), cli.quick, names.clone(), pgss).await;
+        let meta = machine::collect(&env.admin, &env.url, scenario.name(), cli.quick, names.clone(), pgss).await;
         match run_scenario(&env, &opts, scenario).await {
             Ok(records) => {
                 eprintln!("   {} done in {:.0} s", scenario.name(), started.elapsed().as_secs_f64());

@@ -21,10 +21,14 @@ use crate::providers::{BoxError, Env, Session};
 use crate::results::{Record, median};
 
 const LOCK: Duration = Duration::from_secs(30);
-/// Calls made before measuring: opens pool connections, fills statement caches, and lets
-/// PL/pgSQL switch to its cached generic plan (which happens after 5 executions), so
-/// the measured calls show the steady state a long-running dispatcher sees.
-const WARMUP_CALLS: usize = 6;
+/// Calls made before measuring a backlog fetch. PL/pgSQL caches plans per connection
+/// and switches to a generic plan after 5 executions, and sqlx hands out idle pooled
+/// connections in turn, so 6 calls per pooled connection show the steady state a
+/// long-running dispatcher sees (and open the connections the path needs).
+const WARMUP_CALLS: usize = 6 * crate::providers::POOL_SIZE as usize;
+/// Warm-up for history fetches: enough for every pooled connection to have prepared the
+/// statements of the path (the hybrid path spreads its reads over several connections).
+const HISTORY_WARMUP: usize = 20;
 
 fn start_item(instance: &str) -> WorkItem {
     WorkItem::StartOrchestration {
@@ -242,7 +246,7 @@ async fn history_one(
     let timed = if session.rtt_ms == 0 { direct.clone() } else { proxied.clone() };
     let mut per_run = Vec::with_capacity(runs);
     for run in 0..runs {
-        let warmup = if run == 0 { WARMUP_CALLS } else { 1 };
+        let warmup = if run == 0 { HISTORY_WARMUP } else { 1 };
         let times = time_calls(warmup, calls, || {
             let p = timed.clone();
             let instance = instance.clone();
@@ -258,21 +262,27 @@ async fn history_one(
         per_run.push(median(&times));
     }
 
-    // Bytes and round trips of one warm fetch through the proxy.
-    for _ in 0..2 {
+    // Bytes, round trips and statements of warm fetches through the proxy (medians; the
+    // warm-up lets the pool open the connections the path needs and cache its statements).
+    let proxy = session.proxy.as_ref().ok_or("history needs the proxy")?;
+    for _ in 0..HISTORY_WARMUP {
         fetch_orch_expect(proxied.as_ref(), &instance).await?;
     }
-    let proxy = session.proxy.as_ref().ok_or("history needs the proxy")?;
-    let before = proxy.snapshot();
-    let got = proxied.fetch_orchestration_item(LOCK, Duration::ZERO, None).await?;
-    let after = proxy.snapshot();
-    let (_, token, _) = got.ok_or("history instance not fetchable")?;
-    proxied.abandon_orchestration_item(&token, None, true).await?;
-    let d = after.since(&before);
-    if d.connections > 0 {
-        eprintln!("    note: {} new connection(s) opened during the measured fetch", d.connections);
+    let (mut bytes, mut rts, mut stmts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let before = proxy.snapshot();
+        let got = proxied.fetch_orchestration_item(LOCK, Duration::ZERO, None).await?;
+        let d = proxy.snapshot().since(&before);
+        let (_, token, _) = got.ok_or("history instance not fetchable")?;
+        proxied.abandon_orchestration_item(&token, None, true).await?;
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            eprintln!("    debug: {d:?}");
+        }
+        bytes.push(d.bytes_s2c as f64);
+        rts.push(d.bursts as f64);
+        stmts.push(d.statements as f64);
     }
-    Ok((per_run, d.bytes_s2c as f64, d.bursts as f64, d.statements as f64))
+    Ok((per_run, median(&bytes), median(&rts), median(&stmts)))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,12 +83,13 @@ impl ProxyStats {
     }
 }
 
-/// A running proxy. Dropping it (or calling [`Proxy::shutdown`]) stops the listener and
-/// cuts every proxied connection.
+/// A running proxy. Dropping it (or calling [`Proxy::shutdown`]) stops the listener;
+/// connections already open keep flowing until either end closes them (so a pool that
+/// is closed first shuts down cleanly).
 pub struct Proxy {
     addr: SocketAddr,
     stats: Arc<ProxyStats>,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
 }
 
 impl Proxy {
@@ -98,11 +99,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(ProxyStats::default());
-        let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let one_way = rtt / 2;
         let accept = {
             let stats = stats.clone();
-            let tasks = tasks.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -110,18 +109,15 @@ impl Proxy {
                     };
                     let stats = stats.clone();
                     let upstream = upstream.clone();
-                    let conn_tasks = tasks.clone();
-                    let handle = tokio::spawn(async move {
+                    tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(&upstream).await {
-                            serve(client, server, one_way, stats, conn_tasks).await;
+                            serve(client, server, one_way, stats).await;
                         }
                     });
-                    push_task(&tasks, handle.abort_handle());
                 }
             })
         };
-        push_task(&tasks, accept.abort_handle());
-        Ok(Proxy { addr, stats, tasks })
+        Ok(Proxy { addr, stats, accept: accept.abort_handle() })
     }
 
     /// The loopback address clients should connect to.
@@ -134,12 +130,9 @@ impl Proxy {
         self.stats.snapshot()
     }
 
-    /// Stops accepting and aborts every connection task.
+    /// Stops accepting new connections.
     pub fn shutdown(&self) {
-        let handles = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        for h in handles {
-            h.abort();
-        }
+        self.accept.abort();
     }
 }
 
@@ -147,12 +140,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn push_task(tasks: &Mutex<Vec<AbortHandle>>, handle: AbortHandle) {
-    let mut guard = tasks.lock().unwrap_or_else(|e| e.into_inner());
-    guard.retain(|h| !h.is_finished());
-    guard.push(handle);
 }
 
 /// Per-connection state shared by the two directions.
@@ -171,7 +158,6 @@ async fn serve(
     server: TcpStream,
     one_way: Duration,
     stats: Arc<ProxyStats>,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -192,9 +178,6 @@ async fn serve(
         tokio::spawn(write_side(server_w, c2s_rx)),
         tokio::spawn(write_side(client_w, s2c_rx)),
     ];
-    for h in &handles {
-        push_task(&tasks, h.abort_handle());
-    }
     for h in handles {
         let _ = h.await;
     }

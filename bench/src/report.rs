@@ -14,7 +14,7 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
     match metric {
         "orch_per_s" => ("orchestrations/s", "higher"),
         "activities_per_s" => ("activities/s", "higher"),
-        "round_trips_per_orch" => ("round trips per orchestration (client→server request bursts, all traffic)", "lower"),
+        "round_trips_per_orch" => ("client→server request bursts per orchestration (≈ round trips; all traffic during it, incl. idle polls)", "lower"),
         "statements_per_orch" => ("statements per orchestration (all traffic)", "lower"),
         "completed_p50_ms" => ("p50 start → OrchestrationCompleted event (ms)", "lower"),
         "completed_p95_ms" => ("p95 start → OrchestrationCompleted event (ms)", "lower"),
@@ -22,7 +22,7 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
         "observed_p95_ms" => ("p95 start → wait_for_orchestration returned (ms)", "lower"),
         "fetch_ms" => ("fetch_orchestration_item time (ms)", "lower"),
         "fetch_bytes_from_server" => ("bytes server→client per fetch", "lower"),
-        "fetch_round_trips" => ("round trips per fetch", "lower"),
+        "fetch_round_trips" => ("client→server request bursts per fetch (≈ round trips, summed over connections)", "lower"),
         "fetch_statements" => ("statements per fetch", "lower"),
         "worker_empty_fetch_ms" => ("fetch_work_item, nothing visible (ms)", "lower"),
         "worker_fetch_ms" => ("fetch_work_item, one visible item (ms)", "lower"),
@@ -30,7 +30,7 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
         "orch_fetch_other_ms" => ("fetch_orchestration_item of another instance (ms)", "lower"),
         "hot_instance_fetch_ms" => ("fetch of the hot instance itself, once (ms)", "lower"),
         "statements_per_s" => ("statements/s while idle", "lower"),
-        "round_trips_per_s" => ("round trips/s while idle", "lower"),
+        "round_trips_per_s" => ("client→server request bursts/s while idle", "lower"),
         "bytes_per_s" => ("bytes/s while idle (both directions)", "lower"),
         "server_calls_per_s" => ("pg_stat_statements calls/s (whole server)", "lower"),
         _ => ("", "lower"),
@@ -224,6 +224,7 @@ pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)],
             .map(|o| o.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
         let _ = writeln!(s, "| Server settings | {settings} |");
+        let _ = writeln!(s, "| Connection | `{}` (RTT 0: direct; RTT > 0: through the bench's delay proxy) |", m.database_url);
         let _ = writeln!(s, "| pg_stat_statements | {} |", if m.pg_stat_statements { "available" } else { "not loaded (statements counted by the proxy)" });
         let _ = writeln!(
             s,
@@ -316,14 +317,14 @@ pub fn write_report(dir: &Path) -> Result<(Vec<(String, String)>, Vec<Meta>, Vec
     for rtt in rtts {
         let file = if rtt == 0 { "throughput.svg".to_string() } else { format!("throughput_rtt{rtt}.svg") };
         let title = format!("Fan-out stress harness, orchestrations/s per dispatcher config (RTT {rtt} ms)");
-        if charts::grouped_bars(&records, &dir.join(&file), "throughput", "orch_per_s", rtt, &title, "orchestrations/s")? {
+        if charts::grouped_bars(&records, &dir.join(&file), "throughput", "orch_per_s", rtt, &title, "orchestration:worker dispatchers", "orchestrations/s", false)? {
             made.push((file, "Throughput per dispatcher configuration".to_string()));
         }
     }
-    if charts::grouped_bars(&records, &dir.join("history.svg"), "history", "fetch_ms", 0, "fetch_orchestration_item time vs history size (RTT 0)", "ms per fetch")? {
+    if charts::grouped_bars(&records, &dir.join("history.svg"), "history", "fetch_ms", 0, "fetch_orchestration_item time vs history size (RTT 0)", "history size", "ms per fetch (log scale)", true)? {
         made.push(("history.svg".to_string(), "Fetch time vs history size".to_string()));
     }
-    if charts::grouped_bars(&records, &dir.join("idle.svg"), "idle", "statements_per_s", 0, "Statements/s sent by an idle 2+2 runtime", "statements/s")? {
+    if charts::grouped_bars(&records, &dir.join("idle.svg"), "idle", "statements_per_s", 0, "Statements/s sent by an idle 2+2 runtime (RTT 0)", "", "statements/s", false)? {
         made.push(("idle.svg".to_string(), "Idle statements per second".to_string()));
     }
     let md = markdown(&metas, &records, &made, "");

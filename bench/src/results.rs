@@ -30,6 +30,9 @@ pub struct Meta {
     pub providers: Vec<String>,
     pub incumbent_crate: Option<String>,
     pub duroxide_version: String,
+    /// Connection URL with the password redacted.
+    #[serde(default)]
+    pub database_url: String,
 }
 
 /// One measured quantity for one provider under one set of parameters: the median of

@@ -28,6 +28,16 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 /// needs roughly 8 x 5 connections plus one short-lived clean-up connection per test.
 pub const TEST_POOL_SIZE: u32 = 5;
 
+/// Connections each test provider opens at creation (see [`warm_up`]): the hybrid fetch
+/// path reads on up to four connections at once.
+pub const WARM_CONNECTIONS: u32 = 4;
+
+/// Options for the short-polling tests: fetches return at once instead of waiting up to
+/// `poll_timeout` for a notification.
+pub fn short_polling(options: &mut ProviderOptions) {
+    options.long_poll = false;
+}
+
 /// Lock timeout the conformance tests pass to `fetch_*` (and sleep on).
 pub const TEST_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -110,10 +120,6 @@ impl SchemaCleanup {
 
     /// Creates a provider on a new schema. The schema is registered before connecting, so
     /// a migration that fails half-way is cleaned up too.
-    async fn create(&self, path: FetchPath) -> Arc<PostgresProvider> {
-        self.create_with(path, |_| {}).await
-    }
-
     async fn create_with(
         &self,
         path: FetchPath,
@@ -134,6 +140,7 @@ impl SchemaCleanup {
             });
         let provider = Arc::new(provider);
         self.owned().providers.push(provider.clone());
+        warm_up(&provider).await;
         provider
     }
 }
@@ -169,6 +176,17 @@ impl Drop for SchemaCleanup {
             Err(_) => eprintln!("warning: test clean-up thread panicked"),
         }
     }
+}
+
+/// Opens [`WARM_CONNECTIONS`] pooled connections up front, as a long-running process
+/// would have them. Tests with 1 s locks and 100-200 ms margins otherwise measure
+/// connection set-up (TCP, TLS, authentication) on their first calls.
+async fn warm_up(provider: &PostgresProvider) {
+    let conns =
+        futures::future::try_join_all((0..WARM_CONNECTIONS).map(|_| provider.pool().acquire()))
+            .await
+            .unwrap_or_else(|e| panic!("warming up the pool of schema {}: {e}", provider.schema()));
+    drop(conns);
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -210,6 +228,7 @@ async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
 /// created last. All schemas are dropped when the factory is dropped.
 pub struct PgFactory {
     path: FetchPath,
+    customize: fn(&mut ProviderOptions),
     last: Mutex<Option<Arc<PostgresProvider>>>,
     cleanup: SchemaCleanup,
 }
@@ -217,9 +236,16 @@ pub struct PgFactory {
 impl PgFactory {
     /// A factory for `path` against [`database_url()`].
     pub fn new(path: FetchPath) -> Self {
+        Self::with_options(path, |_| {})
+    }
+
+    /// A factory whose providers' options are adjusted by `customize` (schema, pool size
+    /// and application name are already set; changing the schema defeats the clean-up).
+    pub fn with_options(path: FetchPath, customize: fn(&mut ProviderOptions)) -> Self {
         init_tracing();
         Self {
             path,
+            customize,
             last: Mutex::new(None),
             cleanup: SchemaCleanup::new(database_url()),
         }
@@ -232,7 +258,7 @@ impl PgFactory {
 
     /// Creates a provider on a fresh schema (the typed form of `create_provider`).
     pub async fn create_pg_provider(&self) -> Arc<PostgresProvider> {
-        let provider = self.cleanup.create(self.path).await;
+        let provider = self.cleanup.create_with(self.path, self.customize).await;
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(provider.clone());
         provider
     }
