@@ -26,7 +26,13 @@ fn providers_in(records: &[&Record]) -> Vec<String> {
     ps
 }
 
-fn find<'a>(records: &[&'a Record], provider: &str, case: &str, rtt: u64, metric: &str) -> Option<&'a Record> {
+fn find<'a>(
+    records: &[&'a Record],
+    provider: &str,
+    case: &str,
+    rtt: u64,
+    metric: &str,
+) -> Option<&'a Record> {
     records
         .iter()
         .copied()
@@ -35,11 +41,18 @@ fn find<'a>(records: &[&'a Record], provider: &str, case: &str, rtt: u64, metric
 
 /// Latency (p50 solid with min–max whiskers, p95 dashed) against simulated RTT, one
 /// colour per provider.
-pub fn latency_vs_rtt(records: &[Record], path: &Path, metric_prefix: &str, title: &str) -> Result<bool, ChartError> {
+pub fn latency_vs_rtt(
+    records: &[Record],
+    path: &Path,
+    metric_prefix: &str,
+    title: &str,
+) -> Result<bool, ChartError> {
     let p50 = format!("{metric_prefix}_p50_ms");
     let p95 = format!("{metric_prefix}_p95_ms");
-    let recs: Vec<&Record> =
-        records.iter().filter(|r| r.scenario == "latency" && (r.metric == p50 || r.metric == p95)).collect();
+    let recs: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.scenario == "latency" && (r.metric == p50 || r.metric == p95))
+        .collect();
     if recs.is_empty() {
         return Ok(false);
     }
@@ -71,25 +84,52 @@ pub fn latency_vs_rtt(records: &[Record], path: &Path, metric_prefix: &str, titl
         let color = provider_color(&provider);
         let pts50: Vec<(f64, f64, f64, f64)> = rtts
             .iter()
-            .filter_map(|&rtt| find(&recs, &provider, &case, rtt, &p50).map(|r| (rtt as f64, r.median, r.min, r.max)))
+            .filter_map(|&rtt| {
+                find(&recs, &provider, &case, rtt, &p50)
+                    .map(|r| (rtt as f64, r.median, r.min, r.max))
+            })
             .collect();
         let pts95: Vec<(f64, f64)> = rtts
             .iter()
-            .filter_map(|&rtt| find(&recs, &provider, &case, rtt, &p95).map(|r| (rtt as f64, r.median)))
+            .filter_map(|&rtt| {
+                find(&recs, &provider, &case, rtt, &p95).map(|r| (rtt as f64, r.median))
+            })
             .collect();
         chart
-            .draw_series(LineSeries::new(pts50.iter().map(|p| (p.0, p.1)), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                pts50.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))?
             .label(format!("{provider} p50"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(pts50.iter().map(|p| Circle::new((p.0, p.1), 4, color.filled())))?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart.draw_series(
-            pts50.iter().map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, color.stroke_width(1), 8)),
+            pts50
+                .iter()
+                .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
+        )?;
+        chart.draw_series(
+            pts50
+                .iter()
+                .map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, color.stroke_width(1), 8)),
         )?;
         chart
-            .draw_series(DashedLineSeries::new(pts95.iter().copied(), 6, 4, color.stroke_width(1)))?
+            .draw_series(DashedLineSeries::new(
+                pts95.iter().copied(),
+                6,
+                4,
+                color.stroke_width(1),
+            ))?
             .label(format!("{provider} p95"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
-        chart.draw_series(pts95.iter().map(|p| TriangleMarker::new(*p, 4, color.stroke_width(1))))?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+            });
+        chart.draw_series(
+            pts95
+                .iter()
+                .map(|p| TriangleMarker::new(*p, 4, color.stroke_width(1))),
+        )?;
     }
     chart
         .configure_series_labels()
@@ -101,20 +141,33 @@ pub fn latency_vs_rtt(records: &[Record], path: &Path, metric_prefix: &str, titl
     Ok(true)
 }
 
+/// What a grouped bar chart shows.
+pub struct Bars<'a> {
+    pub scenario: &'a str,
+    pub metric: &'a str,
+    pub rtt: u64,
+    pub title: &'a str,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    /// Logarithmic value axis.
+    pub log: bool,
+}
+
 /// Grouped bars of `metric` per case (x) and provider (colour), with min–max whiskers.
-pub fn grouped_bars(
-    records: &[Record],
-    path: &Path,
-    scenario: &str,
-    metric: &str,
-    rtt: u64,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    log: bool,
-) -> Result<bool, ChartError> {
-    let recs: Vec<&Record> =
-        records.iter().filter(|r| r.scenario == scenario && r.metric == metric && r.rtt_ms == rtt).collect();
+pub fn grouped_bars(records: &[Record], path: &Path, spec: &Bars<'_>) -> Result<bool, ChartError> {
+    let Bars {
+        scenario,
+        metric,
+        rtt,
+        title,
+        x_desc,
+        y_desc,
+        log,
+    } = *spec;
+    let recs: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.scenario == scenario && r.metric == metric && r.rtt_ms == rtt)
+        .collect();
     if recs.is_empty() {
         return Ok(false);
     }
@@ -128,7 +181,11 @@ pub fn grouped_bars(
     // A log axis is drawn as log10 values on a linear axis (bars need a finite floor).
     let t = |v: f64| if log { v.max(1e-9).log10() } else { v };
     let raw_max = recs.iter().map(|r| r.max).fold(0.0, f64::max);
-    let raw_min = recs.iter().map(|r| r.min).filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+    let raw_min = recs
+        .iter()
+        .map(|r| r.min)
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
     let (y_lo, y_max) = if log {
         (raw_min.log10().floor(), (raw_max.log10() + 0.4).ceil())
     } else {
@@ -177,20 +234,40 @@ pub fn grouped_bars(
         let color = provider_color(provider);
         let mut bars = Vec::new();
         for (i, case) in cases.iter().enumerate() {
-            if let Some(r) = recs.iter().find(|r| &r.provider == provider && &r.case == case) {
+            if let Some(r) = recs
+                .iter()
+                .find(|r| &r.provider == provider && &r.case == case)
+            {
                 let x0 = i as f64 + 0.1 + j as f64 * bar_w;
-                bars.push((x0, x0 + bar_w * 0.9, t(r.median), t(r.min), t(r.max), r.median));
+                bars.push((
+                    x0,
+                    x0 + bar_w * 0.9,
+                    t(r.median),
+                    t(r.min),
+                    t(r.max),
+                    r.median,
+                ));
             }
         }
         chart
-            .draw_series(bars.iter().map(|b| Rectangle::new([(b.0, y_lo), (b.1, b.2)], color.filled())))?
+            .draw_series(
+                bars.iter()
+                    .map(|b| Rectangle::new([(b.0, y_lo), (b.1, b.2)], color.filled())),
+            )?
             .label(provider.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-        chart.draw_series(
-            bars.iter().map(|b| ErrorBar::new_vertical((b.0 + b.1) / 2.0, b.3, b.2, b.4, BLACK.stroke_width(1), 6)),
-        )?;
         chart.draw_series(bars.iter().map(|b| {
-            Text::new(crate::report::fmt_num(b.5), ((b.0 + b.1) / 2.0 - bar_w * 0.3, b.4 + (y_max - y_lo) * 0.025), ("sans-serif", 12))
+            ErrorBar::new_vertical((b.0 + b.1) / 2.0, b.3, b.2, b.4, BLACK.stroke_width(1), 6)
+        }))?;
+        chart.draw_series(bars.iter().map(|b| {
+            Text::new(
+                crate::report::fmt_num(b.5),
+                (
+                    (b.0 + b.1) / 2.0 - bar_w * 0.3,
+                    b.4 + (y_max - y_lo) * 0.025,
+                ),
+                ("sans-serif", 12),
+            )
         }))?;
     }
     chart

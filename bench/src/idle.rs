@@ -23,7 +23,10 @@ async fn server_calls(env: &Env) -> Option<f64> {
 }
 
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
-    let window = Duration::from_secs(opts.duration_secs.unwrap_or(if opts.quick { 4 } else { 10 }));
+    let window = Duration::from_secs(
+        opts.duration_secs
+            .unwrap_or(if opts.quick { 4 } else { 10 }),
+    );
     let settle = Duration::from_secs(2);
     let rtts = opts.rtts(&[0]);
     let mut out = Vec::new();
@@ -37,7 +40,13 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 let session = env.session("idle", kind, rtt, true).await?;
                 let provider = session.dyn_provider();
                 let (acts, orchs) = registries(0);
-                let rt = runtime::Runtime::start_with_options(provider.clone(), acts, orchs, RuntimeOptions::default()).await;
+                let rt = runtime::Runtime::start_with_options(
+                    provider.clone(),
+                    acts,
+                    orchs,
+                    RuntimeOptions::default(),
+                )
+                .await;
                 tokio::time::sleep(settle).await;
                 let before = session.snapshot().ok_or("idle needs the proxy")?;
                 let server_before = server_calls(env).await;
@@ -56,7 +65,11 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     run + 1,
                     d.bursts as f64 / secs,
                     (d.bytes_c2s + d.bytes_s2c) as f64 / secs,
-                    if d.unparsed_connections > 0 { " (some connections encrypted: statements undercounted)" } else { "" }
+                    if d.unparsed_connections > 0 {
+                        " (some connections encrypted: statements undercounted)"
+                    } else {
+                        ""
+                    }
                 );
                 stmts.push(s);
                 rts.push(d.bursts as f64 / secs);
@@ -67,13 +80,49 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
             }
             let case = "2+2 dispatchers";
             let extra = json!({"window_secs": window.as_secs(), "runtime_options": "default", "source": "proxy"});
-            out.push(Record::new("idle", kind.name(), case, rtt, "statements_per_s", "stmts/s", stmts).with_extra(extra));
-            out.push(Record::new("idle", kind.name(), case, rtt, "round_trips_per_s", "bursts/s", rts));
-            out.push(Record::new("idle", kind.name(), case, rtt, "bytes_per_s", "B/s", bytes));
+            out.push(
+                Record::new(
+                    "idle",
+                    kind.name(),
+                    case,
+                    rtt,
+                    "statements_per_s",
+                    "stmts/s",
+                    stmts,
+                )
+                .with_extra(extra),
+            );
+            out.push(Record::new(
+                "idle",
+                kind.name(),
+                case,
+                rtt,
+                "round_trips_per_s",
+                "bursts/s",
+                rts,
+            ));
+            out.push(Record::new(
+                "idle",
+                kind.name(),
+                case,
+                rtt,
+                "bytes_per_s",
+                "B/s",
+                bytes,
+            ));
             if !server.is_empty() {
                 let extra = json!({"note": "pg_stat_statements calls/s across the whole server, all clients"});
                 out.push(
-                    Record::new("idle", kind.name(), case, rtt, "server_calls_per_s", "calls/s", server).with_extra(extra),
+                    Record::new(
+                        "idle",
+                        kind.name(),
+                        case,
+                        rtt,
+                        "server_calls_per_s",
+                        "calls/s",
+                        server,
+                    )
+                    .with_extra(extra),
                 );
             }
         }

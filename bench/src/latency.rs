@@ -12,39 +12,51 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{self, RuntimeOptions};
-use duroxide::{ActivityContext, Client, EventKind, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
+use duroxide::{
+    ActivityContext, Client, EventKind, OrchestrationContext, OrchestrationRegistry,
+    OrchestrationStatus,
+};
 use serde_json::json;
 
 use crate::Opts;
 use crate::providers::{BoxError, Env, Session};
-use duroxide::providers::Provider;
 use crate::results::{Record, median, percentile};
+use duroxide::providers::Provider;
 
 pub const STEPS: usize = 5;
 
 pub fn registries(activity_ms: u64) -> (ActivityRegistry, OrchestrationRegistry) {
     let activities = ActivityRegistry::builder()
-        .register("Step", move |_ctx: ActivityContext, input: String| async move {
-            if activity_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(activity_ms)).await;
-            }
-            Ok(input)
-        })
+        .register(
+            "Step",
+            move |_ctx: ActivityContext, input: String| async move {
+                if activity_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(activity_ms)).await;
+                }
+                Ok(input)
+            },
+        )
         .build();
     let orchestrations = OrchestrationRegistry::builder()
-        .register("Chain", |ctx: OrchestrationContext, input: String| async move {
-            let mut value = input;
-            for i in 0..STEPS {
-                value = ctx.schedule_activity("Step", format!("{value}{i}")).await?;
-            }
-            Ok(value)
-        })
+        .register(
+            "Chain",
+            |ctx: OrchestrationContext, input: String| async move {
+                let mut value = input;
+                for i in 0..STEPS {
+                    value = ctx.schedule_activity("Step", format!("{value}{i}")).await?;
+                }
+                Ok(value)
+            },
+        )
         .build();
     (activities, orchestrations)
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 struct Sample {
@@ -75,8 +87,16 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     percentile(&completed, 95.0),
                     percentile(&observed, 50.0),
                     percentile(&observed, 95.0),
-                    if rts.is_empty() { f64::NAN } else { median(&rts) },
-                    if stmts.is_empty() { f64::NAN } else { median(&stmts) },
+                    if rts.is_empty() {
+                        f64::NAN
+                    } else {
+                        median(&rts)
+                    },
+                    if stmts.is_empty() {
+                        f64::NAN
+                    } else {
+                        median(&stmts)
+                    },
                 ];
                 eprintln!(
                     "  latency rtt={rtt}ms {kind} run {}: completed p50 {:.0} ms p95 {:.0} ms; observed p50 {:.0} ms",
@@ -102,31 +122,100 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
         let case = format!("chain of {STEPS}");
         for (provider, [c50, c95, o50, o95, rts, stmts]) in per {
             let extra = json!({"samples_per_run": samples, "activity_ms": opts.activity_ms, "runtime_options": "default"});
-            out.push(Record::new("latency", &provider, &case, rtt, "completed_p50_ms", "ms", c50).with_extra(extra));
-            out.push(Record::new("latency", &provider, &case, rtt, "completed_p95_ms", "ms", c95));
-            out.push(Record::new("latency", &provider, &case, rtt, "observed_p50_ms", "ms", o50));
-            out.push(Record::new("latency", &provider, &case, rtt, "observed_p95_ms", "ms", o95));
+            out.push(
+                Record::new(
+                    "latency",
+                    &provider,
+                    &case,
+                    rtt,
+                    "completed_p50_ms",
+                    "ms",
+                    c50,
+                )
+                .with_extra(extra),
+            );
+            out.push(Record::new(
+                "latency",
+                &provider,
+                &case,
+                rtt,
+                "completed_p95_ms",
+                "ms",
+                c95,
+            ));
+            out.push(Record::new(
+                "latency",
+                &provider,
+                &case,
+                rtt,
+                "observed_p50_ms",
+                "ms",
+                o50,
+            ));
+            out.push(Record::new(
+                "latency",
+                &provider,
+                &case,
+                rtt,
+                "observed_p95_ms",
+                "ms",
+                o95,
+            ));
             if !rts.is_empty() {
-                out.push(Record::new("latency", &provider, &case, rtt, "round_trips_per_orch", "bursts", rts));
+                out.push(Record::new(
+                    "latency",
+                    &provider,
+                    &case,
+                    rtt,
+                    "round_trips_per_orch",
+                    "bursts",
+                    rts,
+                ));
             }
             if !stmts.is_empty() {
-                out.push(Record::new("latency", &provider, &case, rtt, "statements_per_orch", "stmts", stmts));
+                out.push(Record::new(
+                    "latency",
+                    &provider,
+                    &case,
+                    rtt,
+                    "statements_per_orch",
+                    "stmts",
+                    stmts,
+                ));
             }
         }
     }
     Ok(out)
 }
 
-async fn one_run(session: &Session, run: usize, samples: usize, activity_ms: u64) -> Result<Vec<Sample>, BoxError> {
+async fn one_run(
+    session: &Session,
+    run: usize,
+    samples: usize,
+    activity_ms: u64,
+) -> Result<Vec<Sample>, BoxError> {
     let provider = session.dyn_provider();
     let (acts, orchs) = registries(activity_ms);
-    let rt = runtime::Runtime::start_with_options(provider.clone(), acts, orchs, RuntimeOptions::default()).await;
+    let rt = runtime::Runtime::start_with_options(
+        provider.clone(),
+        acts,
+        orchs,
+        RuntimeOptions::default(),
+    )
+    .await;
     let client = Client::new(provider.clone());
     let mut results = Vec::with_capacity(samples);
     let mut failure: Option<BoxError> = None;
     // Instance 0 is a warm-up (connections, prepared statements, plan caches).
     for i in 0..=samples {
-        match sample(session, &client, provider.as_ref(), &format!("lat-{run}-{i}")).await {
+        match sample(
+            session,
+            &client,
+            provider.as_ref(),
+            &format!("lat-{run}-{i}"),
+        )
+        .await
+        {
             Ok(s) if i > 0 => results.push(s),
             Ok(_) => {}
             Err(e) => {
@@ -142,12 +231,23 @@ async fn one_run(session: &Session, run: usize, samples: usize, activity_ms: u64
     }
 }
 
-async fn sample(session: &Session, client: &Client, provider: &dyn Provider, instance: &str) -> Result<Sample, BoxError> {
+async fn sample(
+    session: &Session,
+    client: &Client,
+    provider: &dyn Provider,
+    instance: &str,
+) -> Result<Sample, BoxError> {
     let before = session.snapshot();
     let t0_ms = now_ms();
     let t0 = Instant::now();
-    client.start_orchestration(instance, "Chain", "x").await.map_err(|e| format!("start {instance}: {e}"))?;
-    match client.wait_for_orchestration(instance, Duration::from_secs(120)).await {
+    client
+        .start_orchestration(instance, "Chain", "x")
+        .await
+        .map_err(|e| format!("start {instance}: {e}"))?;
+    match client
+        .wait_for_orchestration(instance, Duration::from_secs(120))
+        .await
+    {
         Ok(OrchestrationStatus::Completed { .. }) => {}
         other => return Err(format!("{instance} did not complete: {other:?}").into()),
     }

@@ -33,12 +33,17 @@ pub fn memory_gib() -> f64 {
 
 fn git(args: &[&str]) -> Option<String> {
     let out = Command::new("git").args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for now (UTC), without a date crate.
 pub fn utc_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
@@ -51,10 +56,22 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
-pub async fn collect(admin: &PgPool, url: &str, scenario: &str, quick: bool, providers: Vec<String>, pgss: bool) -> Meta {
+pub async fn collect(
+    admin: &PgPool,
+    url: &str,
+    scenario: &str,
+    quick: bool,
+    providers: Vec<String>,
+    pgss: bool,
+) -> Meta {
     let postgres_version = sqlx::query_scalar::<_, String>("SELECT version()")
         .fetch_one(admin)
         .await
@@ -80,7 +97,9 @@ pub async fn collect(admin: &PgPool, url: &str, scenario: &str, quick: bool, pro
         git_commit: git(&["rev-parse", "--short", "HEAD"]),
         git_dirty: dirty,
         cpu_model: cpu_model(),
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         memory_gib: memory_gib(),
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
         postgres_version,

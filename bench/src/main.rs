@@ -61,11 +61,19 @@ impl Scenario {
 }
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Benchmarks duroxide-pg-hybrid (hybrid and procedure fetch paths) against duroxide-pg, with simulated network latency")]
+#[command(
+    version,
+    about = "Benchmarks duroxide-pg-hybrid (hybrid and procedure fetch paths) against duroxide-pg, with simulated network latency"
+)]
 struct Cli {
     scenario: Scenario,
     /// PostgreSQL URL (TCP host, not a Unix socket, so that it can be proxied).
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
     database_url: String,
     /// Providers to run (default: every provider compiled in).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -130,7 +138,11 @@ pub struct Opts {
 impl Opts {
     /// The RTTs given on the command line, else the scenario's defaults.
     pub fn rtts(&self, default: &[u64]) -> Vec<u64> {
-        if self.rtt_ms.is_empty() { default.to_vec() } else { self.rtt_ms.clone() }
+        if self.rtt_ms.is_empty() {
+            default.to_vec()
+        } else {
+            self.rtt_ms.clone()
+        }
     }
 }
 
@@ -141,10 +153,15 @@ fn loopback_without_tls(url: &str) -> String {
     if url.contains("sslmode=") {
         return url.to_string();
     }
-    let Ok((_, upstream)) = proxy::rewrite_url(url, std::net::SocketAddr::from(([127, 0, 0, 1], 1))) else {
+    let Ok((_, upstream)) =
+        proxy::rewrite_url(url, std::net::SocketAddr::from(([127, 0, 0, 1], 1)))
+    else {
         return url.to_string();
     };
-    let host = upstream.rsplit_once(':').map(|(h, _)| h).unwrap_or(&upstream);
+    let host = upstream
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&upstream);
     if host == "localhost" || host == "[::1]" || host.starts_with("127.") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}sslmode=disable")
@@ -154,7 +171,10 @@ fn loopback_without_tls(url: &str) -> String {
 }
 
 async fn has_pg_stat_statements(admin: &sqlx::PgPool) -> bool {
-    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_statements").fetch_one(admin).await.is_ok()
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_statements")
+        .fetch_one(admin)
+        .await
+        .is_ok()
 }
 
 async fn run_scenario(env: &Env, opts: &Opts, scenario: Scenario) -> Result<Vec<Record>, BoxError> {
@@ -169,8 +189,10 @@ async fn run_scenario(env: &Env, opts: &Opts, scenario: Scenario) -> Result<Vec<
 }
 
 fn write_lines(path: Option<&Path>, json: bool, lines: &[Line]) -> Result<(), BoxError> {
-    let text: String =
-        lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
+    let text: String = lines
+        .iter()
+        .map(|l| serde_json::to_string(l).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
     if let Some(p) = path {
         std::fs::write(p, &text)?;
     }
@@ -183,16 +205,25 @@ fn write_lines(path: Option<&Path>, json: bool, lines: &[Line]) -> Result<(), Bo
 fn finish_report(cli: &Cli, fresh: &[Record]) -> Result<(), BoxError> {
     match &cli.out {
         Some(dir) => {
-            let (charts, metas, records) = report::write_report(dir).map_err(|e| e.to_string())?;
+            let report::Report {
+                charts,
+                metas,
+                records,
+            } = report::write_report(dir).map_err(|e| e.to_string())?;
             println!("{}", report::text_table(&records));
             eprintln!(
                 "wrote {} (summary.md, {} chart(s): {})",
                 dir.display(),
                 charts.len(),
-                charts.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(", ")
+                charts
+                    .iter()
+                    .map(|c| c.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             if let Some(doc) = &cli.update_doc {
-                report::update_doc(doc, dir, &metas, &records, &charts).map_err(|e| e.to_string())?;
+                report::update_doc(doc, dir, &metas, &records, &charts)
+                    .map_err(|e| e.to_string())?;
                 eprintln!("updated {}", doc.display());
             }
         }
@@ -208,7 +239,10 @@ async fn main() {
     // stdout and mix with the table / JSON lines). RUST_LOG overrides the level.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     if let Err(e) = real_main(cli).await {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -225,7 +259,11 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
         }
         return finish_report(&cli, &[]);
     }
-    let providers = if cli.provider.is_empty() { ProviderKind::all_available() } else { cli.provider.clone() };
+    let providers = if cli.provider.is_empty() {
+        ProviderKind::all_available()
+    } else {
+        cli.provider.clone()
+    };
     if let Some(p) = providers.iter().find(|p| !p.available()) {
         return Err(format!(
             "provider `{p}` is not compiled in: run with `cargo run --release -p duroxide-pg-hybrid-bench --features incumbent -- …`"
@@ -236,9 +274,17 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
         return Err("--runs must be at least 1".into());
     }
     let database_url = loopback_without_tls(&cli.database_url);
-    let admin = PgPoolOptions::new().max_connections(2).connect(&database_url).await?;
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&database_url)
+        .await?;
     let pgss = has_pg_stat_statements(&admin).await;
-    let env = Env { url: database_url, admin, pg_stat_statements: pgss, force_proxy: cli.proxy };
+    let env = Env {
+        url: database_url,
+        admin,
+        pg_stat_statements: pgss,
+        force_proxy: cli.proxy,
+    };
     let opts = Opts {
         providers: providers.clone(),
         rtt_ms: cli.rtt_ms.clone(),
@@ -252,7 +298,13 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
         backlog: cli.backlog,
     };
     let scenarios: Vec<Scenario> = if cli.scenario == Scenario::All {
-        vec![Scenario::Throughput, Scenario::Latency, Scenario::History, Scenario::Backlog, Scenario::Idle]
+        vec![
+            Scenario::Throughput,
+            Scenario::Latency,
+            Scenario::History,
+            Scenario::Backlog,
+            Scenario::Idle,
+        ]
     } else {
         vec![cli.scenario]
     };
@@ -262,13 +314,28 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
     for scenario in scenarios {
         let started = Instant::now();
         eprintln!("== {} ({}) ==", scenario.name(), names.join(", "));
-        let meta = machine::collect(&env.admin, &env.url, scenario.name(), cli.quick, names.clone(), pgss).await;
+        let meta = machine::collect(
+            &env.admin,
+            &env.url,
+            scenario.name(),
+            cli.quick,
+            names.clone(),
+            pgss,
+        )
+        .await;
         match run_scenario(&env, &opts, scenario).await {
             Ok(records) => {
-                eprintln!("   {} done in {:.0} s", scenario.name(), started.elapsed().as_secs_f64());
+                eprintln!(
+                    "   {} done in {:.0} s",
+                    scenario.name(),
+                    started.elapsed().as_secs_f64()
+                );
                 let mut lines = vec![Line::Meta(meta)];
                 lines.extend(records.iter().cloned().map(Line::Result));
-                let path = cli.out.as_ref().map(|d| d.join(format!("{}.jsonl", scenario.name())));
+                let path = cli
+                    .out
+                    .as_ref()
+                    .map(|d| d.join(format!("{}.jsonl", scenario.name())));
                 write_lines(path.as_deref(), cli.json, &lines)?;
                 all.extend(records);
             }
@@ -280,5 +347,9 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
     }
     finish_report(&cli, &all)?;
     env.admin.close().await;
-    if failures.is_empty() { Ok(()) } else { Err(failures.join("; ").into()) }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; ").into())
+    }
 }

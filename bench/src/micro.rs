@@ -72,8 +72,14 @@ fn metadata() -> ExecutionMetadata {
 
 /// Creates `instance` with a history of `events` events (the start event, then
 /// ActivityScheduled/ActivityCompleted pairs carrying `payload`).
-async fn create_instance(p: &dyn Provider, instance: &str, events: usize, payload: &str) -> Result<(), BoxError> {
-    p.enqueue_for_orchestrator(start_item(instance), None).await?;
+async fn create_instance(
+    p: &dyn Provider,
+    instance: &str,
+    events: usize,
+    payload: &str,
+) -> Result<(), BoxError> {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await?;
     let (_, token, _) = p
         .fetch_orchestration_item(LOCK, Duration::ZERO, None)
         .await?
@@ -87,7 +93,12 @@ async fn create_instance(p: &dyn Provider, instance: &str, events: usize, payloa
             instance,
             1,
             None,
-            EventKind::ActivityScheduled { name: "Work".to_string(), input: payload.to_string(), session_id: None, tag: None },
+            EventKind::ActivityScheduled {
+                name: "Work".to_string(),
+                input: payload.to_string(),
+                session_id: None,
+                tag: None,
+            },
         ));
         id += 1;
         if delta.len() < events {
@@ -96,17 +107,24 @@ async fn create_instance(p: &dyn Provider, instance: &str, events: usize, payloa
                 instance,
                 1,
                 Some(scheduled),
-                EventKind::ActivityCompleted { result: payload.to_string() },
+                EventKind::ActivityCompleted {
+                    result: payload.to_string(),
+                },
             ));
             id += 1;
         }
     }
-    p.ack_orchestration_item(&token, 1, delta, vec![], vec![], metadata(), vec![]).await?;
+    p.ack_orchestration_item(&token, 1, delta, vec![], vec![], metadata(), vec![])
+        .await?;
     Ok(())
 }
 
 fn poke(instance: &str) -> WorkItem {
-    WorkItem::ExternalRaised { instance: instance.to_string(), name: "poke".to_string(), data: "x".to_string() }
+    WorkItem::ExternalRaised {
+        instance: instance.to_string(),
+        name: "poke".to_string(),
+        data: "x".to_string(),
+    }
 }
 
 fn activity(instance: &str, id: u64) -> WorkItem {
@@ -146,13 +164,20 @@ async fn multiply_row(env: &Env, schema: &str, table: &str, copies: usize) -> Re
     }
     let list = cols.join(", ");
     let t = format!("\"{schema}\".\"{table}\"");
-    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}")).fetch_one(&env.admin).await?;
+    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+        .fetch_one(&env.admin)
+        .await?;
     if n != 1 {
         return Err(format!("expected exactly one template row in {t}, found {n}").into());
     }
     let sql = format!("INSERT INTO {t} ({list}) SELECT {list} FROM {t}, generate_series(1, $1)");
-    sqlx::query(&sql).bind(copies as i64).execute(&env.admin).await?;
-    sqlx::query(&format!("ANALYZE {t}")).execute(&env.admin).await?;
+    sqlx::query(&sql)
+        .bind(copies as i64)
+        .execute(&env.admin)
+        .await?;
+    sqlx::query(&format!("ANALYZE {t}"))
+        .execute(&env.admin)
+        .await?;
     Ok(())
 }
 
@@ -173,11 +198,17 @@ where
 }
 
 /// Timed fetch of an orchestration item that must be `instance` (then abandoned).
-async fn fetch_orch_expect(p: &dyn Provider, instance: &str) -> Result<(Duration, usize, usize), BoxError> {
+async fn fetch_orch_expect(
+    p: &dyn Provider,
+    instance: &str,
+) -> Result<(Duration, usize, usize), BoxError> {
     let t = Instant::now();
-    let got = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await?;
+    let got = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await?;
     let elapsed = t.elapsed();
-    let (item, token, _) = got.ok_or_else(|| format!("expected to fetch {instance}, got nothing"))?;
+    let (item, token, _) =
+        got.ok_or_else(|| format!("expected to fetch {instance}, got nothing"))?;
     p.abandon_orchestration_item(&token, None, true).await?;
     if item.instance != instance {
         return Err(format!("expected to fetch {instance}, got {}", item.instance).into());
@@ -190,7 +221,12 @@ async fn fetch_orch_expect(p: &dyn Provider, instance: &str) -> Result<(Duration
 
 pub fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
     s.split(',')
-        .map(|x| x.trim().replace('_', "").parse().map_err(|_| format!("bad size {x:?}")))
+        .map(|x| {
+            x.trim()
+                .replace('_', "")
+                .parse()
+                .map_err(|_| format!("bad size {x:?}"))
+        })
         .collect()
 }
 
@@ -213,15 +249,44 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 eprintln!(
                     "  history {case} rtt={rtt}ms {kind}: fetch {:.2} ms (runs {:?}), {} bytes from server, {} round trips",
                     median(&runs),
-                    runs.iter().map(|v| (v * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                    runs.iter()
+                        .map(|v| (v * 100.0).round() / 100.0)
+                        .collect::<Vec<_>>(),
                     bytes,
                     rts
                 );
                 let extra = json!({"events": events, "payload_chars": payload.len(), "calls_per_run": calls});
-                out.push(Record::new("history", kind.name(), &case, rtt, "fetch_ms", "ms", runs).with_extra(extra));
-                out.push(Record::new("history", kind.name(), &case, rtt, "fetch_bytes_from_server", "bytes", vec![bytes]));
-                out.push(Record::new("history", kind.name(), &case, rtt, "fetch_round_trips", "bursts", vec![rts]));
-                out.push(Record::new("history", kind.name(), &case, rtt, "fetch_statements", "stmts", vec![stmts]));
+                out.push(
+                    Record::new("history", kind.name(), &case, rtt, "fetch_ms", "ms", runs)
+                        .with_extra(extra),
+                );
+                out.push(Record::new(
+                    "history",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "fetch_bytes_from_server",
+                    "bytes",
+                    vec![bytes],
+                ));
+                out.push(Record::new(
+                    "history",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "fetch_round_trips",
+                    "bursts",
+                    vec![rts],
+                ));
+                out.push(Record::new(
+                    "history",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "fetch_statements",
+                    "stmts",
+                    vec![stmts],
+                ));
             }
         }
     }
@@ -240,10 +305,16 @@ async fn history_one(
     let proxied = session.provider.as_provider();
     let instance = format!("hist-{events}");
     create_instance(direct.as_ref(), &instance, events, payload).await?;
-    direct.enqueue_for_orchestrator(poke(&instance), None).await?;
+    direct
+        .enqueue_for_orchestrator(poke(&instance), None)
+        .await?;
 
     // Timing: over the direct connection at RTT 0, through the proxy otherwise.
-    let timed = if session.rtt_ms == 0 { direct.clone() } else { proxied.clone() };
+    let timed = if session.rtt_ms == 0 {
+        direct.clone()
+    } else {
+        proxied.clone()
+    };
     let mut per_run = Vec::with_capacity(runs);
     for run in 0..runs {
         let warmup = if run == 0 { HISTORY_WARMUP } else { 1 };
@@ -271,10 +342,14 @@ async fn history_one(
     let (mut bytes, mut rts, mut stmts) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..calls {
         let before = proxy.snapshot();
-        let got = proxied.fetch_orchestration_item(LOCK, Duration::ZERO, None).await?;
+        let got = proxied
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await?;
         let d = proxy.snapshot().since(&before);
         let (_, token, _) = got.ok_or("history instance not fetchable")?;
-        proxied.abandon_orchestration_item(&token, None, true).await?;
+        proxied
+            .abandon_orchestration_item(&token, None, true)
+            .await?;
         if std::env::var_os("BENCH_DEBUG").is_some() {
             eprintln!("    debug: {d:?}");
         }
@@ -289,7 +364,9 @@ async fn history_one(
 // backlog
 
 pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
-    let n = opts.backlog.unwrap_or(if opts.quick { 20_000 } else { 100_000 });
+    let n = opts
+        .backlog
+        .unwrap_or(if opts.quick { 20_000 } else { 100_000 });
     let rtts = opts.rtts(&[0]);
     let calls = if opts.quick { 5 } else { 10 };
     let mut out = Vec::new();
@@ -306,8 +383,27 @@ pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 median(&one)
             );
             let extra = json!({"backlog": n, "calls_per_run": calls, "warmup_calls": WARMUP_CALLS});
-            out.push(Record::new("backlog", kind.name(), &case, rtt, "worker_empty_fetch_ms", "ms", empty).with_extra(extra));
-            out.push(Record::new("backlog", kind.name(), &case, rtt, "worker_fetch_ms", "ms", one));
+            out.push(
+                Record::new(
+                    "backlog",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "worker_empty_fetch_ms",
+                    "ms",
+                    empty,
+                )
+                .with_extra(extra),
+            );
+            out.push(Record::new(
+                "backlog",
+                kind.name(),
+                &case,
+                rtt,
+                "worker_fetch_ms",
+                "ms",
+                one,
+            ));
 
             let case = format!("1 locked instance with {n} messages");
             let session = env.session("bl_o", kind, rtt, false).await?;
@@ -320,9 +416,36 @@ pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 median(&other)
             );
             let extra = json!({"backlog": n, "calls_per_run": calls, "hot_instance_messages_returned": hot_msgs});
-            out.push(Record::new("backlog", kind.name(), &case, rtt, "orch_empty_fetch_ms", "ms", empty).with_extra(extra));
-            out.push(Record::new("backlog", kind.name(), &case, rtt, "orch_fetch_other_ms", "ms", other));
-            out.push(Record::new("backlog", kind.name(), &case, rtt, "hot_instance_fetch_ms", "ms", vec![hot_ms]));
+            out.push(
+                Record::new(
+                    "backlog",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "orch_empty_fetch_ms",
+                    "ms",
+                    empty,
+                )
+                .with_extra(extra),
+            );
+            out.push(Record::new(
+                "backlog",
+                kind.name(),
+                &case,
+                rtt,
+                "orch_fetch_other_ms",
+                "ms",
+                other,
+            ));
+            out.push(Record::new(
+                "backlog",
+                kind.name(),
+                &case,
+                rtt,
+                "hot_instance_fetch_ms",
+                "ms",
+                vec![hot_ms],
+            ));
         }
     }
     Ok(out)
@@ -344,10 +467,14 @@ async fn backlog_worker(
         .fetch_work_item(LOCK, Duration::ZERO, None, &filter)
         .await?
         .ok_or("could not fetch the template work item")?;
-    p.abandon_work_item(&token, Some(Duration::from_secs(86_400)), false).await?;
+    p.abandon_work_item(&token, Some(Duration::from_secs(86_400)), false)
+        .await?;
     let t = Instant::now();
     multiply_row(env, &session.schema, "worker_queue", n - 1).await?;
-    eprintln!("    seeded {n} future work items in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "    seeded {n} future work items in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let mut empty_runs = Vec::new();
     let mut one_runs = Vec::new();
@@ -359,7 +486,9 @@ async fn backlog_worker(
             let filter = filter.clone();
             async move {
                 let t = Instant::now();
-                let got = p.fetch_work_item(LOCK, Duration::ZERO, None, &filter).await?;
+                let got = p
+                    .fetch_work_item(LOCK, Duration::ZERO, None, &filter)
+                    .await?;
                 let d = t.elapsed();
                 if got.is_some() {
                     return Err("fetched a work item that should not be visible".into());
@@ -373,7 +502,9 @@ async fn backlog_worker(
             p.enqueue_for_worker(activity("visible", next_id)).await?;
             next_id += 1;
             let t = Instant::now();
-            let got = p.fetch_work_item(LOCK, Duration::ZERO, None, &filter).await?;
+            let got = p
+                .fetch_work_item(LOCK, Duration::ZERO, None, &filter)
+                .await?;
             let d = t.elapsed();
             let (_, token, _) = got.ok_or("the visible work item was not fetched")?;
             p.ack_work_item(&token, None).await?;
@@ -401,7 +532,10 @@ async fn backlog_orchestrator(
     p.enqueue_for_orchestrator(poke("hot"), None).await?;
     let t = Instant::now();
     multiply_row(env, &session.schema, "orchestrator_queue", n - 1).await?;
-    eprintln!("    seeded {n} messages for one instance in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "    seeded {n} messages for one instance in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // Lock the hot instance for the rest of the run.
     let t = Instant::now();
@@ -423,11 +557,17 @@ async fn backlog_orchestrator(
             let p = p.clone();
             async move {
                 let t = Instant::now();
-                let got = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await?;
+                let got = p
+                    .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+                    .await?;
                 let d = t.elapsed();
                 if let Some((item, token, _)) = got {
                     p.abandon_orchestration_item(&token, None, true).await?;
-                    return Err(format!("fetched {} while only a locked instance had work", item.instance).into());
+                    return Err(format!(
+                        "fetched {} while only a locked instance had work",
+                        item.instance
+                    )
+                    .into());
                 }
                 Ok(d)
             }
@@ -436,7 +576,8 @@ async fn backlog_orchestrator(
         empty_runs.push(median(&empty));
     }
 
-    p.enqueue_for_orchestrator(start_item("other"), None).await?;
+    p.enqueue_for_orchestrator(start_item("other"), None)
+        .await?;
     let mut other_runs = Vec::new();
     for run in 0..runs {
         let warmup = if run == 0 { WARMUP_CALLS } else { 1 };

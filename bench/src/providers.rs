@@ -44,10 +44,14 @@ impl ProviderKind {
 
     /// Every provider compiled into this binary.
     pub fn all_available() -> Vec<ProviderKind> {
-        [ProviderKind::Hybrid, ProviderKind::Procedure, ProviderKind::Incumbent]
-            .into_iter()
-            .filter(|p| p.available())
-            .collect()
+        [
+            ProviderKind::Hybrid,
+            ProviderKind::Procedure,
+            ProviderKind::Incumbent,
+        ]
+        .into_iter()
+        .filter(|p| p.available())
+        .collect()
     }
 }
 
@@ -66,10 +70,19 @@ pub enum AnyProvider {
 }
 
 impl AnyProvider {
-    pub async fn connect(kind: ProviderKind, url: &str, schema: &str, migrate: bool) -> Result<AnyProvider, BoxError> {
+    pub async fn connect(
+        kind: ProviderKind,
+        url: &str,
+        schema: &str,
+        migrate: bool,
+    ) -> Result<AnyProvider, BoxError> {
         match kind {
             ProviderKind::Hybrid | ProviderKind::Procedure => {
-                let fetch_path = if kind == ProviderKind::Hybrid { FetchPath::Hybrid } else { FetchPath::Procedure };
+                let fetch_path = if kind == ProviderKind::Hybrid {
+                    FetchPath::Hybrid
+                } else {
+                    FetchPath::Procedure
+                };
                 let options = ProviderOptions {
                     schema: schema.to_string(),
                     max_connections: POOL_SIZE,
@@ -78,7 +91,9 @@ impl AnyProvider {
                     application_name: format!("duroxide-pg-hybrid-bench-{}", kind.name()),
                     ..ProviderOptions::default()
                 };
-                Ok(AnyProvider::Hybrid(PostgresProvider::connect_with(url, options).await?))
+                Ok(AnyProvider::Hybrid(
+                    PostgresProvider::connect_with(url, options).await?,
+                ))
             }
             ProviderKind::Incumbent => {
                 #[cfg(feature = "incumbent")]
@@ -131,7 +146,13 @@ impl Env {
     /// A schema name unique to this process and call.
     pub fn unique_schema(&self, scenario: &str, kind: ProviderKind) -> String {
         let n = SCHEMA_SEQ.fetch_add(1, Ordering::Relaxed);
-        format!("bench_{}_{}_{}_{}", scenario, kind.name(), std::process::id(), n)
+        format!(
+            "bench_{}_{}_{}_{}",
+            scenario,
+            kind.name(),
+            std::process::id(),
+            n
+        )
     }
 
     /// Creates a fresh schema for `kind`, migrates it over a direct connection, then
@@ -146,7 +167,14 @@ impl Env {
     ) -> Result<Session, BoxError> {
         let schema = self.unique_schema(scenario, kind);
         let direct = AnyProvider::connect(kind, &self.url, &schema, true).await?;
-        let mut session = Session { kind, schema, proxy: None, provider: direct.clone(), direct, rtt_ms };
+        let mut session = Session {
+            kind,
+            schema,
+            proxy: None,
+            provider: direct.clone(),
+            direct,
+            rtt_ms,
+        };
         if rtt_ms > 0 || proxy || self.force_proxy {
             match self.proxied(&session, rtt_ms).await {
                 Ok((p, prov)) => {
@@ -162,7 +190,11 @@ impl Env {
         Ok(session)
     }
 
-    async fn proxied(&self, session: &Session, rtt_ms: u64) -> Result<(Proxy, AnyProvider), BoxError> {
+    async fn proxied(
+        &self,
+        session: &Session,
+        rtt_ms: u64,
+    ) -> Result<(Proxy, AnyProvider), BoxError> {
         let (_, upstream) = rewrite_url(&self.url, "127.0.0.1:1".parse()?)?;
         let proxy = Proxy::start(upstream, Duration::from_millis(rtt_ms)).await?;
         let (url, _) = rewrite_url(&self.url, proxy.addr())?;

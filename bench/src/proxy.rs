@@ -17,8 +17,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,7 +117,11 @@ impl Proxy {
                 }
             })
         };
-        Ok(Proxy { addr, stats, accept: accept.abort_handle() })
+        Ok(Proxy {
+            addr,
+            stats,
+            accept: accept.abort_handle(),
+        })
     }
 
     /// The loopback address clients should connect to.
@@ -153,12 +157,7 @@ struct ConnState {
     server_started: AtomicBool,
 }
 
-async fn serve(
-    client: TcpStream,
-    server: TcpStream,
-    one_way: Duration,
-    stats: Arc<ProxyStats>,
-) {
+async fn serve(client: TcpStream, server: TcpStream, one_way: Duration, stats: Arc<ProxyStats>) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -173,7 +172,13 @@ async fn serve(
     let (c2s_tx, c2s_rx) = mpsc::unbounded_channel();
     let (s2c_tx, s2c_rx) = mpsc::unbounded_channel();
     let handles = [
-        tokio::spawn(read_client(client_r, c2s_tx, one_way, stats.clone(), state.clone())),
+        tokio::spawn(read_client(
+            client_r,
+            c2s_tx,
+            one_way,
+            stats.clone(),
+            state.clone(),
+        )),
         tokio::spawn(read_server(server_r, s2c_tx, one_way, stats.clone(), state)),
         tokio::spawn(write_side(server_w, c2s_rx)),
         tokio::spawn(write_side(client_w, s2c_rx)),
@@ -272,7 +277,12 @@ pub struct FrontendParser {
 
 impl Default for FrontendParser {
     fn default() -> Self {
-        Self { startup: true, disabled: false, header: Vec::with_capacity(8), skip: 0 }
+        Self {
+            startup: true,
+            disabled: false,
+            header: Vec::with_capacity(8),
+            skip: 0,
+        }
     }
 }
 
@@ -307,8 +317,18 @@ impl FrontendParser {
                 break;
             }
             if self.startup {
-                let len = i32::from_be_bytes([self.header[0], self.header[1], self.header[2], self.header[3]]);
-                let code = i32::from_be_bytes([self.header[4], self.header[5], self.header[6], self.header[7]]);
+                let len = i32::from_be_bytes([
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                ]);
+                let code = i32::from_be_bytes([
+                    self.header[4],
+                    self.header[5],
+                    self.header[6],
+                    self.header[7],
+                ]);
                 if len < 8 {
                     self.disabled = true;
                     break;
@@ -319,7 +339,12 @@ impl FrontendParser {
                 }
             } else {
                 let ty = self.header[0];
-                let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                let len = i32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
                 if len < 4 {
                     self.disabled = true;
                     break;
@@ -338,7 +363,10 @@ impl FrontendParser {
 /// Splits a `postgres://` URL into (URL with `host:port` replaced by `addr`, upstream
 /// `host:port`).
 pub fn rewrite_url(url: &str, addr: SocketAddr) -> Result<(String, String), String> {
-    let scheme_end = url.find("://").ok_or_else(|| format!("not a URL: {url:?}"))? + 3;
+    let scheme_end = url
+        .find("://")
+        .ok_or_else(|| format!("not a URL: {url:?}"))?
+        + 3;
     let rest = &url[scheme_end..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
@@ -356,13 +384,23 @@ pub fn rewrite_url(url: &str, addr: SocketAddr) -> Result<(String, String), Stri
         "localhost:5432".to_string()
     } else if hostport.starts_with('[') {
         // [v6]:port or [v6]
-        if hostport.contains("]:") { hostport.to_string() } else { format!("{hostport}:5432") }
+        if hostport.contains("]:") {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:5432")
+        }
     } else if hostport.contains(':') {
         hostport.to_string()
     } else {
         format!("{hostport}:5432")
     };
-    let rewritten = format!("{}{}{}{}", &url[..scheme_end], userinfo, addr, &rest[authority_end..]);
+    let rewritten = format!(
+        "{}{}{}{}",
+        &url[..scheme_end],
+        userinfo,
+        addr,
+        &rest[authority_end..]
+    );
     Ok((rewritten, upstream))
 }
 
@@ -381,7 +419,13 @@ mod tests {
         stream.extend_from_slice(&196_608i32.to_be_bytes());
         stream.extend_from_slice(params);
         // Parse, Bind, Execute, Sync, Query
-        for (ty, body) in [(b'P', &b"abc"[..]), (b'B', b""), (b'E', b"\0\0\0\0\0"), (b'S', b""), (b'Q', b"select 1\0")] {
+        for (ty, body) in [
+            (b'P', &b"abc"[..]),
+            (b'B', b""),
+            (b'E', b"\0\0\0\0\0"),
+            (b'S', b""),
+            (b'Q', b"select 1\0"),
+        ] {
             stream.push(ty);
             stream.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
             stream.extend_from_slice(body);
@@ -399,11 +443,17 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         assert_eq!(
             rewrite_url("postgres://u:p@db.example:6543/x?sslmode=disable", addr).unwrap(),
-            ("postgres://u:p@127.0.0.1:4000/x?sslmode=disable".into(), "db.example:6543".into())
+            (
+                "postgres://u:p@127.0.0.1:4000/x?sslmode=disable".into(),
+                "db.example:6543".into()
+            )
         );
         assert_eq!(
             rewrite_url("postgresql://127.0.0.1/postgres", addr).unwrap(),
-            ("postgresql://127.0.0.1:4000/postgres".into(), "127.0.0.1:5432".into())
+            (
+                "postgresql://127.0.0.1:4000/postgres".into(),
+                "127.0.0.1:5432".into()
+            )
         );
         assert_eq!(
             rewrite_url("postgres://u@[::1]:5433/d", addr).unwrap(),
@@ -427,7 +477,9 @@ mod tests {
                 s.write_all(&buf[..n]).await.unwrap();
             }
         });
-        let proxy = Proxy::start(echo_addr.to_string(), Duration::from_millis(40)).await.unwrap();
+        let proxy = Proxy::start(echo_addr.to_string(), Duration::from_millis(40))
+            .await
+            .unwrap();
         let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
         let mut buf = [0u8; 4];
         let t = std::time::Instant::now();

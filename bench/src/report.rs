@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 
-use crate::charts;
+use crate::charts::{self, Bars};
 use crate::results::{Line, Meta, Record};
 
 pub const SCENARIOS: [&str; 5] = ["throughput", "latency", "history", "backlog", "idle"];
@@ -14,7 +14,10 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
     match metric {
         "orch_per_s" => ("orchestrations/s", "higher"),
         "activities_per_s" => ("activities/s", "higher"),
-        "round_trips_per_orch" => ("client→server request bursts per orchestration (≈ round trips; all traffic during it, incl. idle polls)", "lower"),
+        "round_trips_per_orch" => (
+            "client→server request bursts per orchestration (≈ round trips; all traffic during it, incl. idle polls)",
+            "lower",
+        ),
         "statements_per_orch" => ("statements per orchestration (all traffic)", "lower"),
         "completed_p50_ms" => ("p50 start → OrchestrationCompleted event (ms)", "lower"),
         "completed_p95_ms" => ("p95 start → OrchestrationCompleted event (ms)", "lower"),
@@ -22,11 +25,17 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
         "observed_p95_ms" => ("p95 start → wait_for_orchestration returned (ms)", "lower"),
         "fetch_ms" => ("fetch_orchestration_item time (ms)", "lower"),
         "fetch_bytes_from_server" => ("bytes server→client per fetch", "lower"),
-        "fetch_round_trips" => ("client→server request bursts per fetch (≈ round trips, summed over connections)", "lower"),
+        "fetch_round_trips" => (
+            "client→server request bursts per fetch (≈ round trips, summed over connections)",
+            "lower",
+        ),
         "fetch_statements" => ("statements per fetch", "lower"),
         "worker_empty_fetch_ms" => ("fetch_work_item, nothing visible (ms)", "lower"),
         "worker_fetch_ms" => ("fetch_work_item, one visible item (ms)", "lower"),
-        "orch_empty_fetch_ms" => ("fetch_orchestration_item, nothing else runnable (ms)", "lower"),
+        "orch_empty_fetch_ms" => (
+            "fetch_orchestration_item, nothing else runnable (ms)",
+            "lower",
+        ),
         "orch_fetch_other_ms" => ("fetch_orchestration_item of another instance (ms)", "lower"),
         "hot_instance_fetch_ms" => ("fetch of the hot instance itself, once (ms)", "lower"),
         "statements_per_s" => ("statements/s while idle", "lower"),
@@ -45,7 +54,11 @@ pub fn fmt_num(v: f64) -> String {
     if a >= 100.0 {
         let s = format!("{v:.0}");
         // thousands separators
-        let (sign, digits) = if let Some(d) = s.strip_prefix('-') { ("-", d) } else { ("", s.as_str()) };
+        let (sign, digits) = if let Some(d) = s.strip_prefix('-') {
+            ("-", d)
+        } else {
+            ("", s.as_str())
+        };
         let mut out = String::new();
         for (i, c) in digits.chars().enumerate() {
             if i > 0 && (digits.len() - i) % 3 == 0 {
@@ -63,7 +76,12 @@ pub fn fmt_num(v: f64) -> String {
 
 fn cell(r: &Record) -> String {
     if r.runs.len() > 1 && r.min != r.max {
-        format!("{} ({}–{})", fmt_num(r.median), fmt_num(r.min), fmt_num(r.max))
+        format!(
+            "{} ({}–{})",
+            fmt_num(r.median),
+            fmt_num(r.min),
+            fmt_num(r.max)
+        )
     } else {
         fmt_num(r.median)
     }
@@ -78,11 +96,20 @@ pub fn load(dir: &Path) -> Result<(Vec<Meta>, Vec<Record>), Box<dyn std::error::
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();
     files.sort_by_key(|p| {
-        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        SCENARIOS.iter().position(|s| *s == stem).unwrap_or(SCENARIOS.len())
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        SCENARIOS
+            .iter()
+            .position(|s| *s == stem)
+            .unwrap_or(SCENARIOS.len())
     });
     for f in files {
-        for line in std::fs::read_to_string(&f)?.lines().filter(|l| !l.trim().is_empty()) {
+        for line in std::fs::read_to_string(&f)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
             match serde_json::from_str::<Line>(line)? {
                 Line::Meta(m) => metas.push(m),
                 Line::Result(r) => records.push(r),
@@ -114,7 +141,9 @@ fn tables<'a>(records: &'a [Record], scenario: &str) -> Tables<'a> {
                 metric_order.len() - 1
             }
         };
-        let e = out.entry((mi, r.rtt_ms)).or_insert_with(|| (r.metric.clone(), Vec::new(), Vec::new()));
+        let e = out
+            .entry((mi, r.rtt_ms))
+            .or_insert_with(|| (r.metric.clone(), Vec::new(), Vec::new()));
         if !e.1.contains(&r.case) {
             e.1.push(r.case.clone());
         }
@@ -136,7 +165,10 @@ pub fn text_table(records: &[Record]) -> String {
             let providers = provider_order(recs);
             let rtt = recs[0].rtt_ms;
             let (label, better) = describe(metric);
-            let _ = writeln!(s, "\n{metric} @ RTT {rtt} ms  [{label}; {better} is better]");
+            let _ = writeln!(
+                s,
+                "\n{metric} @ RTT {rtt} ms  [{label}; {better} is better]"
+            );
             let mut header = format!("{:<38}", "case");
             for p in &providers {
                 let _ = write!(header, "{p:>26}");
@@ -151,11 +183,17 @@ pub fn text_table(records: &[Record]) -> String {
                 let mut line = format!("{case:<38}");
                 let get = |p: &str| recs.iter().find(|r| r.provider == p && &r.case == case);
                 for p in &providers {
-                    let _ = write!(line, "{:>26}", get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into()));
+                    let _ = write!(
+                        line,
+                        "{:>26}",
+                        get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into())
+                    );
                 }
                 if let Some(inc) = get("incumbent") {
                     for p in providers.iter().filter(|p| *p != "incumbent") {
-                        let ratio = get(p).map(|r| format!("{:.2}×", r.median / inc.median)).unwrap_or_else(|| "–".into());
+                        let ratio = get(p)
+                            .map(|r| format!("{:.2}×", r.median / inc.median))
+                            .unwrap_or_else(|| "–".into());
                         let _ = write!(line, "{ratio:>18}");
                     }
                 }
@@ -168,8 +206,12 @@ pub fn text_table(records: &[Record]) -> String {
 
 fn scenario_title(s: &str) -> &'static str {
     match s {
-        "throughput" => "Throughput: duroxide stress harness, fan-out 5 × 10 ms activities, 20 in flight",
-        "latency" => "Latency: one orchestration of 5 sequential activities at a time, default RuntimeOptions",
+        "throughput" => {
+            "Throughput: duroxide stress harness, fan-out 5 × 10 ms activities, 20 in flight"
+        }
+        "latency" => {
+            "Latency: one orchestration of 5 sequential activities at a time, default RuntimeOptions"
+        }
         "history" => "History: fetch_orchestration_item cost vs history size (~420-byte events)",
         "backlog" => "Backlog: fetch cost next to large queues",
         "idle" => "Idle: what an idle runtime (2 orchestration + 2 worker dispatchers) sends",
@@ -180,7 +222,11 @@ fn scenario_title(s: &str) -> &'static str {
 /// Relative path from directory `from` to `to` (both made absolute first).
 pub fn relative(from: &Path, to: &Path) -> PathBuf {
     let abs = |p: &Path| {
-        let p = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
         let mut out = PathBuf::new();
         for c in p.components() {
             match c {
@@ -208,9 +254,17 @@ pub fn relative(from: &Path, to: &Path) -> PathBuf {
 }
 
 /// The markdown snippet; `img_prefix` is prepended to chart file names.
-pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)], img_prefix: &str) -> String {
+pub fn markdown(
+    metas: &[Meta],
+    records: &[Record],
+    charts: &[(String, String)],
+    img_prefix: &str,
+) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "<!-- generated by duroxide-pg-hybrid-bench (`report`); edit the bench, not this text -->");
+    let _ = writeln!(
+        s,
+        "<!-- generated by duroxide-pg-hybrid-bench (`report`); edit the bench, not this text -->"
+    );
     if let Some(m) = metas.first() {
         let _ = writeln!(s, "\n#### Machine and server\n");
         let _ = writeln!(s, "| | |\n|---|---|");
@@ -221,22 +275,52 @@ pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)],
         let settings = m
             .postgres_settings
             .as_object()
-            .map(|o| o.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(", "))
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
         let _ = writeln!(s, "| Server settings | {settings} |");
-        let _ = writeln!(s, "| Connection | `{}` (RTT 0: direct; RTT > 0: through the bench's delay proxy) |", m.database_url);
-        let _ = writeln!(s, "| pg_stat_statements | {} |", if m.pg_stat_statements { "available" } else { "not loaded (statements counted by the proxy)" });
+        let _ = writeln!(
+            s,
+            "| Connection | `{}` (RTT 0: direct; RTT > 0: through the bench's delay proxy) |",
+            m.database_url
+        );
+        let _ = writeln!(
+            s,
+            "| pg_stat_statements | {} |",
+            if m.pg_stat_statements {
+                "available"
+            } else {
+                "not loaded (statements counted by the proxy)"
+            }
+        );
         let _ = writeln!(
             s,
             "| Code | duroxide {}, duroxide-pg-hybrid {}{}; incumbent: {} |",
             m.duroxide_version,
             m.git_commit.clone().unwrap_or_else(|| "?".into()),
-            if m.git_dirty == Some(true) { " (uncommitted changes)" } else { "" },
-            m.incumbent_crate.clone().unwrap_or_else(|| "not compiled in".into())
+            if m.git_dirty == Some(true) {
+                " (uncommitted changes)"
+            } else {
+                ""
+            },
+            m.incumbent_crate
+                .clone()
+                .unwrap_or_else(|| "not compiled in".into())
         );
         let mut runs: Vec<String> = metas
             .iter()
-            .map(|m| format!("`{}` {} {}", m.scenario, m.started_at, if m.quick { "(quick)" } else { "" }))
+            .map(|m| {
+                format!(
+                    "`{}` {} {}",
+                    m.scenario,
+                    m.started_at,
+                    if m.quick { "(quick)" } else { "" }
+                )
+            })
             .collect();
         runs.dedup();
         let _ = writeln!(s, "| Runs | {} |", runs.join("; "));
@@ -247,7 +331,11 @@ pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)],
             continue;
         }
         let _ = writeln!(s, "\n#### {}\n", scenario_title(scenario));
-        if let Some(extra) = records.iter().find(|r| r.scenario == scenario && !r.extra.is_null()).map(|r| &r.extra) {
+        if let Some(extra) = records
+            .iter()
+            .find(|r| r.scenario == scenario && !r.extra.is_null())
+            .map(|r| &r.extra)
+        {
             let _ = writeln!(s, "Parameters: `{extra}`\n");
         }
         for (metric, cases, recs) in t.values() {
@@ -274,12 +362,18 @@ pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)],
                 let get = |p: &str| recs.iter().find(|r| r.provider == p && &r.case == case);
                 let mut line = format!("| {case} |");
                 for p in &providers {
-                    let _ = write!(line, " {} |", get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into()));
+                    let _ = write!(
+                        line,
+                        " {} |",
+                        get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into())
+                    );
                 }
                 if has_inc {
                     for p in &others {
                         let ratio = match (get(p), get("incumbent")) {
-                            (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}×", a.median / b.median),
+                            (Some(a), Some(b)) if b.median != 0.0 => {
+                                format!("{:.2}×", a.median / b.median)
+                            }
                             _ => "–".into(),
                         };
                         let _ = write!(line, " {ratio} |");
@@ -293,43 +387,126 @@ pub fn markdown(metas: &[Meta], records: &[Record], charts: &[(String, String)],
             let _ = writeln!(s, "![{alt}]({img_prefix}{file})\n");
         }
     }
-    let _ = writeln!(s, "Cells: median of the runs (min–max). Ratios: median ÷ incumbent median.");
+    let _ = writeln!(
+        s,
+        "Cells: median of the runs (min–max). Ratios: median ÷ incumbent median."
+    );
     s
 }
 
-/// Writes charts and `summary.md` into `dir`; returns the chart list and the snippet.
-pub fn write_report(dir: &Path) -> Result<(Vec<(String, String)>, Vec<Meta>, Vec<Record>), Box<dyn std::error::Error>> {
+/// What [`write_report`] produced and read.
+pub struct Report {
+    /// (file name, alt text) of each chart written.
+    pub charts: Vec<(String, String)>,
+    pub metas: Vec<Meta>,
+    pub records: Vec<Record>,
+}
+
+/// Writes charts and `summary.md` into `dir` from the `.jsonl` files there.
+pub fn write_report(dir: &Path) -> Result<Report, Box<dyn std::error::Error>> {
     let (metas, records) = load(dir)?;
     let mut made = Vec::new();
     let specs: [(&str, &str); 2] = [
-        ("latency_vs_rtt.svg", "Latency vs round-trip time (p50 solid with min–max, p95 dashed)"),
-        ("latency_observed_vs_rtt.svg", "Client-observed latency vs round-trip time"),
+        (
+            "latency_vs_rtt.svg",
+            "Latency vs round-trip time (p50 solid with min–max, p95 dashed)",
+        ),
+        (
+            "latency_observed_vs_rtt.svg",
+            "Client-observed latency vs round-trip time",
+        ),
     ];
-    if charts::latency_vs_rtt(&records, &dir.join(specs[0].0), "completed", "Chain of 5 activities: start → completed vs RTT")? {
+    if charts::latency_vs_rtt(
+        &records,
+        &dir.join(specs[0].0),
+        "completed",
+        "Chain of 5 activities: start → completed vs RTT",
+    )? {
         made.push((specs[0].0.to_string(), specs[0].1.to_string()));
     }
-    if charts::latency_vs_rtt(&records, &dir.join(specs[1].0), "observed", "Chain of 5 activities: start → wait_for_orchestration returned")? {
+    if charts::latency_vs_rtt(
+        &records,
+        &dir.join(specs[1].0),
+        "observed",
+        "Chain of 5 activities: start → wait_for_orchestration returned",
+    )? {
         made.push((specs[1].0.to_string(), specs[1].1.to_string()));
     }
-    let mut rtts: Vec<u64> = records.iter().filter(|r| r.scenario == "throughput").map(|r| r.rtt_ms).collect();
+    let mut rtts: Vec<u64> = records
+        .iter()
+        .filter(|r| r.scenario == "throughput")
+        .map(|r| r.rtt_ms)
+        .collect();
     rtts.sort_unstable();
     rtts.dedup();
     for rtt in rtts {
-        let file = if rtt == 0 { "throughput.svg".to_string() } else { format!("throughput_rtt{rtt}.svg") };
-        let title = format!("Fan-out stress harness, orchestrations/s per dispatcher config (RTT {rtt} ms)");
-        if charts::grouped_bars(&records, &dir.join(&file), "throughput", "orch_per_s", rtt, &title, "orchestration:worker dispatchers", "orchestrations/s", false)? {
+        let file = if rtt == 0 {
+            "throughput.svg".to_string()
+        } else {
+            format!("throughput_rtt{rtt}.svg")
+        };
+        let title = format!(
+            "Fan-out stress harness, orchestrations/s per dispatcher config (RTT {rtt} ms)"
+        );
+        if charts::grouped_bars(
+            &records,
+            &dir.join(&file),
+            &Bars {
+                scenario: "throughput",
+                metric: "orch_per_s",
+                rtt,
+                title: &title,
+                x_desc: "orchestration:worker dispatchers",
+                y_desc: "orchestrations/s",
+                log: false,
+            },
+        )? {
             made.push((file, "Throughput per dispatcher configuration".to_string()));
         }
     }
-    if charts::grouped_bars(&records, &dir.join("history.svg"), "history", "fetch_ms", 0, "fetch_orchestration_item time vs history size (RTT 0)", "history size", "ms per fetch (log scale)", true)? {
-        made.push(("history.svg".to_string(), "Fetch time vs history size".to_string()));
+    if charts::grouped_bars(
+        &records,
+        &dir.join("history.svg"),
+        &Bars {
+            scenario: "history",
+            metric: "fetch_ms",
+            rtt: 0,
+            title: "fetch_orchestration_item time vs history size (RTT 0)",
+            x_desc: "history size",
+            y_desc: "ms per fetch (log scale)",
+            log: true,
+        },
+    )? {
+        made.push((
+            "history.svg".to_string(),
+            "Fetch time vs history size".to_string(),
+        ));
     }
-    if charts::grouped_bars(&records, &dir.join("idle.svg"), "idle", "statements_per_s", 0, "Statements/s sent by an idle 2+2 runtime (RTT 0)", "", "statements/s", false)? {
-        made.push(("idle.svg".to_string(), "Idle statements per second".to_string()));
+    if charts::grouped_bars(
+        &records,
+        &dir.join("idle.svg"),
+        &Bars {
+            scenario: "idle",
+            metric: "statements_per_s",
+            rtt: 0,
+            title: "Statements/s sent by an idle 2+2 runtime (RTT 0)",
+            x_desc: "",
+            y_desc: "statements/s",
+            log: false,
+        },
+    )? {
+        made.push((
+            "idle.svg".to_string(),
+            "Idle statements per second".to_string(),
+        ));
     }
     let md = markdown(&metas, &records, &made, "");
     std::fs::write(dir.join("summary.md"), md)?;
-    Ok((made, metas, records))
+    Ok(Report {
+        charts: made,
+        metas,
+        records,
+    })
 }
 
 pub const DOC_BEGIN: &str = "<!-- bench:begin -->";
@@ -337,12 +514,21 @@ pub const DOC_END: &str = "<!-- bench:end -->";
 
 /// Replaces the text between the bench markers of `doc` with the snippet (chart links
 /// made relative to the document).
-pub fn update_doc(doc: &Path, dir: &Path, metas: &[Meta], records: &[Record], charts: &[(String, String)]) -> Result<(), Box<dyn std::error::Error>> {
+pub fn update_doc(
+    doc: &Path,
+    dir: &Path,
+    metas: &[Meta],
+    records: &[Record],
+    charts: &[(String, String)],
+) -> Result<(), Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(doc)?;
     let (Some(b), Some(e)) = (text.find(DOC_BEGIN), text.find(DOC_END)) else {
         return Err(format!("{} has no {DOC_BEGIN} … {DOC_END} markers", doc.display()).into());
     };
-    let doc_dir = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let doc_dir = doc
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut prefix = relative(doc_dir, dir).to_string_lossy().replace('\\', "/");
     if !prefix.is_empty() {
         prefix.push('/');
@@ -362,7 +548,13 @@ mod tests {
         assert_eq!(fmt_num(1234567.0), "1,234,567");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(1.2345), "1.23");
-        assert_eq!(relative(Path::new("/a/b"), Path::new("/a/b/c/d")), PathBuf::from("c/d"));
-        assert_eq!(relative(Path::new("/a/x"), Path::new("/a/b")), PathBuf::from("../b"));
+        assert_eq!(
+            relative(Path::new("/a/b"), Path::new("/a/b/c/d")),
+            PathBuf::from("c/d")
+        );
+        assert_eq!(
+            relative(Path::new("/a/x"), Path::new("/a/b")),
+            PathBuf::from("../b")
+        );
     }
 }

@@ -14,6 +14,15 @@ use crate::Opts;
 use crate::providers::{BoxError, Env};
 use crate::results::Record;
 
+/// Per-run values of one provider.
+#[derive(Default)]
+struct Runs {
+    orch: Vec<f64>,
+    act: Vec<f64>,
+    failed: Vec<f64>,
+    bursts: Vec<f64>,
+}
+
 struct Fixed(Arc<dyn Provider>);
 
 #[async_trait::async_trait]
@@ -27,8 +36,14 @@ impl ProviderStressFactory for Fixed {
 pub fn parse_configs(s: &str) -> Result<Vec<(usize, usize)>, String> {
     s.split(',')
         .map(|c| {
-            let (o, w) = c.trim().split_once(':').ok_or_else(|| format!("bad dispatcher config {c:?}, want O:W"))?;
-            Ok((o.parse().map_err(|_| format!("bad number in {c:?}"))?, w.parse().map_err(|_| format!("bad number in {c:?}"))?))
+            let (o, w) = c
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| format!("bad dispatcher config {c:?}, want O:W"))?;
+            Ok((
+                o.parse().map_err(|_| format!("bad number in {c:?}"))?,
+                w.parse().map_err(|_| format!("bad number in {c:?}"))?,
+            ))
         })
         .collect()
 }
@@ -42,7 +57,7 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
         for &(oc, wc) in &configs {
             let case = format!("{oc}:{wc}");
             // provider -> per-run values
-            let mut per: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
+            let mut per: Vec<(String, Runs)> = Vec::new();
             for run in 0..opts.runs {
                 // Providers interleaved within each run so drift on a shared machine
                 // affects all of them alike.
@@ -80,28 +95,64 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     let idx = match per.iter().position(|p| p.0 == kind.name()) {
                         Some(i) => i,
                         None => {
-                            per.push((kind.name().to_string(), vec![], vec![], vec![], vec![]));
+                            per.push((kind.name().to_string(), Runs::default()));
                             per.len() - 1
                         }
                     };
-                    let e = &mut per[idx];
-                    e.1.push(r.orch_throughput);
-                    e.2.push(r.activity_throughput);
-                    e.3.push(r.failed as f64);
+                    let e = &mut per[idx].1;
+                    e.orch.push(r.orch_throughput);
+                    e.act.push(r.activity_throughput);
+                    e.failed.push(r.failed as f64);
                     if let Some(d) = delta {
-                        e.4.push(d.bursts as f64 / r.completed.max(1) as f64);
+                        e.bursts.push(d.bursts as f64 / r.completed.max(1) as f64);
                     }
                 }
             }
-            for (provider, orch, act, failed, rts) in per {
+            for (
+                provider,
+                Runs {
+                    orch,
+                    act,
+                    failed,
+                    bursts: rts,
+                },
+            ) in per
+            {
                 let extra = json!({
                     "duration_secs": duration_secs, "max_concurrent": 20, "tasks_per_instance": 5,
                     "activity_delay_ms": 10, "failed_per_run": failed,
                 });
-                out.push(Record::new("throughput", &provider, &case, rtt, "orch_per_s", "orch/s", orch).with_extra(extra));
-                out.push(Record::new("throughput", &provider, &case, rtt, "activities_per_s", "act/s", act));
+                out.push(
+                    Record::new(
+                        "throughput",
+                        &provider,
+                        &case,
+                        rtt,
+                        "orch_per_s",
+                        "orch/s",
+                        orch,
+                    )
+                    .with_extra(extra),
+                );
+                out.push(Record::new(
+                    "throughput",
+                    &provider,
+                    &case,
+                    rtt,
+                    "activities_per_s",
+                    "act/s",
+                    act,
+                ));
                 if !rts.is_empty() {
-                    out.push(Record::new("throughput", &provider, &case, rtt, "round_trips_per_orch", "bursts", rts));
+                    out.push(Record::new(
+                        "throughput",
+                        &provider,
+                        &case,
+                        rtt,
+                        "round_trips_per_orch",
+                        "bursts",
+                        rts,
+                    ));
                 }
             }
         }
