@@ -168,7 +168,7 @@ impl PostgresProvider {
             (c(v.major), c(v.minor), c(v.patch))
         });
 
-        let result = sqlx::query_scalar::<_, String>(&self.sql(ACK))
+        let result = on_conn!(self, fetch_one, sqlx::query_scalar::<_, String>(&self.sql(ACK))
             .bind(lock_token)
             .bind(execution_id)
             .bind(&ev_ids)
@@ -200,9 +200,7 @@ impl PostgresProvider {
             .bind(&o.instances)
             .bind(&o.kinds)
             .bind(&o.items)
-            .bind(&o.visible_at)
-            .fetch_one(self.pool_ref())
-            .await;
+            .bind(&o.visible_at));
 
         match result {
             Ok(instance) => {

@@ -32,10 +32,8 @@ FROM clock, unnest($3::BIGINT[], $4::TEXT[], $5::TEXT[]) AS e(event_id, event_ty
 impl PostgresProvider {
     pub(crate) async fn read_latest_history(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read";
-        let rows: Vec<String> = sqlx::query_scalar(&self.sql(READ_LATEST))
-            .bind(instance)
-            .fetch_all(self.pool_ref())
-            .await
+        let rows: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(READ_LATEST))
+            .bind(instance))
             .map_err(|e| db_error(OP, Some(instance), e))?;
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
     }
@@ -47,11 +45,9 @@ impl PostgresProvider {
         execution_id: u64,
     ) -> Result<Vec<Event>, ProviderError> {
         let exec = to_i64("execution_id", execution_id).map_err(|m| decode_error(operation, Some(instance), m))?;
-        let rows: Vec<String> = sqlx::query_scalar(&self.sql(READ_EXECUTION))
+        let rows: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(READ_EXECUTION))
             .bind(instance)
-            .bind(exec)
-            .fetch_all(self.pool_ref())
-            .await
+            .bind(exec))
             .map_err(|e| db_error(operation, Some(instance), e))?;
         decode_history(&rows).map_err(|m| decode_error(operation, Some(instance), m))
     }
@@ -72,14 +68,12 @@ impl PostgresProvider {
             types.push(enc.event_type);
             data.push(enc.json);
         }
-        sqlx::query(&self.sql(APPEND))
+        on_conn!(self, execute, sqlx::query(&self.sql(APPEND))
             .bind(instance)
             .bind(exec)
             .bind(&ids)
             .bind(&types)
-            .bind(&data)
-            .execute(self.pool_ref())
-            .await
+            .bind(&data))
             .map_err(|e| db_error(OP, Some(instance), e))?;
         Ok(())
     }

@@ -6,6 +6,21 @@
 
 #![warn(missing_docs)]
 
+/// Runs one query on a connection of the provider's own pool (see `pool.rs`) and
+/// returns the connection afterwards: `on_conn!(provider, fetch_one, query)` evaluates
+/// to the query's `Result<_, sqlx::Error>`.
+macro_rules! on_conn {
+    ($provider:expr, $method:ident, $query:expr) => {{
+        match $provider.conns().acquire().await {
+            Ok(mut conn) => {
+                let result = $query.$method(&mut *conn).await;
+                conn.finish(result)
+            }
+            Err(e) => Err(e),
+        }
+    }};
+}
+
 mod ack;
 mod admin;
 mod codec;
@@ -17,6 +32,7 @@ mod history;
 mod kv;
 mod notify;
 mod poll;
+mod pool;
 pub mod options;
 mod provider;
 mod queue;

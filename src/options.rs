@@ -85,9 +85,11 @@ impl std::str::FromStr for FetchPath {
 pub struct ProviderOptions {
     /// Schema holding all objects (validated: `[a-z_][a-z0-9_]*`, at most 63 bytes).
     pub schema: String,
-    /// Pool size. A hybrid fetch uses up to four connections at once for its reads.
+    /// Connections for provider calls. A hybrid fetch uses up to four at once for its
+    /// reads. (The provider also keeps up to 2 for migrations and `pool()`, and 1 for
+    /// LISTEN once a fetch long-polls.)
     pub max_connections: u32,
-    /// Connections kept open when idle.
+    /// Connections opened at start-up; idle connections are kept open.
     pub min_connections: u32,
     /// How long a call waits for a pooled connection before failing with a retryable
     /// error.

@@ -10,6 +10,7 @@ use sqlx::{ConnectOptions, PgPool};
 
 use crate::errors::db_error;
 use crate::notify::Notifier;
+use crate::pool::ConnPool;
 use crate::options::{FetchPath, ProviderOptions, DEFAULT_SCHEMA};
 use crate::schema::{self, quote_ident};
 
@@ -25,7 +26,10 @@ pub struct PostgresProvider {
 }
 
 pub(crate) struct Inner {
+    /// The application-facing pool: migrations and [`PostgresProvider::pool`].
     pub(crate) pool: PgPool,
+    /// Connections of every provider call (no ping on release, see `pool.rs`).
+    pub(crate) conns: ConnPool,
     pub(crate) schema: String,
     /// `"schema"`, quoted once, substituted for `{s}` in every query template.
     pub(crate) schema_q: String,
@@ -74,19 +78,20 @@ impl PostgresProvider {
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
         let connect = with_session_settings(connect, &options);
+        // This pool serves migrations and the application (`pool()`); provider calls
+        // use their own pool built from the same options, so it can stay small.
         let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .min_connections(options.min_connections)
+            .max_connections(2)
+            .min_connections(0)
             .acquire_timeout(options.acquire_timeout)
-            // No ping before each checkout: on a remote database it would double the
-            // round trips of every call. Broken connections surface as retryable errors.
             .test_before_acquire(false)
             .connect_lazy_with(connect);
         Self::from_pool(pool, options).await
     }
 
-    /// Wraps an existing pool. The pool's own settings (size, timeouts, TLS) are kept;
-    /// options decide the schema, migration and fetch path.
+    /// Wraps an existing pool. Migrations run on it and [`pool`](Self::pool) returns it;
+    /// provider calls use a pool of their own (`max_connections`, `acquire_timeout` from
+    /// the options) built from the same connect options (host, TLS, credentials).
     ///
     /// # Errors
     /// Invalid options, failed migration or schema verification.
@@ -105,6 +110,10 @@ impl PostgresProvider {
                 .map_err(|e| db_error("verify_schema", None, e))
                 .map_err(|e| with_schema_context(e, &schema))?;
         }
+        let conns = ConnPool::new((*pool.connect_options()).clone(), options.max_connections, options.acquire_timeout);
+        if options.min_connections > 0 {
+            conns.warm_up(options.min_connections).await.map_err(|e| db_error("connect", None, e))?;
+        }
         tracing::info!(
             target: TRACING_TARGET,
             schema = %schema,
@@ -114,6 +123,7 @@ impl PostgresProvider {
         );
         Ok(Self {
             inner: Arc::new(Inner {
+                conns,
                 schema_q: quote_ident(&schema),
                 schema,
                 pool,
@@ -187,8 +197,9 @@ impl PostgresProvider {
             .map_err(|e| db_error("drop_schema", None, e))
     }
 
-    /// Closes the pool.
+    /// Closes the provider's connections and the pool.
     pub async fn close(&self) {
+        self.inner.conns.close().await;
         self.inner.pool.close().await;
     }
 
@@ -199,6 +210,10 @@ impl PostgresProvider {
 
     pub(crate) fn pool_ref(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    pub(crate) fn conns(&self) -> &ConnPool {
+        &self.inner.conns
     }
 }
 

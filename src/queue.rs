@@ -51,13 +51,11 @@ impl PostgresProvider {
             ));
         }
         let enc = encode_item(&item).map_err(|m| decode_error(OP, None, m))?;
-        sqlx::query(&self.sql(ENQUEUE))
+        on_conn!(self, execute, sqlx::query(&self.sql(ENQUEUE))
             .bind(&enc.instance)
             .bind(enc.kind)
             .bind(&enc.json)
-            .bind(delay.map(millis).unwrap_or(0))
-            .execute(self.pool_ref())
-            .await
+            .bind(delay.map(millis).unwrap_or(0)))
             .map_err(|e| db_error(OP, Some(&enc.instance), e))?;
         Ok(())
     }
@@ -69,12 +67,10 @@ impl PostgresProvider {
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
         const OP: &str = "abandon_orchestration_item";
-        let released: Option<String> = sqlx::query_scalar(&self.sql(ABANDON))
+        let released: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(ABANDON))
             .bind(lock_token)
             .bind(delay.map(millis))
-            .bind(ignore_attempt)
-            .fetch_optional(self.pool_ref())
-            .await
+            .bind(ignore_attempt))
             .map_err(|e| db_error(OP, None, e))?;
         match released {
             Some(instance) => {
@@ -97,11 +93,9 @@ impl PostgresProvider {
 
     pub(crate) async fn renew_orchestration(&self, lock_token: &str, extend_for: Duration) -> Result<(), ProviderError> {
         const OP: &str = "renew_orchestration_item_lock";
-        let renewed: Option<String> = sqlx::query_scalar(&self.sql(RENEW))
+        let renewed: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(RENEW))
             .bind(lock_token)
-            .bind(millis(extend_for))
-            .fetch_optional(self.pool_ref())
-            .await
+            .bind(millis(extend_for)))
             .map_err(|e| db_error(OP, None, e))?;
         match renewed {
             Some(_) => Ok(()),

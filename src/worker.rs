@@ -199,16 +199,14 @@ impl PostgresProvider {
     ) -> Result<Attempt<(WorkItem, String, u32)>, ProviderError> {
         const OP: &str = "fetch_work_item";
         let token = format!("work_{}", uuid::Uuid::new_v4());
-        let row = sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
+        let row = on_conn!(self, fetch_one, sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
             .bind(&token)
             .bind(millis(lock_timeout))
             .bind(session.is_some())
             .bind(session.map(|s| s.owner_id.as_str()).unwrap_or(""))
             .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
             .bind(tag_mode)
-            .bind(tags)
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(tags))
             .map_err(|e| db_error(OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {
             return Ok(Attempt::Empty { wake_in: wake_in(row.now_ms, row.next_wake_ms) });
@@ -247,13 +245,11 @@ impl PostgresProvider {
                 ));
             }
         };
-        let acked: i64 = sqlx::query_scalar(&self.sql(ACK))
+        let acked: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(ACK))
             .bind(token)
             .bind(instance)
             .bind(kind)
-            .bind(json)
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(json))
             .map_err(|e| db_error(OP, instance, e))?;
         if acked == 0 {
             return Err(ProviderError::permanent(
@@ -269,11 +265,9 @@ impl PostgresProvider {
 
     pub(crate) async fn renew_work(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
         const OP: &str = "renew_work_item_lock";
-        let renewed: i64 = sqlx::query_scalar(&self.sql(RENEW))
+        let renewed: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(RENEW))
             .bind(token)
-            .bind(millis(extend_for))
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(millis(extend_for)))
             .map_err(|e| db_error(OP, None, e))?;
         if renewed == 0 {
             return Err(ProviderError::permanent(
@@ -291,12 +285,10 @@ impl PostgresProvider {
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
         const OP: &str = "abandon_work_item";
-        let row: Option<String> = sqlx::query_scalar(&self.sql(ABANDON))
+        let row: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(ABANDON))
             .bind(token)
             .bind(delay.map(millis))
-            .bind(ignore_attempt)
-            .fetch_optional(self.pool_ref())
-            .await
+            .bind(ignore_attempt))
             .map_err(|e| db_error(OP, None, e))?;
         match row {
             Some(_) => Ok(()),
@@ -317,15 +309,13 @@ impl PostgresProvider {
         };
         let bad = |m: String| decode_error(OP, Some(instance), m);
         let json = serde_json::to_string(&item).map_err(|e| bad(e.to_string()))?;
-        sqlx::query(&self.sql(ENQUEUE))
+        on_conn!(self, execute, sqlx::query(&self.sql(ENQUEUE))
             .bind(json)
             .bind(instance)
             .bind(to_i64("execution_id", *execution_id).map_err(bad)?)
             .bind(to_i64("activity id", *id).map_err(bad)?)
             .bind(session_id)
-            .bind(tag)
-            .execute(self.pool_ref())
-            .await
+            .bind(tag))
             .map_err(|e| db_error(OP, Some(instance), e))?;
         Ok(())
     }
@@ -339,20 +329,16 @@ impl PostgresProvider {
         if owner_ids.is_empty() {
             return Ok(0);
         }
-        let n: i64 = sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
+        let n: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
             .bind(owner_ids)
             .bind(millis(extend_for))
-            .bind(millis(idle_timeout))
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(millis(idle_timeout)))
             .map_err(|e| db_error("renew_session_lock", None, e))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     pub(crate) async fn cleanup_sessions(&self) -> Result<usize, ProviderError> {
-        let n: i64 = sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS))
-            .fetch_one(self.pool_ref())
-            .await
+        let n: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS)))
             .map_err(|e| db_error("cleanup_orphaned_sessions", None, e))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }

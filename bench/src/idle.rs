@@ -25,7 +25,7 @@ async fn server_calls(env: &Env) -> Option<f64> {
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     let window = Duration::from_secs(
         opts.duration_secs
-            .unwrap_or(if opts.quick { 4 } else { 10 }),
+            .unwrap_or(if opts.quick { 4 } else { 15 }),
     );
     let settle = Duration::from_secs(2);
     let rtts = opts.rtts(&[0]);

@@ -68,7 +68,7 @@ struct Sample {
 
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     let rtts = opts.rtts(&[0, 10, 50]);
-    let samples = opts.samples.unwrap_or(if opts.quick { 8 } else { 15 });
+    let samples = opts.samples.unwrap_or(if opts.quick { 5 } else { 8 });
     let mut out = Vec::new();
     for &rtt in &rtts {
         let mut per: Vec<(String, [Vec<f64>; 6])> = Vec::new();

@@ -104,10 +104,10 @@ struct Cli {
     /// throughput: dispatcher configs as ORCH:WORKER, comma-separated.
     #[arg(long, default_value = "1:1,2:2,4:4")]
     configs: String,
-    /// throughput: seconds per run (default 6, quick 3); idle: measuring window (default 10, quick 4).
+    /// throughput: seconds per run (default 5, quick 3); idle: measuring window (default 15, quick 4).
     #[arg(long)]
     duration_secs: Option<u64>,
-    /// latency: orchestrations per run (default 15, quick 8).
+    /// latency: orchestrations per run (default 8, quick 5).
     #[arg(long)]
     samples: Option<usize>,
     /// latency: how long each activity sleeps (ms).

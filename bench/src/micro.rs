@@ -255,7 +255,7 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     bytes,
                     rts
                 );
-                let extra = json!({"events": events, "payload_chars": payload.len(), "calls_per_run": calls});
+                let extra = json!({"payload_chars": payload.len(), "calls_per_run": calls, "warmup_calls": HISTORY_WARMUP});
                 out.push(
                     Record::new("history", kind.name(), &case, rtt, "fetch_ms", "ms", runs)
                         .with_extra(extra),

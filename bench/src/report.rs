@@ -1,6 +1,5 @@
 //! Turning records into a readable table, a markdown snippet and charts.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 
@@ -13,6 +12,7 @@ pub const SCENARIOS: [&str; 5] = ["throughput", "latency", "history", "backlog",
 fn describe(metric: &str) -> (&'static str, &'static str) {
     match metric {
         "orch_per_s" => ("orchestrations/s", "higher"),
+        "failed_orchestrations" => ("failed orchestrations per run", "lower"),
         "activities_per_s" => ("activities/s", "higher"),
         "round_trips_per_orch" => (
             "client→server request bursts per orchestration (≈ round trips; all traffic during it, incl. idle polls)",
@@ -127,74 +127,134 @@ fn provider_order(records: &[&Record]) -> Vec<String> {
     ps
 }
 
-/// Groups a scenario's records into tables keyed by (metric, rtt), rows by case.
-type Tables<'a> = BTreeMap<(usize, u64), (String, Vec<String>, Vec<&'a Record>)>;
+/// One table: a metric, its rows as (case, RTT), and the records.
+struct Table<'a> {
+    metric: String,
+    rows: Vec<(String, u64)>,
+    recs: Vec<&'a Record>,
+    /// The scenario ran at more than one RTT (rows are labelled with it).
+    multi_rtt: bool,
+}
 
-fn tables<'a>(records: &'a [Record], scenario: &str) -> Tables<'a> {
-    let mut metric_order: Vec<String> = Vec::new();
-    let mut out: Tables<'a> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.scenario == scenario) {
-        let mi = match metric_order.iter().position(|m| *m == r.metric) {
+impl<'a> Table<'a> {
+    fn get(&self, provider: &str, row: &(String, u64)) -> Option<&'a Record> {
+        self.recs
+            .iter()
+            .copied()
+            .find(|r| r.provider == provider && r.case == row.0 && r.rtt_ms == row.1)
+    }
+
+    fn label(&self, row: &(String, u64)) -> String {
+        if self.multi_rtt {
+            format!("{}, RTT {} ms", row.0, row.1)
+        } else {
+            row.0.clone()
+        }
+    }
+
+    fn rtt_note(&self) -> String {
+        if self.multi_rtt {
+            String::new()
+        } else {
+            format!(" — RTT {} ms", self.recs[0].rtt_ms)
+        }
+    }
+}
+
+/// A scenario's records as one table per metric (in first-seen order), rows by
+/// (case, RTT) sorted by RTT then first-seen case order.
+fn tables<'a>(records: &'a [Record], scenario: &str) -> Vec<Table<'a>> {
+    let recs: Vec<&Record> = records.iter().filter(|r| r.scenario == scenario).collect();
+    let mut rtts: Vec<u64> = recs.iter().map(|r| r.rtt_ms).collect();
+    rtts.sort_unstable();
+    rtts.dedup();
+    let multi_rtt = rtts.len() > 1;
+    let mut cases: Vec<&str> = Vec::new();
+    for r in &recs {
+        if !cases.contains(&r.case.as_str()) {
+            cases.push(&r.case);
+        }
+    }
+    let mut out: Vec<Table<'a>> = Vec::new();
+    for r in recs {
+        let i = match out.iter().position(|t| t.metric == r.metric) {
             Some(i) => i,
             None => {
-                metric_order.push(r.metric.clone());
-                metric_order.len() - 1
+                out.push(Table {
+                    metric: r.metric.clone(),
+                    rows: Vec::new(),
+                    recs: Vec::new(),
+                    multi_rtt,
+                });
+                out.len() - 1
             }
         };
-        let e = out
-            .entry((mi, r.rtt_ms))
-            .or_insert_with(|| (r.metric.clone(), Vec::new(), Vec::new()));
-        if !e.1.contains(&r.case) {
-            e.1.push(r.case.clone());
+        let t = &mut out[i];
+        let row = (r.case.clone(), r.rtt_ms);
+        if !t.rows.contains(&row) {
+            t.rows.push(row);
         }
-        e.2.push(r);
+        t.recs.push(r);
+    }
+    for t in &mut out {
+        t.rows
+            .sort_by_key(|(c, rtt)| (*rtt, cases.iter().position(|x| x == c)));
     }
     out
+}
+
+fn ratio(a: Option<&Record>, inc: Option<&Record>) -> String {
+    match (a, inc) {
+        (Some(a), Some(b)) if b.median != 0.0 && a.median.is_finite() && b.median.is_finite() => {
+            format!("{:.2}×", a.median / b.median)
+        }
+        _ => "–".into(),
+    }
 }
 
 /// The readable console table.
 pub fn text_table(records: &[Record]) -> String {
     let mut s = String::new();
     for scenario in SCENARIOS {
-        let t = tables(records, scenario);
-        if t.is_empty() {
+        let tables = tables(records, scenario);
+        if tables.is_empty() {
             continue;
         }
         let _ = writeln!(s, "\n== {scenario} ==");
-        for (metric, cases, recs) in t.values() {
-            let providers = provider_order(recs);
-            let rtt = recs[0].rtt_ms;
-            let (label, better) = describe(metric);
+        for t in &tables {
+            let providers = provider_order(&t.recs);
+            let (label, better) = describe(&t.metric);
             let _ = writeln!(
                 s,
-                "\n{metric} @ RTT {rtt} ms  [{label}; {better} is better]"
+                "\n{}{}  [{label}; {better} is better]",
+                t.metric,
+                t.rtt_note()
             );
-            let mut header = format!("{:<38}", "case");
+            let mut header = format!("{:<40}", "case");
             for p in &providers {
-                let _ = write!(header, "{p:>26}");
+                let _ = write!(header, "{p:>24}");
             }
-            if providers.iter().any(|p| p == "incumbent") && providers.len() > 1 {
-                for p in providers.iter().filter(|p| *p != "incumbent") {
-                    let _ = write!(header, "{:>18}", format!("{p}/inc"));
+            let has_inc = providers.iter().any(|p| p == "incumbent") && providers.len() > 1;
+            let others: Vec<&String> = providers.iter().filter(|p| *p != "incumbent").collect();
+            if has_inc {
+                for p in &others {
+                    let _ = write!(header, "{:>16}", format!("{p}/inc"));
                 }
             }
             let _ = writeln!(s, "{header}");
-            for case in cases {
-                let mut line = format!("{case:<38}");
-                let get = |p: &str| recs.iter().find(|r| r.provider == p && &r.case == case);
+            for row in &t.rows {
+                let mut line = format!("{:<40}", t.label(row));
                 for p in &providers {
-                    let _ = write!(
-                        line,
-                        "{:>26}",
-                        get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into())
-                    );
+                    let v = t.get(p, row).map(cell).unwrap_or_else(|| "–".into());
+                    let _ = write!(line, "{v:>24}");
                 }
-                if let Some(inc) = get("incumbent") {
-                    for p in providers.iter().filter(|p| *p != "incumbent") {
-                        let ratio = get(p)
-                            .map(|r| format!("{:.2}×", r.median / inc.median))
-                            .unwrap_or_else(|| "–".into());
-                        let _ = write!(line, "{ratio:>18}");
+                if has_inc {
+                    for p in &others {
+                        let _ = write!(
+                            line,
+                            "{:>16}",
+                            ratio(t.get(p, row), t.get("incumbent", row))
+                        );
                     }
                 }
                 let _ = writeln!(s, "{line}");
@@ -212,7 +272,7 @@ fn scenario_title(s: &str) -> &'static str {
         "latency" => {
             "Latency: one orchestration of 5 sequential activities at a time, default RuntimeOptions"
         }
-        "history" => "History: fetch_orchestration_item cost vs history size (~420-byte events)",
+        "history" => "History: fetch_orchestration_item cost vs history size (~450-byte events)",
         "backlog" => "Backlog: fetch cost next to large queues",
         "idle" => "Idle: what an idle runtime (2 orchestration + 2 worker dispatchers) sends",
         _ => "",
@@ -326,8 +386,8 @@ pub fn markdown(
         let _ = writeln!(s, "| Runs | {} |", runs.join("; "));
     }
     for scenario in SCENARIOS {
-        let t = tables(records, scenario);
-        if t.is_empty() {
+        let tables = tables(records, scenario);
+        if tables.is_empty() {
             continue;
         }
         let _ = writeln!(s, "\n#### {}\n", scenario_title(scenario));
@@ -338,11 +398,10 @@ pub fn markdown(
         {
             let _ = writeln!(s, "Parameters: `{extra}`\n");
         }
-        for (metric, cases, recs) in t.values() {
-            let providers = provider_order(recs);
-            let rtt = recs[0].rtt_ms;
-            let (label, better) = describe(metric);
-            let _ = writeln!(s, "**{label}** — RTT {rtt} ms, {better} is better\n");
+        for t in &tables {
+            let providers = provider_order(&t.recs);
+            let (label, better) = describe(&t.metric);
+            let _ = writeln!(s, "**{label}**{}, {better} is better\n", t.rtt_note());
             let has_inc = providers.iter().any(|p| p == "incumbent") && providers.len() > 1;
             let others: Vec<&String> = providers.iter().filter(|p| *p != "incumbent").collect();
             let mut header = "| case |".to_string();
@@ -358,25 +417,16 @@ pub fn markdown(
                 }
             }
             let _ = writeln!(s, "{header}\n{sep}");
-            for case in cases {
-                let get = |p: &str| recs.iter().find(|r| r.provider == p && &r.case == case);
-                let mut line = format!("| {case} |");
+            for row in &t.rows {
+                let mut line = format!("| {} |", t.label(row));
                 for p in &providers {
-                    let _ = write!(
-                        line,
-                        " {} |",
-                        get(p).map(|r| cell(r)).unwrap_or_else(|| "–".into())
-                    );
+                    let v = t.get(p, row).map(cell).unwrap_or_else(|| "–".into());
+                    let _ = write!(line, " {v} |");
                 }
                 if has_inc {
                     for p in &others {
-                        let ratio = match (get(p), get("incumbent")) {
-                            (Some(a), Some(b)) if b.median != 0.0 => {
-                                format!("{:.2}×", a.median / b.median)
-                            }
-                            _ => "–".into(),
-                        };
-                        let _ = write!(line, " {ratio} |");
+                        let _ =
+                            write!(line, " {} |", ratio(t.get(p, row), t.get("incumbent", row)));
                     }
                 }
                 let _ = writeln!(s, "{line}");

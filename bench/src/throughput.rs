@@ -50,7 +50,7 @@ pub fn parse_configs(s: &str) -> Result<Vec<(usize, usize)>, String> {
 
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     let configs = parse_configs(&opts.configs)?;
-    let duration_secs = opts.duration_secs.unwrap_or(if opts.quick { 3 } else { 6 });
+    let duration_secs = opts.duration_secs.unwrap_or(if opts.quick { 3 } else { 5 });
     let rtts = opts.rtts(&[0]);
     let mut out = Vec::new();
     for &rtt in &rtts {
@@ -120,7 +120,7 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
             {
                 let extra = json!({
                     "duration_secs": duration_secs, "max_concurrent": 20, "tasks_per_instance": 5,
-                    "activity_delay_ms": 10, "failed_per_run": failed,
+                    "activity_delay_ms": 10,
                 });
                 out.push(
                     Record::new(
@@ -142,6 +142,15 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     "activities_per_s",
                     "act/s",
                     act,
+                ));
+                out.push(Record::new(
+                    "throughput",
+                    &provider,
+                    &case,
+                    rtt,
+                    "failed_orchestrations",
+                    "count",
+                    failed,
                 ));
                 if !rts.is_empty() {
                     out.push(Record::new(

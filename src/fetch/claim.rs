@@ -30,7 +30,7 @@ const RELEASE: &str = "WITH released AS (DELETE FROM {s}.instance_locks WHERE lo
 
 impl PostgresProvider {
     pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
-        let row = sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
+        let row = on_conn!(self, fetch_one, sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
             .bind(a.lock_timeout_ms)
             .bind(a.filter_enabled)
             .bind(a.min.0)
@@ -38,9 +38,7 @@ impl PostgresProvider {
             .bind(a.min.2)
             .bind(a.max.0)
             .bind(a.max.1)
-            .bind(a.max.2)
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(a.max.2))
             .map_err(|e| db_error(OP, None, e))?;
         Ok(match (row.o_instance_id, row.o_lock_token) {
             (Some(instance), Some(lock_token)) => Attempt::Claimed(Claim {
@@ -54,7 +52,7 @@ impl PostgresProvider {
     }
 
     pub(crate) async fn release_claim(&self, lock_token: &str, instance: &str) {
-        if let Err(e) = sqlx::query(&self.sql(RELEASE)).bind(lock_token).execute(self.pool_ref()).await {
+        if let Err(e) = on_conn!(self, execute, sqlx::query(&self.sql(RELEASE)).bind(lock_token)) {
             // The lease expires on its own; nothing is lost, the turn is only delayed.
             tracing::warn!(
                 target: crate::provider::TRACING_TARGET,

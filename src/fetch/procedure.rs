@@ -32,7 +32,7 @@ struct FullRow {
 
 impl PostgresProvider {
     pub(crate) async fn fetch_procedure(&self, a: &ClaimArgs) -> Result<Attempt<TurnRows>, ProviderError> {
-        let r = sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
+        let r = on_conn!(self, fetch_one, sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
             .bind(a.lock_timeout_ms)
             .bind(a.filter_enabled)
             .bind(a.min.0)
@@ -40,9 +40,7 @@ impl PostgresProvider {
             .bind(a.min.2)
             .bind(a.max.0)
             .bind(a.max.1)
-            .bind(a.max.2)
-            .fetch_one(self.pool_ref())
-            .await
+            .bind(a.max.2))
             .map_err(|e| db_error(OP, None, e))?;
         let (Some(instance), Some(lock_token)) = (r.o_instance_id, r.o_lock_token) else {
             return Ok(Attempt::Empty { wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms) });

@@ -1,6 +1,6 @@
 //! Hybrid path, second round trip: the four reads of a claimed turn, issued concurrently
-//! with `tokio::join!`. Each query runs directly on the pool, so each takes its own
-//! connection and they overlap on the wire.
+//! with `tokio::join!`. Each query checks out its own pooled connection, so they
+//! overlap on the wire.
 
 use duroxide::providers::ProviderError;
 
@@ -23,21 +23,21 @@ impl PostgresProvider {
         claim: &Claim,
     ) -> Result<(Meta, Vec<String>, Vec<String>, KvRows), ProviderError> {
         let instance = claim.instance.as_str();
-        let pool = self.pool_ref();
         let (messages_sql, meta_sql, history_sql, kv_sql) =
             (self.sql(MESSAGES), self.sql(META), self.sql(HISTORY), self.sql(KV));
         let (messages, meta, history, kv) = tokio::join!(
-            sqlx::query_scalar::<_, String>(&messages_sql)
-                .bind(&claim.lock_token)
-                .fetch_all(pool),
-            sqlx::query_as::<_, (String, Option<String>)>(&meta_sql)
-                .bind(instance)
-                .fetch_optional(pool),
-            sqlx::query_scalar::<_, String>(&history_sql)
-                .bind(instance)
-                .bind(claim.execution_id)
-                .fetch_all(pool),
-            sqlx::query_as::<_, (String, String, i64)>(&kv_sql).bind(instance).fetch_all(pool),
+            async { on_conn!(self, fetch_all, sqlx::query_scalar::<_, String>(&messages_sql).bind(&claim.lock_token)) },
+            async {
+                on_conn!(self, fetch_optional, sqlx::query_as::<_, (String, Option<String>)>(&meta_sql).bind(instance))
+            },
+            async {
+                on_conn!(
+                    self,
+                    fetch_all,
+                    sqlx::query_scalar::<_, String>(&history_sql).bind(instance).bind(claim.execution_id)
+                )
+            },
+            async { on_conn!(self, fetch_all, sqlx::query_as::<_, (String, String, i64)>(&kv_sql).bind(instance)) },
         );
         let err = |e| db_error(OP, Some(instance), e);
         Ok((meta.map_err(err)?, messages.map_err(err)?, history.map_err(err)?, kv.map_err(err)?))

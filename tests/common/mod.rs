@@ -21,14 +21,17 @@ use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use sqlx::{Connection, PgConnection};
 
-/// Used when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Used when `DATABASE_URL` is not set. TLS is off: on loopback it buys nothing, and
+/// each new TLS connection costs tens of milliseconds of CPU (the CA bundle is loaded per
+/// connection), which slows the suite down 2-3x and upsets its timing-sensitive tests.
+pub const DEFAULT_DATABASE_URL: &str =
+    "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable";
 
 /// Pool size of every test provider. `scripts/test.sh` runs 8 test threads, so the suite
 /// needs roughly 8 x 5 connections plus one short-lived clean-up connection per test.
 pub const TEST_POOL_SIZE: u32 = 5;
 
-/// Connections each test provider opens at creation (see [`warm_up`]): the hybrid fetch
+/// Connections each test provider opens at creation (`min_connections`): the hybrid fetch
 /// path reads on up to four connections at once.
 pub const WARM_CONNECTIONS: u32 = 4;
 
@@ -72,7 +75,9 @@ pub fn test_options(schema: &str, path: FetchPath) -> ProviderOptions {
     ProviderOptions {
         schema: schema.to_string(),
         max_connections: TEST_POOL_SIZE,
-        min_connections: 0,
+        // Opened up front, as a long-running process would have them: tests with 1 s
+        // locks and 100-200 ms margins would otherwise measure connection set-up.
+        min_connections: WARM_CONNECTIONS,
         fetch_path: Some(path),
         application_name: application_name(schema),
         ..ProviderOptions::default()
@@ -140,7 +145,6 @@ impl SchemaCleanup {
             });
         let provider = Arc::new(provider);
         self.owned().providers.push(provider.clone());
-        warm_up(&provider).await;
         provider
     }
 }
@@ -176,17 +180,6 @@ impl Drop for SchemaCleanup {
             Err(_) => eprintln!("warning: test clean-up thread panicked"),
         }
     }
-}
-
-/// Opens [`WARM_CONNECTIONS`] pooled connections up front, as a long-running process
-/// would have them. Tests with 1 s locks and 100-200 ms margins otherwise measure
-/// connection set-up (TCP, TLS, authentication) on their first calls.
-async fn warm_up(provider: &PostgresProvider) {
-    let conns =
-        futures::future::try_join_all((0..WARM_CONNECTIONS).map(|_| provider.pool().acquire()))
-            .await
-            .unwrap_or_else(|e| panic!("warming up the pool of schema {}: {e}", provider.schema()));
-    drop(conns);
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,176 @@
+//! Round trips per provider call, counted by a TCP proxy between the provider and
+//! PostgreSQL (a "burst" is a client message sent after the server answered, i.e. one
+//! round trip the caller waited for). Serial depth is shown by adding latency in the
+//! proxy: a call of depth d takes at least d x RTT and well under (d + 1) x RTT.
+//!
+//! Every count is taken after a warm-up, so statements are already prepared on every
+//! pooled connection (a first use of a statement on a connection costs one extra
+//! Parse/Describe trip, once).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{database_url, new_provider, test_options};
+use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
+use duroxide_pg_hybrid_testkit::proxy::{rewrite_url, Proxy};
+
+const LOCK: Duration = Duration::from_secs(30);
+const NOW: Duration = Duration::ZERO;
+
+async fn proxied(schema: &str, path: FetchPath, rtt: Duration) -> (Proxy, PostgresProvider) {
+    let url = database_url();
+    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
+    let proxy = Proxy::start(upstream, rtt).await.unwrap();
+    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
+    let mut options = test_options(schema, path);
+    options.max_connections = 4;
+    options.min_connections = 4;
+    let provider = PostgresProvider::connect_with(&via_proxy, options).await.unwrap();
+    (proxy, provider)
+}
+
+fn start(instance: &str) -> WorkItem {
+    WorkItem::StartOrchestration {
+        instance: instance.to_string(),
+        orchestration: "O".to_string(),
+        input: "in".to_string(),
+        version: Some("1.0.0".to_string()),
+        parent_instance: None,
+        parent_id: None,
+        parent_execution_id: None,
+        execution_id: 1,
+    }
+}
+
+fn activity(instance: &str, id: u64) -> WorkItem {
+    WorkItem::ActivityExecute {
+        instance: instance.to_string(),
+        execution_id: 1,
+        id,
+        name: "A".to_string(),
+        input: "in".to_string(),
+        session_id: None,
+        tag: None,
+    }
+}
+
+fn metadata() -> ExecutionMetadata {
+    ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        status: Some("Running".to_string()),
+        ..Default::default()
+    }
+}
+
+/// Round trips (bursts) of every provider call of one orchestration turn and one
+/// activity, in order. Returned as (call, bursts).
+async fn one_cycle(proxy: &Proxy, p: &PostgresProvider, n: usize) -> Vec<(&'static str, u64)> {
+    let mut out = Vec::new();
+    macro_rules! measure {
+        ($name:expr, $call:expr) => {{
+            let before = proxy.snapshot();
+            let r = $call;
+            out.push(($name, proxy.snapshot().since(&before).bursts));
+            r
+        }};
+    }
+    let inst = format!("rt-{n}");
+    measure!("empty fetch_orchestration_item", p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap());
+    measure!("empty fetch_work_item", p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap());
+    measure!("enqueue_for_orchestrator", p.enqueue_for_orchestrator(start(&inst), None).await.unwrap());
+    let (_, token, _) =
+        measure!("fetch_orchestration_item", p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap());
+    measure!("renew_orchestration_item_lock", p.renew_orchestration_item_lock(&token, LOCK).await.unwrap());
+    measure!("abandon_orchestration_item", p.abandon_orchestration_item(&token, None, true).await.unwrap());
+    let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
+    measure!(
+        "ack_orchestration_item",
+        p.ack_orchestration_item(&token, 1, vec![], vec![activity(&inst, 2)], vec![], metadata(), vec![])
+            .await
+            .unwrap()
+    );
+    let (_, wtoken, _) =
+        measure!("fetch_work_item", p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap());
+    measure!("renew_work_item_lock", p.renew_work_item_lock(&wtoken, LOCK).await.unwrap());
+    measure!("abandon_work_item", p.abandon_work_item(&wtoken, None, false).await.unwrap());
+    let (_, wtoken, _) = p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap();
+    let completion =
+        WorkItem::ActivityCompleted { instance: inst.clone(), execution_id: 1, id: 2, result: "r".to_string() };
+    measure!("ack_work_item", p.ack_work_item(&wtoken, Some(completion)).await.unwrap());
+    measure!("enqueue_for_worker", p.enqueue_for_worker(activity(&inst, 3)).await.unwrap());
+    // Leave the queues empty for the next cycle.
+    let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
+    p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], ExecutionMetadata::default(), vec![]).await.unwrap();
+    let (_, wtoken, _) = p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap();
+    p.ack_work_item(&wtoken, None).await.unwrap();
+    out
+}
+
+async fn round_trips(path: FetchPath) {
+    let (_owner, guard) = new_provider(path).await;
+    let (proxy, p) = proxied(guard.schema(), path, Duration::ZERO).await;
+    for n in 0..25 {
+        one_cycle(&proxy, &p, n).await;
+    }
+    // Steady state: the fewest round trips each call needed over several cycles.
+    let mut best: Vec<(&str, u64)> = one_cycle(&proxy, &p, 100).await;
+    for n in 101..106 {
+        for (slot, (_, bursts)) in best.iter_mut().zip(one_cycle(&proxy, &p, n).await) {
+            slot.1 = slot.1.min(bursts);
+        }
+    }
+    let hybrid_fetch = match path {
+        // Claim, then 4 reads on 4 connections (serial depth 2, see below).
+        FetchPath::Hybrid => 5,
+        FetchPath::Procedure => 1,
+    };
+    for (call, bursts) in &best {
+        let expected = if *call == "fetch_orchestration_item" { hybrid_fetch } else { 1 };
+        assert_eq!(*bursts, expected, "{path}: {call} took {bursts} round trips, expected {expected}");
+    }
+    println!("{path}: {best:?}");
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_round_trips_per_call() {
+    round_trips(FetchPath::Hybrid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn procedure_round_trips_per_call() {
+    round_trips(FetchPath::Procedure).await;
+}
+
+/// Serial depth of a fetch, shown with 60 ms of simulated round-trip time: hybrid costs
+/// two round trips back to back (the four reads overlap), procedure one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_serial_depth_under_latency() {
+    let rtt = Duration::from_millis(60);
+    for (path, depth) in [(FetchPath::Hybrid, 2u32), (FetchPath::Procedure, 1u32)] {
+        let (_owner, guard) = new_provider(path).await;
+        let (proxy, p) = proxied(guard.schema(), path, rtt).await;
+        // Warm up statements on all four connections.
+        for n in 0..5 {
+            one_cycle(&proxy, &p, n).await;
+        }
+        let mut best = Duration::MAX;
+        for n in 0..4 {
+            p.enqueue_for_orchestrator(start(&format!("depth-{n}")), None).await.unwrap();
+            let t = Instant::now();
+            let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
+            best = best.min(t.elapsed());
+            p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], ExecutionMetadata::default(), vec![])
+                .await
+                .unwrap();
+        }
+        assert!(
+            best >= rtt * depth && best < rtt * (depth + 1),
+            "{path}: fetch took {best:?}, expected serial depth {depth} at RTT {rtt:?}"
+        );
+        p.close().await;
+    }
+}
