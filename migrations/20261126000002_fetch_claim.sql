@@ -36,7 +36,10 @@ RETURNS TABLE (
     o_execution_id   BIGINT,
     o_attempt_count  INT,
     o_now_ms         BIGINT,
-    o_next_wake_ms   BIGINT
+    o_next_wake_ms   BIGINT,
+    -- Candidates passed over (held by a concurrent claim, lost lease race, not runnable)
+    -- before this result: the claim-contention signal.
+    o_skipped        INT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -140,11 +143,13 @@ BEGIN
         o_execution_id := v_exec;
         o_attempt_count := v_attempts;
         o_now_ms := v_now;
+        o_skipped := cardinality(v_tried) - 1;
         RETURN NEXT;
         RETURN;
     END LOOP;
 
     o_now_ms := now_ms();
+    o_skipped := cardinality(v_tried);
     IF cardinality(v_tried) >= p_max_candidates THEN
         -- Every candidate of this call was lost or skipped; more may be waiting.
         o_next_wake_ms := o_now_ms;

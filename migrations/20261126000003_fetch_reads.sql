@@ -66,6 +66,7 @@ RETURNS TABLE (
     o_attempt_count          INT,
     o_now_ms                 BIGINT,
     o_next_wake_ms           BIGINT,
+    o_skipped                INT,
     o_has_instance           BOOLEAN,
     o_orchestration_name     TEXT,
     o_orchestration_version  TEXT,
@@ -82,7 +83,7 @@ DECLARE
     v_claim RECORD;
 BEGIN
     SELECT c.o_instance_id, c.o_lock_token, c.o_execution_id, c.o_attempt_count,
-           c.o_now_ms, c.o_next_wake_ms
+           c.o_now_ms, c.o_next_wake_ms, c.o_skipped
     INTO v_claim
     FROM sp_fetch_and_lock(p_lock_timeout_ms, p_filter_enabled,
                            p_min_major, p_min_minor, p_min_patch,
@@ -95,6 +96,7 @@ BEGIN
     o_attempt_count := v_claim.o_attempt_count;
     o_now_ms := v_claim.o_now_ms;
     o_next_wake_ms := v_claim.o_next_wake_ms;
+    o_skipped := v_claim.o_skipped;
     IF o_instance_id IS NULL THEN
         RETURN NEXT;
         RETURN;

@@ -204,6 +204,9 @@ impl PostgresProvider {
 
         match result {
             Ok(instance) => {
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "history").record(ev_ids.len() as f64);
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "worker").record(w.items.len() as f64);
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "orchestrator").record(o.items.len() as f64);
                 tracing::debug!(
                     target: TRACING_TARGET,
                     operation = OP,

@@ -38,10 +38,13 @@ impl PostgresProvider {
     {
         let long = self.inner.long_poll && !poll_timeout.is_zero();
         if !long {
-            return match attempt().await? {
-                Attempt::Claimed(t) => Ok(Some(t)),
-                Attempt::Empty { .. } => Ok(None),
+            let claimed = match attempt().await? {
+                Attempt::Claimed(t) => Some(t),
+                Attempt::Empty { .. } => None,
             };
+            let outcome = if claimed.is_some() { "claimed" } else { "empty" };
+            metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => outcome).increment(1);
+            return Ok(claimed);
         }
         let deadline = Instant::now() + poll_timeout;
         self.inner.notifier.ensure_listening(self.pool_ref(), &self.inner.schema_q).await;
@@ -59,8 +62,16 @@ impl PostgresProvider {
                 guard.disarm();
             }
             let wake_in = match outcome? {
-                Attempt::Claimed(t) => return Ok(Some(t)),
-                Attempt::Empty { wake_in } => wake_in,
+                Attempt::Claimed(t) => {
+                    metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "claimed")
+                        .increment(1);
+                    return Ok(Some(t));
+                }
+                Attempt::Empty { wake_in } => {
+                    metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "empty")
+                        .increment(1);
+                    wake_in
+                }
             };
             let now = Instant::now();
             if now >= deadline {

@@ -100,6 +100,9 @@ impl Conn {
     /// state (anything but a server-reported error), then passes `result` through.
     pub(crate) fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         let reusable = matches!(&result, Ok(_) | Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound));
+        // Every checkout runs exactly one statement: this counts the provider's round trips.
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("duroxide_pg_round_trips_total", "outcome" => outcome).increment(1);
         if reusable && let Some(c) = self.conn.take() {
             self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(c);
         }

@@ -345,6 +345,9 @@ async fn history_one(
         let got = proxied
             .fetch_orchestration_item(LOCK, Duration::ZERO, None)
             .await?;
+        // Let background traffic the call caused (e.g. sqlx's on-release ping) reach the
+        // proxy before reading the counters.
+        tokio::time::sleep(Duration::from_millis(5 + session.rtt_ms)).await;
         let d = proxy.snapshot().since(&before);
         let (_, token, _) = got.ok_or("history instance not fetchable")?;
         proxied

@@ -206,7 +206,14 @@ fn tables<'a>(records: &'a [Record], scenario: &str) -> Vec<Table<'a>> {
 fn ratio(a: Option<&Record>, inc: Option<&Record>) -> String {
     match (a, inc) {
         (Some(a), Some(b)) if b.median != 0.0 && a.median.is_finite() && b.median.is_finite() => {
-            format!("{:.2}×", a.median / b.median)
+            let r = a.median / b.median;
+            if r >= 10.0 {
+                format!("{r:.1}×")
+            } else if r >= 0.1 || r == 0.0 {
+                format!("{r:.2}×")
+            } else {
+                format!("{r:.3}×")
+            }
         }
         _ => "–".into(),
     }

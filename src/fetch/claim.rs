@@ -8,7 +8,7 @@ use crate::errors::db_error;
 use crate::provider::PostgresProvider;
 
 const CLAIM: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
-     o_now_ms, o_next_wake_ms FROM {s}.sp_fetch_and_lock($1, $2, $3, $4, $5, $6, $7, $8)";
+     o_now_ms, o_next_wake_ms, o_skipped FROM {s}.sp_fetch_and_lock($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// The claim's one row: keys when won, else the next wake-up time.
 #[derive(sqlx::FromRow)]
@@ -19,6 +19,7 @@ struct ClaimRow {
     o_attempt_count: Option<i32>,
     o_now_ms: i64,
     o_next_wake_ms: Option<i64>,
+    o_skipped: Option<i32>,
 }
 
 /// Gives a claimed instance back after its reads failed: the lease is dropped and the
@@ -40,6 +41,7 @@ impl PostgresProvider {
             .bind(a.max.1)
             .bind(a.max.2))
             .map_err(|e| db_error(OP, None, e))?;
+        super::record_skipped(row.o_skipped);
         Ok(match (row.o_instance_id, row.o_lock_token) {
             (Some(instance), Some(lock_token)) => Attempt::Claimed(Claim {
                 instance,

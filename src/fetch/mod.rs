@@ -172,6 +172,14 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// Claim contention: candidates a claim passed over (rows held by concurrent claims,
+/// leases won by others, instances not runnable yet).
+fn record_skipped(skipped: Option<i32>) {
+    if let Some(n) = skipped.filter(|n| *n > 0) {
+        metrics::counter!("duroxide_pg_claim_skipped_candidates_total").increment(n as u64);
+    }
+}
+
 /// Builds the item duroxide sees from the raw rows of either path.
 fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
     let TurnRows { claim, meta, messages, history, kv } = rows;

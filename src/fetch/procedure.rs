@@ -8,7 +8,7 @@ use crate::errors::db_error;
 use crate::provider::PostgresProvider;
 
 const FETCH_FULL: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
-     o_now_ms, o_next_wake_ms, o_has_instance, o_orchestration_name, o_orchestration_version, \
+     o_now_ms, o_next_wake_ms, o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, \
      o_messages, o_history, o_kv_keys, o_kv_values, o_kv_updated_ms \
      FROM {s}.fetch_orchestration_full($1, $2, $3, $4, $5, $6, $7, $8)";
 
@@ -20,6 +20,7 @@ struct FullRow {
     o_attempt_count: Option<i32>,
     o_now_ms: i64,
     o_next_wake_ms: Option<i64>,
+    o_skipped: Option<i32>,
     o_has_instance: Option<bool>,
     o_orchestration_name: Option<String>,
     o_orchestration_version: Option<String>,
@@ -42,6 +43,7 @@ impl PostgresProvider {
             .bind(a.max.1)
             .bind(a.max.2))
             .map_err(|e| db_error(OP, None, e))?;
+        super::record_skipped(r.o_skipped);
         let (Some(instance), Some(lock_token)) = (r.o_instance_id, r.o_lock_token) else {
             return Ok(Attempt::Empty { wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms) });
         };
