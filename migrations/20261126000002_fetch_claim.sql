@@ -12,11 +12,14 @@
 --   2. pg_try_advisory_xact_lock on (schema, instance): a concurrent claim of the same
 --      instance through another of its rows is skipped instead of waited for (waiting
 --      would deadlock against that claim's message tagging);
---   3. upsert the lease only if the existing one expired; 0 rows = lost, next candidate;
+--   3. take the lease row without waiting (FOR UPDATE SKIP LOCKED) and renew it only if
+--      it expired, or insert it; busy or live = next candidate;
 --   4. an instance nobody can run yet (no metadata, no history start, no start message)
 --      is skipped; if its batch is only QueueMessages they are orphans and are deleted;
 --   5. tag every visible message with the token and count the attempt.
--- A lost candidate never turns into "no work": the loop moves to the next one.
+-- A lost candidate never turns into "no work": the loop moves to the next one. And a
+-- claim never waits for a lock another transaction holds (SKIP LOCKED and try-locks
+-- only), so claims cannot take part in a deadlock.
 --
 -- Always returns exactly one row. With nothing claimed, o_instance_id is NULL and
 -- o_next_wake_ms says when work may next become claimable without any new write (the
@@ -50,6 +53,7 @@ DECLARE
     v_token      TEXT;
     v_tried      TEXT[] := '{}';
     v_won        INT;
+    v_until      BIGINT;
     v_runnable   BOOLEAN;
     v_attempts   INT;
     v_exec       BIGINT;
@@ -85,17 +89,32 @@ BEGIN
 
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
 
+        -- The lease row is taken without waiting: if an ack, renew, abandon or delete of
+        -- this instance holds it right now, the instance is busy and the next candidate
+        -- is tried. (Waiting here while holding the candidate row could deadlock with
+        -- an ack deleting that row.)
         v_token := 'lock_' || gen_random_uuid()::TEXT;
         v_now := now_ms();
-        INSERT INTO instance_locks AS l (instance_id, lock_token, locked_until_ms, locked_at_ms)
-        VALUES (v_instance, v_token, v_now + p_lock_timeout_ms, v_now)
-        ON CONFLICT (instance_id) DO UPDATE
-            SET lock_token = EXCLUDED.lock_token,
-                locked_until_ms = EXCLUDED.locked_until_ms,
-                locked_at_ms = EXCLUDED.locked_at_ms
-            WHERE l.locked_until_ms <= EXCLUDED.locked_at_ms;
-        GET DIAGNOSTICS v_won = ROW_COUNT;
-        CONTINUE WHEN v_won = 0;
+        SELECT l.locked_until_ms INTO v_until
+        FROM instance_locks l WHERE l.instance_id = v_instance
+        FOR UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            -- A lease committed after the candidate scan's snapshot is still live.
+            CONTINUE WHEN v_until > v_now;
+            UPDATE instance_locks l
+            SET lock_token = v_token, locked_until_ms = v_now + p_lock_timeout_ms, locked_at_ms = v_now
+            WHERE l.instance_id = v_instance;
+        ELSIF EXISTS (SELECT 1 FROM instance_locks l WHERE l.instance_id = v_instance) THEN
+            CONTINUE;
+        ELSE
+            -- Lease rows are only inserted under the advisory lock held above, so this
+            -- cannot wait on a concurrent insert.
+            INSERT INTO instance_locks (instance_id, lock_token, locked_until_ms, locked_at_ms)
+            VALUES (v_instance, v_token, v_now + p_lock_timeout_ms, v_now)
+            ON CONFLICT (instance_id) DO NOTHING;
+            GET DIAGNOSTICS v_won = ROW_COUNT;
+            CONTINUE WHEN v_won = 0;
+        END IF;
 
         SELECT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = v_instance)
             OR EXISTS (SELECT 1 FROM history h
@@ -113,15 +132,21 @@ BEGIN
                            WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now
                              AND q.kind <> 'QueueMessage') THEN
                 DELETE FROM orchestrator_queue q
-                WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
+                WHERE q.id IN (SELECT o.id FROM orchestrator_queue o
+                               WHERE o.instance_id = v_instance AND o.visible_at_ms <= v_now
+                               FOR UPDATE SKIP LOCKED);
             END IF;
             DELETE FROM instance_locks l WHERE l.lock_token = v_token;
             CONTINUE;
         END IF;
 
+        -- Rows another claimer holds as its candidate right now are left for the next
+        -- turn rather than waited for (waiting is how claims deadlocked each other).
         UPDATE orchestrator_queue q
         SET lock_token = v_token, attempt_count = q.attempt_count + 1
-        WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
+        WHERE q.id IN (SELECT o.id FROM orchestrator_queue o
+                       WHERE o.instance_id = v_instance AND o.visible_at_ms <= v_now
+                       FOR UPDATE SKIP LOCKED);
 
         SELECT max(q.attempt_count) INTO v_attempts
         FROM orchestrator_queue q WHERE q.lock_token = v_token;

@@ -1,8 +1,4 @@
-//! # duroxide-pg-hybrid
-//!
-//! A PostgreSQL storage provider for [duroxide](https://docs.rs/duroxide) 0.1.32.
-//!
-//! See the README for the design, the fetch paths and operations.
+#![doc = include_str!("../README.md")]
 
 #![warn(missing_docs)]
 

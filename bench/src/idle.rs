@@ -1,5 +1,5 @@
 //! `idle`: what an idle runtime (default `RuntimeOptions`: 2 orchestration + 2 worker
-//! dispatchers) costs the database: statements/s, round trips/s and bytes/s, counted by
+//! dispatchers) costs the database: statements/s, request bursts/s and bytes/s, counted by
 //! the proxy (and, if `pg_stat_statements` is installed, the server-wide call rate).
 
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
             let mut bytes = Vec::new();
             let mut server = Vec::new();
             for run in 0..opts.runs {
-                let session = env.session("idle", kind, rtt, true).await?;
+                let session = env.session("idle", kind, rtt, true, false).await?;
                 let provider = session.dyn_provider();
                 let (acts, orchs) = registries(0);
                 let rt = runtime::Runtime::start_with_options(
@@ -61,7 +61,7 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 let d = after.since(&before);
                 let s = d.statements as f64 / secs;
                 eprintln!(
-                    "  idle rtt={rtt}ms {kind} run {}: {s:.1} statements/s, {:.1} round trips/s, {:.0} B/s{}",
+                    "  idle rtt={rtt}ms {kind} run {}: {s:.1} statements/s, {:.1} request bursts/s, {:.0} B/s{}",
                     run + 1,
                     d.bursts as f64 / secs,
                     (d.bytes_c2s + d.bytes_s2c) as f64 / secs,

@@ -68,13 +68,13 @@ struct Sample {
 
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     let rtts = opts.rtts(&[0, 10, 50]);
-    let samples = opts.samples.unwrap_or(if opts.quick { 5 } else { 8 });
+    let samples = opts.samples.unwrap_or(if opts.quick { 3 } else { 8 });
     let mut out = Vec::new();
     for &rtt in &rtts {
         let mut per: Vec<(String, [Vec<f64>; 6])> = Vec::new();
         for run in 0..opts.runs {
             for &kind in &opts.providers {
-                let session = env.session("lat", kind, rtt, false).await?;
+                let session = env.session("lat", kind, rtt, false, false).await?;
                 let r = one_run(&session, run, samples, opts.activity_ms).await;
                 session.teardown(env).await;
                 let results = r.map_err(|e| format!("latency {kind} rtt={rtt}: {e}"))?;

@@ -107,7 +107,7 @@ struct Cli {
     /// throughput: seconds per run (default 5, quick 3); idle: measuring window (default 15, quick 4).
     #[arg(long)]
     duration_secs: Option<u64>,
-    /// latency: orchestrations per run (default 8, quick 5).
+    /// latency: orchestrations per run (default 8, quick 3).
     #[arg(long)]
     samples: Option<usize>,
     /// latency: how long each activity sleeps (ms).

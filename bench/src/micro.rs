@@ -241,13 +241,13 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     for &rtt in &rtts {
         for &kind in &opts.providers {
             for &events in &sizes {
-                let session = env.session("hist", kind, rtt, true).await?;
+                let session = env.session("hist", kind, rtt, true, true).await?;
                 let r = history_one(&session, events, &payload, calls, opts.runs).await;
                 session.teardown(env).await;
                 let (runs, bytes, rts, stmts) = r?;
                 let case = format!("{events} events");
                 eprintln!(
-                    "  history {case} rtt={rtt}ms {kind}: fetch {:.2} ms (runs {:?}), {} bytes from server, {} round trips",
+                    "  history {case} rtt={rtt}ms {kind}: fetch {:.2} ms (runs {:?}), {} bytes from server, {} request bursts",
                     median(&runs),
                     runs.iter()
                         .map(|v| (v * 100.0).round() / 100.0)
@@ -376,7 +376,7 @@ pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     for &rtt in &rtts {
         for &kind in &opts.providers {
             let case = format!("{n} future work items");
-            let session = env.session("bl_w", kind, rtt, false).await?;
+            let session = env.session("bl_w", kind, rtt, false, false).await?;
             let r = backlog_worker(env, &session, n, calls, opts.runs).await;
             session.teardown(env).await;
             let (empty, one) = r?;
@@ -409,7 +409,7 @@ pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
             ));
 
             let case = format!("1 locked instance with {n} messages");
-            let session = env.session("bl_o", kind, rtt, false).await?;
+            let session = env.session("bl_o", kind, rtt, false, false).await?;
             let r = backlog_orchestrator(env, &session, n, calls, opts.runs).await;
             session.teardown(env).await;
             let (hot_ms, hot_msgs, empty, other) = r?;

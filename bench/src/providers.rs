@@ -157,13 +157,15 @@ impl Env {
 
     /// Creates a fresh schema for `kind`, migrates it over a direct connection, then
     /// connects the provider that the scenario will use: through a proxy with `rtt`
-    /// when `rtt > 0` (or when `proxy` is requested), directly otherwise.
+    /// when `rtt > 0` (or when `proxy` is requested), directly otherwise. With a proxy, the
+    /// direct connection stays usable as [`Session::direct`] only if `keep_direct`.
     pub async fn session(
         &self,
         scenario: &str,
         kind: ProviderKind,
         rtt_ms: u64,
         proxy: bool,
+        keep_direct: bool,
     ) -> Result<Session, BoxError> {
         let schema = self.unique_schema(scenario, kind);
         let direct = AnyProvider::connect(kind, &self.url, &schema, true).await?;
@@ -180,6 +182,11 @@ impl Env {
                 Ok((p, prov)) => {
                     session.proxy = Some(p);
                     session.provider = prov;
+                    // Keep the direct pool only where a scenario uses it (connections are
+                    // shared with whatever else runs on the server).
+                    if !keep_direct {
+                        session.direct.close().await;
+                    }
                 }
                 Err(e) => {
                     session.teardown(self).await;
@@ -221,7 +228,8 @@ pub struct Session {
     pub rtt_ms: u64,
     /// The provider to measure (through the proxy when there is one).
     pub provider: AnyProvider,
-    /// A direct connection to the same schema (same as `provider` without a proxy).
+    /// A direct connection to the same schema (same as `provider` without a proxy; closed
+    /// unless the session was opened with `keep_direct`).
     pub direct: AnyProvider,
     pub proxy: Option<Proxy>,
 }

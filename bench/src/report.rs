@@ -51,6 +51,9 @@ pub fn fmt_num(v: f64) -> String {
         return "–".to_string();
     }
     let a = v.abs();
+    if a < 100.0 && v.fract() == 0.0 {
+        return format!("{v:.0}");
+    }
     if a >= 100.0 {
         let s = format!("{v:.0}");
         // thousands separators
@@ -271,6 +274,18 @@ pub fn text_table(records: &[Record]) -> String {
     s
 }
 
+/// The distinct commits the runs were made at, in order.
+fn commits(metas: &[Meta]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for m in metas {
+        let c = m.git_commit.clone().unwrap_or_else(|| "?".into());
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.join(", ")
+}
+
 fn scenario_title(s: &str) -> &'static str {
     match s {
         "throughput" => {
@@ -368,9 +383,9 @@ pub fn markdown(
             s,
             "| Code | duroxide {}, duroxide-pg-hybrid {}{}; incumbent: {} |",
             m.duroxide_version,
-            m.git_commit.clone().unwrap_or_else(|| "?".into()),
-            if m.git_dirty == Some(true) {
-                " (uncommitted changes)"
+            commits(metas),
+            if metas.iter().any(|m| m.git_dirty == Some(true)) {
+                " (working tree with uncommitted changes)"
             } else {
                 ""
             },

@@ -62,7 +62,7 @@ pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 // Providers interleaved within each run so drift on a shared machine
                 // affects all of them alike.
                 for &kind in &opts.providers {
-                    let session = env.session("tp", kind, rtt, false).await?;
+                    let session = env.session("tp", kind, rtt, false, false).await?;
                     let before = session.snapshot();
                     let config = StressTestConfig {
                         max_concurrent: 20,

@@ -134,9 +134,19 @@ impl SchemaCleanup {
         self.owned().schemas.push(schema.clone());
         let mut options = test_options(&schema, path);
         customize(&mut options);
-        let provider = PostgresProvider::connect_with(&self.url, options)
-            .await
-            .unwrap_or_else(|e| {
+        // Under a full test run the server can briefly hit max_connections (53300); that
+        // is transient, so wait for a slot rather than failing the test.
+        let mut attempt = 0;
+        let connected = loop {
+            match PostgresProvider::connect_with(&self.url, options.clone()).await {
+                Err(e) if e.message.contains("53300") && attempt < 60 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        };
+        let provider = connected.unwrap_or_else(|e| {
                 panic!(
                     "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
