@@ -308,7 +308,7 @@ CROSS JOIN LATERAL (
 /// tables.
 ///
 /// # Errors
-/// Database errors, mapped with [`db_error`](crate::errors::db_error).
+/// Database errors, mapped with [`crate::errors::db_error`].
 pub async fn stats(provider: &PostgresProvider) -> Result<QueueStats, ProviderError> {
     stats_in(provider.pool(), provider.schema()).await
 }

@@ -174,7 +174,7 @@ pub mod env {
 }
 
 impl ProviderOptions {
-    /// Reads options from the environment (variables in [`env`]); unset variables keep
+    /// Reads options from the environment (variables in [`mod@env`]); unset variables keep
     /// their defaults. Returns the options and `DATABASE_URL`.
     ///
     /// # Errors
