@@ -100,8 +100,12 @@ CREATE TABLE orchestrator_queue (
     created_at_ms  BIGINT NOT NULL
 );
 -- Claim order is (visible_at, id): future timers sort after everything runnable, so the
--- candidate scan never walks them, whatever plan (custom or generic) is chosen.
-CREATE INDEX orchestrator_queue_ready_idx ON orchestrator_queue (visible_at_ms, id) INCLUDE (instance_id);
+-- candidate scan never walks them, whatever plan (custom or generic) is chosen. Only
+-- untagged rows are candidates; rows of a turn in progress stay out of the index.
+CREATE INDEX orchestrator_queue_ready_idx ON orchestrator_queue (visible_at_ms, id) INCLUDE (instance_id)
+    WHERE lock_token IS NULL;
+-- Earliest future visible_at = when an idle long-poller must look again.
+CREATE INDEX orchestrator_queue_visible_idx ON orchestrator_queue (visible_at_ms);
 CREATE INDEX orchestrator_queue_instance_idx ON orchestrator_queue (instance_id, id);
 CREATE INDEX orchestrator_queue_lock_idx ON orchestrator_queue (lock_token)
     WHERE lock_token IS NOT NULL;

@@ -7,11 +7,12 @@
 -- failure recorded in the seed document).
 --
 -- Claim protocol, per candidate:
---   1. oldest visible queue row (visible_at, id) of an instance without a live lease,
---      passing the capability filter, not tried yet in this call: FOR UPDATE SKIP LOCKED;
---   2. pg_try_advisory_xact_lock on (schema, instance): a concurrent claim of the same
---      instance through another of its rows is skipped instead of waited for (waiting
---      would deadlock against that claim's message tagging);
+--   1. oldest visible queue row (visible_at, id) not tagged by a live turn, of an
+--      instance not tried yet in this call: FOR UPDATE SKIP LOCKED; then the capability
+--      filter;
+--   2. pg_try_advisory_xact_lock on (schema, instance), in a subtransaction together
+--      with step 1: a concurrent claim of the same instance is skipped, not waited for,
+--      and the skipped candidate's row lock is released at once;
 --   3. take the lease row without waiting (FOR UPDATE SKIP LOCKED) and renew it only if
 --      it expired, or insert it; busy or live = next candidate;
 --   4. an instance nobody can run yet (no metadata, no history start, no start message)
@@ -31,7 +32,7 @@ CREATE FUNCTION sp_fetch_and_lock(
     p_filter_enabled   BOOLEAN,
     p_min_major INT, p_min_minor INT, p_min_patch INT,
     p_max_major INT, p_max_minor INT, p_max_patch INT,
-    p_max_candidates   INT DEFAULT 32
+    p_max_candidates   INT DEFAULT 64
 )
 RETURNS TABLE (
     o_instance_id    TEXT,
@@ -54,6 +55,12 @@ DECLARE
     v_tried      TEXT[] := '{}';
     v_won        INT;
     v_until      BIGINT;
+    v_found      BOOLEAN;
+    v_at         BIGINT;
+    v_id         BIGINT;
+    v_stale      TEXT;
+    v_stale_at   BIGINT;
+    v_stale_id   BIGINT;
     v_runnable   BOOLEAN;
     v_attempts   INT;
     v_exec       BIGINT;
@@ -62,32 +69,71 @@ BEGIN
     FOR i IN 1 .. p_max_candidates LOOP
         v_now := now_ms();
 
-        SELECT q.instance_id INTO v_instance
-        FROM orchestrator_queue q
-        WHERE q.visible_at_ms <= v_now
-          AND q.instance_id <> ALL (v_tried)
-          AND NOT EXISTS (
-              SELECT 1 FROM instance_locks l
-              WHERE l.instance_id = q.instance_id AND l.locked_until_ms > v_now)
-          AND (NOT p_filter_enabled OR NOT EXISTS (
-              SELECT 1
-              FROM instances i
-              JOIN executions e
-                ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
-              WHERE i.instance_id = q.instance_id
-                AND e.pinned_major IS NOT NULL
-                AND NOT ((e.pinned_major, e.pinned_minor, e.pinned_patch)
-                             >= (p_min_major, p_min_minor, p_min_patch)
-                     AND (e.pinned_major, e.pinned_minor, e.pinned_patch)
-                             <= (p_max_major, p_max_minor, p_max_patch))))
-        ORDER BY q.visible_at_ms, q.id
-        LIMIT 1
-        FOR UPDATE OF q SKIP LOCKED;
+        -- The candidate is chosen and try-locked in a subtransaction: if another claim
+        -- is taking the same instance, the block is undone, which also releases the
+        -- candidate's row lock at once. No claim ever sleeps on a lock while holding a
+        -- candidate row, so none can deadlock with another claim or an ack.
+        BEGIN
+            -- Oldest visible row not tagged by a turn, of an instance without a live
+            -- lease. Tagged rows are not in this index at all, so a leased instance
+            -- holding a deep backlog costs nothing here.
+            SELECT q.instance_id, q.visible_at_ms, q.id INTO v_instance, v_at, v_id
+            FROM orchestrator_queue q
+            WHERE q.lock_token IS NULL
+              AND q.visible_at_ms <= v_now
+              AND q.instance_id <> ALL (v_tried)
+              AND NOT EXISTS (
+                  SELECT 1 FROM instance_locks l
+                  WHERE l.instance_id = q.instance_id AND l.locked_until_ms > v_now)
+            ORDER BY q.visible_at_ms, q.id
+            LIMIT 1
+            FOR UPDATE OF q SKIP LOCKED;
+            v_found := FOUND;
 
-        EXIT WHEN NOT FOUND;
-        v_tried := v_tried || v_instance;
+            -- Oldest row still tagged by a lease that ran out (its worker crashed or
+            -- stalled): found through the few expired leases, not by scanning the queue.
+            SELECT q.instance_id, q.visible_at_ms, q.id INTO v_stale, v_stale_at, v_stale_id
+            FROM instance_locks l
+            JOIN orchestrator_queue q ON q.lock_token = l.lock_token
+            WHERE l.locked_until_ms <= v_now
+              AND q.visible_at_ms <= v_now
+              AND q.instance_id <> ALL (v_tried)
+            ORDER BY q.visible_at_ms, q.id
+            LIMIT 1;
+            IF FOUND AND (NOT v_found OR (v_stale_at, v_stale_id) < (v_at, v_id)) THEN
+                PERFORM 1 FROM orchestrator_queue q WHERE q.id = v_stale_id FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    v_instance := v_stale;
+                    v_found := TRUE;
+                ELSE
+                    v_tried := v_tried || v_stale;
+                    RAISE EXCEPTION USING ERRCODE = 'DX100';
+                END IF;
+            END IF;
 
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
+            EXIT WHEN NOT v_found;
+            v_tried := v_tried || v_instance;
+
+            IF NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance)) THEN
+                RAISE EXCEPTION USING ERRCODE = 'DX100';
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'DX100' THEN
+            CONTINUE;
+        END;
+
+        -- Capability filter (first range only; no pin = compatible), checked before
+        -- anything is leased or read.
+        CONTINUE WHEN p_filter_enabled AND EXISTS (
+            SELECT 1
+            FROM instances i
+            JOIN executions e
+              ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+            WHERE i.instance_id = v_instance
+              AND e.pinned_major IS NOT NULL
+              AND NOT ((e.pinned_major, e.pinned_minor, e.pinned_patch)
+                           >= (p_min_major, p_min_minor, p_min_patch)
+                   AND (e.pinned_major, e.pinned_minor, e.pinned_patch)
+                           <= (p_max_major, p_max_minor, p_max_patch)));
 
         -- The lease row is taken without waiting: if an ack, renew, abandon or delete of
         -- this instance holds it right now, the instance is busy and the next candidate
@@ -132,21 +178,18 @@ BEGIN
                            WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now
                              AND q.kind <> 'QueueMessage') THEN
                 DELETE FROM orchestrator_queue q
-                WHERE q.id IN (SELECT o.id FROM orchestrator_queue o
-                               WHERE o.instance_id = v_instance AND o.visible_at_ms <= v_now
-                               FOR UPDATE SKIP LOCKED);
+                WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
             END IF;
             DELETE FROM instance_locks l WHERE l.lock_token = v_token;
             CONTINUE;
         END IF;
 
-        -- Rows another claimer holds as its candidate right now are left for the next
-        -- turn rather than waited for (waiting is how claims deadlocked each other).
+        -- Every visible row of the instance joins the batch. This may wait, briefly, for
+        -- another claim that is looking at one of these rows as a candidate: it holds
+        -- it only until its try-lock on this instance fails.
         UPDATE orchestrator_queue q
         SET lock_token = v_token, attempt_count = q.attempt_count + 1
-        WHERE q.id IN (SELECT o.id FROM orchestrator_queue o
-                       WHERE o.instance_id = v_instance AND o.visible_at_ms <= v_now
-                       FOR UPDATE SKIP LOCKED);
+        WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now;
 
         SELECT max(q.attempt_count) INTO v_attempts
         FROM orchestrator_queue q WHERE q.lock_token = v_token;
@@ -176,8 +219,9 @@ BEGIN
     o_now_ms := now_ms();
     o_skipped := cardinality(v_tried);
     IF cardinality(v_tried) >= p_max_candidates THEN
-        -- Every candidate of this call was lost or skipped; more may be waiting.
-        o_next_wake_ms := o_now_ms;
+        -- Every candidate of this call was lost or skipped; more may be waiting. Not
+        -- "now": if they are all incompatible with the filter, a waiting caller would spin.
+        o_next_wake_ms := o_now_ms + 20;
     ELSE
         o_next_wake_ms := least(
             (SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.visible_at_ms > o_now_ms),

@@ -57,7 +57,7 @@ CREATE FUNCTION fetch_orchestration_full(
     p_filter_enabled   BOOLEAN,
     p_min_major INT, p_min_minor INT, p_min_patch INT,
     p_max_major INT, p_max_minor INT, p_max_patch INT,
-    p_max_candidates   INT DEFAULT 32
+    p_max_candidates   INT DEFAULT 64
 )
 RETURNS TABLE (
     o_instance_id            TEXT,

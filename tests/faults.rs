@@ -325,7 +325,10 @@ async fn runtime_recovers_from_server_restart() {
         let provider = Arc::new(PostgresProvider::connect_with(&url, options).await.unwrap());
         let recording = Arc::new(Recording::new(provider.clone()));
         let client = Client::new(provider.clone());
-        let jobs: Vec<Job> = (0..60).map(|i| job(&format!("r{path}-"), i)).collect();
+        // 8 jobs with slow activities (still running when the server stops), 32 quick
+        // ones before the restart, 20 after.
+        let mut jobs: Vec<Job> = (0..8).map(|i| job(&format!("slow{path}-"), i)).collect();
+        jobs.extend((0..52).map(|i| job(&format!("r{path}-"), i)));
         for j in &jobs[..40] {
             client.start_orchestration(&j.instance, j.orchestration, j.input.clone()).await.unwrap();
         }
@@ -333,7 +336,8 @@ async fn runtime_recovers_from_server_restart() {
         let rt = Runtime::start_with_options(
             recording.clone(),
             activities(ledger.clone()),
-            orchestrations(Duration::from_millis(500)),
+            // Timers started before the stop fire while the server is down.
+            orchestrations(Duration::from_millis(1500)),
             runtime_options(),
         )
         .await;
@@ -341,6 +345,17 @@ async fn runtime_recovers_from_server_restart() {
     }
 
     tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut db = PgConnection::connect(&url).await.unwrap();
+    for f in &fleets {
+        let running = count(
+            &mut db,
+            &format!("SELECT count(*) FROM restart_{}.executions WHERE status = 'Running'", f.path),
+        )
+        .await;
+        assert!(running > 0, "{}: nothing was running when the server stopped", f.path);
+        println!("{}: {running} executions running when the server stops", f.path);
+    }
+    db.close().await.ok();
     tokio::task::block_in_place(|| cluster.stop_fast());
     let down = Instant::now();
     // While the server is down a call fails fast with a retryable error.
@@ -633,19 +648,28 @@ async fn ack_races_lease_expiry_and_takeover() {
             // polls for a takeover.
             let jitter = round * 6 - 60;
             let delay = Duration::from_millis(u64::try_from(200 + jitter).unwrap());
-            let (p1, i1) = (p.clone(), inst.clone());
+            let old_acked = Arc::new(AtomicBool::new(false));
+            let (p1, i1, flag) = (p.clone(), inst.clone(), old_acked.clone());
             let old = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                ack_first_turn(&*p1, &token, &i1).await
+                let r = ack_first_turn(&*p1, &token, &i1).await;
+                flag.store(r.is_ok(), Ordering::SeqCst);
+                r
             });
             let (p2, i2) = (p.clone(), inst.clone());
             let new = tokio::spawn(async move {
-                let until = Instant::now() + Duration::from_millis(700);
+                // Polls until it takes the instance over, or sees nothing left to take
+                // after the old owner's ack went through.
+                let until = Instant::now() + Duration::from_secs(10);
                 while Instant::now() < until {
+                    let acked_before = old_acked.load(Ordering::SeqCst);
                     if let Some((item, t, _)) = p2.fetch_orchestration_item(LONG, NOW, None).await.unwrap() {
                         assert_eq!(item.instance, i2);
                         ack_first_turn(&*p2, &t, &i2).await.expect("the new owner's ack");
                         return true;
+                    }
+                    if acked_before {
+                        return false;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }

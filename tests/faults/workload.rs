@@ -21,7 +21,10 @@ pub fn activities(ledger: Ledger) -> ActivityRegistry {
             let ledger = ledger.clone();
             async move {
                 *ledger.lock().unwrap().entry(input.clone()).or_insert(0) += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // Jobs whose prefix contains "slow" keep their activities running for a while
+                // (e.g. across a server restart).
+                let ms = if input.contains("slow") { 1500 } else { 5 };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(format!("done({input})"))
             }
         })
