@@ -59,6 +59,7 @@ DECLARE
     v_at         BIGINT;
     v_id         BIGINT;
     v_stale      TEXT;
+    v_expired    TEXT[];
     v_stale_at   BIGINT;
     v_stale_id   BIGINT;
     v_runnable   BOOLEAN;
@@ -91,16 +92,21 @@ BEGIN
             v_found := FOUND;
 
             -- Oldest row still tagged by a lease that ran out (its worker crashed or
-            -- stalled): found through the few expired leases, not by scanning the queue.
-            SELECT q.instance_id, q.visible_at_ms, q.id INTO v_stale, v_stale_at, v_stale_id
-            FROM instance_locks l
-            JOIN orchestrator_queue q ON q.lock_token = l.lock_token
-            WHERE l.locked_until_ms <= v_now
-              AND q.visible_at_ms <= v_now
-              AND q.instance_id <> ALL (v_tried)
-            ORDER BY q.visible_at_ms, q.id
-            LIMIT 1;
-            IF FOUND AND (NOT v_found OR (v_stale_at, v_stale_id) < (v_at, v_id)) THEN
+            -- stalled): found through the few expired leases (the tokens first, so no
+            -- plan can choose to walk the queue instead), usually none.
+            SELECT array_agg(l.lock_token) INTO v_expired
+            FROM instance_locks l WHERE l.locked_until_ms <= v_now;
+            v_stale := NULL;
+            IF v_expired IS NOT NULL THEN
+                SELECT q.instance_id, q.visible_at_ms, q.id INTO v_stale, v_stale_at, v_stale_id
+                FROM orchestrator_queue q
+                WHERE q.lock_token = ANY (v_expired)
+                  AND q.visible_at_ms <= v_now
+                  AND q.instance_id <> ALL (v_tried)
+                ORDER BY q.visible_at_ms, q.id
+                LIMIT 1;
+            END IF;
+            IF v_stale IS NOT NULL AND (NOT v_found OR (v_stale_at, v_stale_id) < (v_at, v_id)) THEN
                 PERFORM 1 FROM orchestrator_queue q WHERE q.id = v_stale_id FOR UPDATE SKIP LOCKED;
                 IF FOUND THEN
                     v_instance := v_stale;

@@ -6,7 +6,9 @@
 
 use std::time::Instant;
 
-use duroxide::providers::{ExecutionMetadata, ProviderError, ScheduledActivityIdentifier, WorkItem};
+use duroxide::providers::{
+    ExecutionMetadata, ProviderError, ScheduledActivityIdentifier, WorkItem,
+};
 use duroxide::{Event, EventKind};
 
 use crate::codec::{encode_event, encode_item, to_i64};
@@ -33,18 +35,24 @@ pub(crate) struct KvChanges {
 /// clear-all discards everything before it.
 pub(crate) fn reduce_kv(delta: &[Event]) -> KvChanges {
     let mut out = KvChanges::default();
-    let put = |out: &mut KvChanges, key: &str, value: Option<String>, ts: Option<i64>| {
-        match out.keys.iter_mut().find(|(k, _, _)| k == key) {
-            Some(slot) => {
-                slot.1 = value;
-                slot.2 = ts;
-            }
-            None => out.keys.push((key.to_string(), value, ts)),
+    let put = |out: &mut KvChanges, key: &str, value: Option<String>, ts: Option<i64>| match out
+        .keys
+        .iter_mut()
+        .find(|(k, _, _)| k == key)
+    {
+        Some(slot) => {
+            slot.1 = value;
+            slot.2 = ts;
         }
+        None => out.keys.push((key.to_string(), value, ts)),
     };
     for e in delta {
         match &e.kind {
-            EventKind::KeyValueSet { key, value, last_updated_at_ms } => {
+            EventKind::KeyValueSet {
+                key,
+                value,
+                last_updated_at_ms,
+            } => {
                 let ts = i64::try_from(*last_updated_at_ms).unwrap_or(i64::MAX);
                 put(&mut out, key, Some(value.clone()), Some(ts));
             }
@@ -114,15 +122,25 @@ impl PostgresProvider {
 
         let mut w = WorkerRows::default();
         for item in &worker_items {
-            let WorkItem::ActivityExecute { instance, execution_id, id, session_id, tag, .. } = item else {
+            let WorkItem::ActivityExecute {
+                instance,
+                execution_id,
+                id,
+                session_id,
+                tag,
+                ..
+            } = item
+            else {
                 return Err(bad(format!(
                     "worker_items may only hold ActivityExecute, got {}",
                     crate::codec::work_item_kind(item)
                 )));
             };
-            w.items.push(serde_json::to_string(item).map_err(|e| bad(e.to_string()))?);
+            w.items
+                .push(serde_json::to_string(item).map_err(|e| bad(e.to_string()))?);
             w.instances.push(instance.clone());
-            w.executions.push(to_i64("execution_id", *execution_id).map_err(bad)?);
+            w.executions
+                .push(to_i64("execution_id", *execution_id).map_err(bad)?);
             w.activities.push(to_i64("activity id", *id).map_err(bad)?);
             w.sessions.push(session_id.clone());
             w.tags.push(tag.clone());
@@ -131,11 +149,15 @@ impl PostgresProvider {
         let mut o = OrchRows::default();
         for item in &orchestrator_items {
             if matches!(item, WorkItem::ActivityExecute { .. }) {
-                return Err(bad("orchestrator_items may not hold ActivityExecute".to_string()));
+                return Err(bad(
+                    "orchestrator_items may not hold ActivityExecute".to_string()
+                ));
             }
             let enc = encode_item(item).map_err(bad)?;
             let visible_at = match item {
-                WorkItem::TimerFired { fire_at_ms, .. } => Some(to_i64("fire_at_ms", *fire_at_ms).map_err(bad)?),
+                WorkItem::TimerFired { fire_at_ms, .. } => {
+                    Some(to_i64("fire_at_ms", *fire_at_ms).map_err(bad)?)
+                }
                 _ => None,
             };
             o.instances.push(enc.instance);
@@ -168,45 +190,52 @@ impl PostgresProvider {
             (c(v.major), c(v.minor), c(v.patch))
         });
 
-        let result = on_conn!(self, fetch_one, sqlx::query_scalar::<_, String>(&self.sql(ACK))
-            .bind(lock_token)
-            .bind(execution_id)
-            .bind(&ev_ids)
-            .bind(&ev_types)
-            .bind(&ev_data)
-            .bind(&metadata.orchestration_name)
-            .bind(&metadata.orchestration_version)
-            .bind(&metadata.parent_instance_id)
-            .bind(&metadata.status)
-            .bind(&metadata.output)
-            .bind(pin.map(|p| p.0))
-            .bind(pin.map(|p| p.1))
-            .bind(pin.map(|p| p.2))
-            .bind(custom_status.is_some())
-            .bind(custom_status.flatten())
-            .bind(kv.clear_all)
-            .bind(&kv_keys)
-            .bind(&kv_values)
-            .bind(&kv_ts)
-            .bind(&w.items)
-            .bind(&w.instances)
-            .bind(&w.executions)
-            .bind(&w.activities)
-            .bind(&w.sessions)
-            .bind(&w.tags)
-            .bind(&c_inst)
-            .bind(&c_exec)
-            .bind(&c_act)
-            .bind(&o.instances)
-            .bind(&o.kinds)
-            .bind(&o.items)
-            .bind(&o.visible_at));
+        let result = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar::<_, String>(&self.sql(ACK))
+                .bind(lock_token)
+                .bind(execution_id)
+                .bind(&ev_ids)
+                .bind(&ev_types)
+                .bind(&ev_data)
+                .bind(&metadata.orchestration_name)
+                .bind(&metadata.orchestration_version)
+                .bind(&metadata.parent_instance_id)
+                .bind(&metadata.status)
+                .bind(&metadata.output)
+                .bind(pin.map(|p| p.0))
+                .bind(pin.map(|p| p.1))
+                .bind(pin.map(|p| p.2))
+                .bind(custom_status.is_some())
+                .bind(custom_status.flatten())
+                .bind(kv.clear_all)
+                .bind(&kv_keys)
+                .bind(&kv_values)
+                .bind(&kv_ts)
+                .bind(&w.items)
+                .bind(&w.instances)
+                .bind(&w.executions)
+                .bind(&w.activities)
+                .bind(&w.sessions)
+                .bind(&w.tags)
+                .bind(&c_inst)
+                .bind(&c_exec)
+                .bind(&c_act)
+                .bind(&o.instances)
+                .bind(&o.kinds)
+                .bind(&o.items)
+                .bind(&o.visible_at)
+        );
 
         match result {
             Ok(instance) => {
-                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "history").record(ev_ids.len() as f64);
-                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "worker").record(w.items.len() as f64);
-                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "orchestrator").record(o.items.len() as f64);
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "history")
+                    .record(ev_ids.len() as f64);
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "worker")
+                    .record(w.items.len() as f64);
+                metrics::histogram!("duroxide_pg_ack_rows", "kind" => "orchestrator")
+                    .record(o.items.len() as f64);
                 tracing::debug!(
                     target: TRACING_TARGET,
                     operation = OP,
@@ -248,25 +277,61 @@ mod tests {
     #[test]
     fn kv_reduction_keeps_last_write_and_clear_all_resets() {
         let delta = vec![
-            ev(1, EventKind::KeyValueSet { key: "a".into(), value: "1".into(), last_updated_at_ms: 5 }),
-            ev(2, EventKind::KeyValueSet { key: "b".into(), value: "2".into(), last_updated_at_ms: 6 }),
+            ev(
+                1,
+                EventKind::KeyValueSet {
+                    key: "a".into(),
+                    value: "1".into(),
+                    last_updated_at_ms: 5,
+                },
+            ),
+            ev(
+                2,
+                EventKind::KeyValueSet {
+                    key: "b".into(),
+                    value: "2".into(),
+                    last_updated_at_ms: 6,
+                },
+            ),
             ev(3, EventKind::KeyValuesCleared),
-            ev(4, EventKind::KeyValueSet { key: "a".into(), value: "3".into(), last_updated_at_ms: 7 }),
+            ev(
+                4,
+                EventKind::KeyValueSet {
+                    key: "a".into(),
+                    value: "3".into(),
+                    last_updated_at_ms: 7,
+                },
+            ),
             ev(5, EventKind::KeyValueCleared { key: "c".into() }),
-            ev(6, EventKind::KeyValueSet { key: "a".into(), value: "4".into(), last_updated_at_ms: 8 }),
+            ev(
+                6,
+                EventKind::KeyValueSet {
+                    key: "a".into(),
+                    value: "4".into(),
+                    last_updated_at_ms: 8,
+                },
+            ),
         ];
         let kv = reduce_kv(&delta);
         assert!(kv.clear_all);
         assert_eq!(
             kv.keys,
-            vec![("a".into(), Some("4".into()), Some(8)), ("c".into(), None, None)]
+            vec![
+                ("a".into(), Some("4".into()), Some(8)),
+                ("c".into(), None, None)
+            ]
         );
     }
 
     #[test]
     fn custom_status_takes_the_last_update() {
         let delta = vec![
-            ev(1, EventKind::CustomStatusUpdated { status: Some("x".into()) }),
+            ev(
+                1,
+                EventKind::CustomStatusUpdated {
+                    status: Some("x".into()),
+                },
+            ),
             ev(2, EventKind::CustomStatusUpdated { status: None }),
         ];
         assert_eq!(last_custom_status(&delta), Some(None));

@@ -208,22 +208,32 @@ fn filter_ids(filter: &InstanceFilter) -> Option<&[String]> {
 impl ProviderAdmin for PostgresProvider {
     async fn list_instances(&self) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances";
-        on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(LIST_INSTANCES)))
-            .map_err(|e| db_error(OP, None, e))
+        on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(LIST_INSTANCES))
+        )
+        .map_err(|e| db_error(OP, None, e))
     }
 
     async fn list_instances_by_status(&self, status: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances_by_status";
-        on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(LIST_INSTANCES_BY_STATUS))
-            .bind(status))
-            .map_err(|e| db_error(OP, None, e))
+        on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(LIST_INSTANCES_BY_STATUS)).bind(status)
+        )
+        .map_err(|e| db_error(OP, None, e))
     }
 
     async fn list_executions(&self, instance: &str) -> Result<Vec<u64>, ProviderError> {
         const OP: &str = "list_executions";
-        let ids: Vec<i64> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(LIST_EXECUTIONS))
-            .bind(instance))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let ids: Vec<i64> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(LIST_EXECUTIONS)).bind(instance)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         ids.into_iter()
             .map(|id| to_u64(OP, Some(instance), "execution_id", id))
             .collect()
@@ -242,25 +252,34 @@ impl ProviderAdmin for PostgresProvider {
     // round trips, and an execution could be added between them.
     async fn read_history(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read_history";
-        let rows: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(READ_LATEST_HISTORY))
-            .bind(instance))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let rows: Vec<String> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(READ_LATEST_HISTORY)).bind(instance)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
     }
 
     async fn latest_execution_id(&self, instance: &str) -> Result<u64, ProviderError> {
         const OP: &str = "latest_execution_id";
-        let id: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(LATEST_EXECUTION_ID))
-            .bind(instance))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let id: i64 = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar(&self.sql(LATEST_EXECUTION_ID)).bind(instance)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         to_u64(OP, Some(instance), "execution_id", id)
     }
 
     async fn get_instance_info(&self, instance: &str) -> Result<InstanceInfo, ProviderError> {
         const OP: &str = "get_instance_info";
-        let row: Option<InstanceInfoRow> = on_conn!(self, fetch_optional, sqlx::query_as(&self.sql(INSTANCE_INFO))
-            .bind(instance))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let row: Option<InstanceInfoRow> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_as(&self.sql(INSTANCE_INFO)).bind(instance)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         // Callers (and the tests) read an error here as "deleted / never existed".
         let row = row.ok_or_else(|| {
             ProviderError::permanent(OP, format!("Instance {instance} not found"))
@@ -292,10 +311,14 @@ impl ProviderAdmin for PostgresProvider {
     ) -> Result<ExecutionInfo, ProviderError> {
         const OP: &str = "get_execution_info";
         let exec = bound_i64(OP, Some(instance), "execution_id", execution_id)?;
-        let row: Option<ExecutionInfoRow> = on_conn!(self, fetch_optional, sqlx::query_as(&self.sql(EXECUTION_INFO))
-            .bind(instance)
-            .bind(exec))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let row: Option<ExecutionInfoRow> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_as(&self.sql(EXECUTION_INFO))
+                .bind(instance)
+                .bind(exec)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         let row = row.ok_or_else(|| {
             ProviderError::permanent(
                 OP,
@@ -331,8 +354,9 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_queue_depths(&self) -> Result<QueueDepths, ProviderError> {
         const OP: &str = "get_queue_depths";
-        let (orch, worker): (i64, i64) = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(QUEUE_DEPTHS)))
-            .map_err(|e| db_error(OP, None, e))?;
+        let (orch, worker): (i64, i64) =
+            on_conn!(self, fetch_one, sqlx::query_as(&self.sql(QUEUE_DEPTHS)))
+                .map_err(|e| db_error(OP, None, e))?;
         Ok(QueueDepths {
             orchestrator_queue: to_usize(OP, "orchestrator_queue", orch)?,
             worker_queue: to_usize(OP, "worker_queue", worker)?,
@@ -342,16 +366,22 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn list_children(&self, instance_id: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_children";
-        on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(LIST_CHILDREN))
-            .bind(instance_id))
-            .map_err(|e| db_error(OP, Some(instance_id), e))
+        on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(LIST_CHILDREN)).bind(instance_id)
+        )
+        .map_err(|e| db_error(OP, Some(instance_id), e))
     }
 
     async fn get_parent_id(&self, instance_id: &str) -> Result<Option<String>, ProviderError> {
         const OP: &str = "get_parent_id";
-        let row: Option<Option<String>> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(PARENT_ID))
-            .bind(instance_id))
-            .map_err(|e| db_error(OP, Some(instance_id), e))?;
+        let row: Option<Option<String>> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_scalar(&self.sql(PARENT_ID)).bind(instance_id)
+        )
+        .map_err(|e| db_error(OP, Some(instance_id), e))?;
         row.ok_or_else(|| ProviderError::permanent(OP, format!("Instance {instance_id} not found")))
     }
 
@@ -359,9 +389,12 @@ impl ProviderAdmin for PostgresProvider {
         const OP: &str = "get_instance_tree";
         // Root first, then descendants by depth. Like the default method, an unknown id
         // yields a tree of just that id.
-        let all_ids: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(INSTANCE_TREE))
-            .bind(instance_id))
-            .map_err(|e| db_error(OP, Some(instance_id), e))?;
+        let all_ids: Vec<String> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(INSTANCE_TREE)).bind(instance_id)
+        )
+        .map_err(|e| db_error(OP, Some(instance_id), e))?;
         Ok(InstanceTree {
             root_id: instance_id.to_string(),
             all_ids,
@@ -380,10 +413,14 @@ impl ProviderAdmin for PostgresProvider {
         // Name the instance in errors when there is exactly one; the SQL messages name
         // the offending instance themselves.
         let named = (ids.len() == 1).then(|| ids[0].as_str());
-        let row: DeleteRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(DELETE_INSTANCES))
-            .bind(ids)
-            .bind(force))
-            .map_err(|e| db_error(OP, named, e))?;
+        let row: DeleteRow = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as(&self.sql(DELETE_INSTANCES))
+                .bind(ids)
+                .bind(force)
+        )
+        .map_err(|e| db_error(OP, named, e))?;
         let result = delete_result(OP, named, row)?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -406,10 +443,14 @@ impl ProviderAdmin for PostgresProvider {
         force: bool,
     ) -> Result<DeleteInstanceResult, ProviderError> {
         const OP: &str = "delete_instance";
-        let row: DeleteRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(DELETE_INSTANCE))
-            .bind(instance_id)
-            .bind(force))
-            .map_err(|e| db_error(OP, Some(instance_id), e))?;
+        let row: DeleteRow = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as(&self.sql(DELETE_INSTANCE))
+                .bind(instance_id)
+                .bind(force)
+        )
+        .map_err(|e| db_error(OP, Some(instance_id), e))?;
         let result = delete_result(OP, Some(instance_id), row)?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -439,11 +480,15 @@ impl ProviderAdmin for PostgresProvider {
             .map(|t| bound_i64(OP, None, "completed_before", t))
             .transpose()?;
         let limit = i64::from(filter.limit.unwrap_or(DEFAULT_BULK_LIMIT));
-        let row: DeleteRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(DELETE_INSTANCE_BULK))
-            .bind(ids)
-            .bind(completed_before)
-            .bind(limit))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row: DeleteRow = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as(&self.sql(DELETE_INSTANCE_BULK))
+                .bind(ids)
+                .bind(completed_before)
+                .bind(limit)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         let result = delete_result(OP, None, row)?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -468,11 +513,15 @@ impl ProviderAdmin for PostgresProvider {
             .completed_before
             .map(|t| bound_i64(OP, Some(instance_id), "completed_before", t))
             .transpose()?;
-        let row: PruneRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(PRUNE_EXECUTIONS))
-            .bind(instance_id)
-            .bind(options.keep_last.map(i64::from))
-            .bind(completed_before))
-            .map_err(|e| db_error(OP, Some(instance_id), e))?;
+        let row: PruneRow = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as(&self.sql(PRUNE_EXECUTIONS))
+                .bind(instance_id)
+                .bind(options.keep_last.map(i64::from))
+                .bind(completed_before)
+        )
+        .map_err(|e| db_error(OP, Some(instance_id), e))?;
         let result = prune_result(OP, Some(instance_id), row)?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -504,13 +553,17 @@ impl ProviderAdmin for PostgresProvider {
             .map(|t| bound_i64(OP, None, "completed_before", t))
             .transpose()?;
         let limit = i64::from(filter.limit.unwrap_or(DEFAULT_BULK_LIMIT));
-        let row: PruneRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(PRUNE_EXECUTIONS_BULK))
-            .bind(ids)
-            .bind(instance_completed_before)
-            .bind(limit)
-            .bind(options.keep_last.map(i64::from))
-            .bind(exec_completed_before))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row: PruneRow = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as(&self.sql(PRUNE_EXECUTIONS_BULK))
+                .bind(ids)
+                .bind(instance_completed_before)
+                .bind(limit)
+                .bind(options.keep_last.map(i64::from))
+                .bind(exec_completed_before)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         let result = prune_result(OP, None, row)?;
         tracing::debug!(
             target: TRACING_TARGET,

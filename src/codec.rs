@@ -4,8 +4,8 @@
 //! derives a few routing columns from them (variant name, routing instance, activity
 //! identity) and never rewrites them.
 
-use duroxide::providers::WorkItem;
 use duroxide::Event;
+use duroxide::providers::WorkItem;
 
 /// A work item ready for an INSERT: its JSON, variant name and routing instance.
 pub(crate) struct EncodedItem {
@@ -46,8 +46,12 @@ pub(crate) fn routing_instance(item: &WorkItem) -> Option<&str> {
         | WorkItem::CancelInstance { instance, .. }
         | WorkItem::ContinueAsNew { instance, .. }
         | WorkItem::QueueMessage { instance, .. } => Some(instance),
-        WorkItem::SubOrchCompleted { parent_instance, .. }
-        | WorkItem::SubOrchFailed { parent_instance, .. } => Some(parent_instance),
+        WorkItem::SubOrchCompleted {
+            parent_instance, ..
+        }
+        | WorkItem::SubOrchFailed {
+            parent_instance, ..
+        } => Some(parent_instance),
         #[allow(unreachable_patterns)]
         _ => None,
     }
@@ -57,8 +61,13 @@ pub(crate) fn encode_item(item: &WorkItem) -> Result<EncodedItem, String> {
     let instance = routing_instance(item)
         .ok_or_else(|| format!("work item {} has no routing instance", work_item_kind(item)))?
         .to_string();
-    let json = serde_json::to_string(item).map_err(|e| format!("cannot serialize work item: {e}"))?;
-    Ok(EncodedItem { json, kind: work_item_kind(item), instance })
+    let json =
+        serde_json::to_string(item).map_err(|e| format!("cannot serialize work item: {e}"))?;
+    Ok(EncodedItem {
+        json,
+        kind: work_item_kind(item),
+        instance,
+    })
 }
 
 /// `type` of a serialized event: the flattened `EventKind` tag. Found by scanning for the
@@ -88,7 +97,11 @@ pub(crate) fn encode_event(event: &Event) -> Result<EncodedEvent, String> {
     let json = serde_json::to_string(event).map_err(|e| format!("cannot serialize event: {e}"))?;
     let event_id = i64::try_from(event.event_id())
         .map_err(|_| format!("event_id {} does not fit in BIGINT", event.event_id()))?;
-    Ok(EncodedEvent { event_id, event_type: event_type(&json).to_string(), json })
+    Ok(EncodedEvent {
+        event_id,
+        event_type: event_type(&json).to_string(),
+        json,
+    })
 }
 
 /// Decodes a whole history; any undecodable row fails the whole read (never a partial
@@ -145,9 +158,17 @@ mod tests {
 
     #[test]
     fn kinds_match_serde_tags() {
-        let item = WorkItem::QueueMessage { instance: "i".into(), name: "n".into(), data: "d".into() };
+        let item = WorkItem::QueueMessage {
+            instance: "i".into(),
+            name: "n".into(),
+            data: "d".into(),
+        };
         let enc = encode_item(&item).unwrap();
-        assert!(enc.json.starts_with(&format!("{{\"{}\":", enc.kind)), "{}", enc.json);
+        assert!(
+            enc.json.starts_with(&format!("{{\"{}\":", enc.kind)),
+            "{}",
+            enc.json
+        );
         let item = WorkItem::SubOrchCompleted {
             parent_instance: "p".into(),
             parent_execution_id: 1,

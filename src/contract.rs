@@ -28,7 +28,8 @@ impl Provider for PostgresProvider {
         poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
-        self.fetch_orchestration(lock_timeout, poll_timeout, filter).await
+        self.fetch_orchestration(lock_timeout, poll_timeout, filter)
+            .await
     }
 
     async fn ack_orchestration_item(
@@ -59,15 +60,21 @@ impl Provider for PostgresProvider {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        self.abandon_orchestration(lock_token, delay, ignore_attempt).await
+        self.abandon_orchestration(lock_token, delay, ignore_attempt)
+            .await
     }
 
     async fn read(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
         self.read_latest_history(instance).await
     }
 
-    async fn read_with_execution(&self, instance: &str, execution_id: u64) -> Result<Vec<Event>, ProviderError> {
-        self.read_execution_history("read_with_execution", instance, execution_id).await
+    async fn read_with_execution(
+        &self,
+        instance: &str,
+        execution_id: u64,
+    ) -> Result<Vec<Event>, ProviderError> {
+        self.read_execution_history("read_with_execution", instance, execution_id)
+            .await
     }
 
     async fn append_with_execution(
@@ -76,7 +83,8 @@ impl Provider for PostgresProvider {
         execution_id: u64,
         new_events: Vec<Event>,
     ) -> Result<(), ProviderError> {
-        self.append_history(instance, execution_id, new_events).await
+        self.append_history(instance, execution_id, new_events)
+            .await
     }
 
     async fn enqueue_for_worker(&self, item: WorkItem) -> Result<(), ProviderError> {
@@ -90,14 +98,23 @@ impl Provider for PostgresProvider {
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        self.fetch_work(lock_timeout, poll_timeout, session, tag_filter).await
+        self.fetch_work(lock_timeout, poll_timeout, session, tag_filter)
+            .await
     }
 
-    async fn ack_work_item(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {
+    async fn ack_work_item(
+        &self,
+        token: &str,
+        completion: Option<WorkItem>,
+    ) -> Result<(), ProviderError> {
         self.ack_work(token, completion).await
     }
 
-    async fn renew_work_item_lock(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+    async fn renew_work_item_lock(
+        &self,
+        token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
         self.renew_work(token, extend_for).await
     }
 
@@ -107,10 +124,14 @@ impl Provider for PostgresProvider {
         extend_for: Duration,
         idle_timeout: Duration,
     ) -> Result<usize, ProviderError> {
-        self.renew_sessions(owner_ids, extend_for, idle_timeout).await
+        self.renew_sessions(owner_ids, extend_for, idle_timeout)
+            .await
     }
 
-    async fn cleanup_orphaned_sessions(&self, _idle_timeout: Duration) -> Result<usize, ProviderError> {
+    async fn cleanup_orphaned_sessions(
+        &self,
+        _idle_timeout: Duration,
+    ) -> Result<usize, ProviderError> {
         self.cleanup_sessions().await
     }
 
@@ -123,11 +144,19 @@ impl Provider for PostgresProvider {
         self.abandon_work(token, delay, ignore_attempt).await
     }
 
-    async fn renew_orchestration_item_lock(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+    async fn renew_orchestration_item_lock(
+        &self,
+        token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
         self.renew_orchestration(token, extend_for).await
     }
 
-    async fn enqueue_for_orchestrator(&self, item: WorkItem, delay: Option<Duration>) -> Result<(), ProviderError> {
+    async fn enqueue_for_orchestrator(
+        &self,
+        item: WorkItem,
+        delay: Option<Duration>,
+    ) -> Result<(), ProviderError> {
         self.enqueue_orchestrator(item, delay).await
     }
 
@@ -143,15 +172,25 @@ impl Provider for PostgresProvider {
         self.custom_status(instance, last_seen_version).await
     }
 
-    async fn get_kv_value(&self, instance: &str, key: &str) -> Result<Option<String>, ProviderError> {
+    async fn get_kv_value(
+        &self,
+        instance: &str,
+        key: &str,
+    ) -> Result<Option<String>, ProviderError> {
         self.kv_value(instance, key).await
     }
 
-    async fn get_kv_all_values(&self, instance: &str) -> Result<HashMap<String, String>, ProviderError> {
+    async fn get_kv_all_values(
+        &self,
+        instance: &str,
+    ) -> Result<HashMap<String, String>, ProviderError> {
         self.kv_all(instance).await
     }
 
-    async fn get_instance_stats(&self, instance: &str) -> Result<Option<SystemStats>, ProviderError> {
+    async fn get_instance_stats(
+        &self,
+        instance: &str,
+    ) -> Result<Option<SystemStats>, ProviderError> {
         self.instance_stats(instance).await
     }
 }

@@ -36,13 +36,19 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self {
+            message: message.into(),
+        }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid duroxide-pg-hybrid configuration: {}", self.message)
+        write!(
+            f,
+            "invalid duroxide-pg-hybrid configuration: {}",
+            self.message
+        )
     }
 }
 
@@ -56,8 +62,10 @@ impl From<ConfigError> for ProviderError {
 
 /// Retry class of a SQLSTATE code (see the module table).
 pub fn sqlstate_is_retryable(code: &str) -> bool {
-    matches!(code, "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "0A000")
-        || code.starts_with("08")
+    matches!(
+        code,
+        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "0A000"
+    ) || code.starts_with("08")
         || code.starts_with("53")
 }
 
@@ -85,7 +93,11 @@ pub fn db_error(operation: &str, instance: Option<&str>, err: sqlx::Error) -> Pr
     let retryable = is_retryable(&err);
     let detail = match &err {
         sqlx::Error::Database(db) => {
-            format!("{} (SQLSTATE {})", db.message(), db.code().unwrap_or_default())
+            format!(
+                "{} (SQLSTATE {})",
+                db.message(),
+                db.code().unwrap_or_default()
+            )
         }
         sqlx::Error::PoolTimedOut => {
             "timed out waiting for a pooled connection (raise max_connections or acquire_timeout)"
@@ -105,7 +117,11 @@ pub fn db_error(operation: &str, instance: Option<&str>, err: sqlx::Error) -> Pr
 }
 
 /// A permanent error for data that does not decode (corrupt row, foreign format).
-pub fn decode_error(operation: &str, instance: Option<&str>, what: impl fmt::Display) -> ProviderError {
+pub fn decode_error(
+    operation: &str,
+    instance: Option<&str>,
+    what: impl fmt::Display,
+) -> ProviderError {
     let message = match instance {
         Some(i) => format!("instance {i:?}: {what}"),
         None => what.to_string(),
@@ -151,7 +167,11 @@ mod tests {
         assert!(is_retryable(&sqlx::Error::PoolTimedOut));
         assert!(!is_retryable(&sqlx::Error::PoolClosed));
         assert!(!is_retryable(&sqlx::Error::RowNotFound));
-        let e = db_error("ack_orchestration_item", Some("i-1"), sqlx::Error::PoolTimedOut);
+        let e = db_error(
+            "ack_orchestration_item",
+            Some("i-1"),
+            sqlx::Error::PoolTimedOut,
+        );
         assert!(e.is_retryable());
         assert!(e.message.contains("\"i-1\""), "{e}");
         assert_eq!(e.operation, "ack_orchestration_item");

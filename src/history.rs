@@ -1,8 +1,8 @@
 //! History reads and the test/tooling append. Reads never return a partial history: one
 //! undecodable row fails the whole read.
 
-use duroxide::providers::ProviderError;
 use duroxide::Event;
+use duroxide::providers::ProviderError;
 
 use crate::codec::{decode_history, encode_event, to_i64};
 use crate::errors::{db_error, decode_error};
@@ -30,11 +30,17 @@ SELECT $1::TEXT, $2::BIGINT, e.event_id, e.event_type, e.event_data, clock.now
 FROM clock, unnest($3::BIGINT[], $4::TEXT[], $5::TEXT[]) AS e(event_id, event_type, event_data)";
 
 impl PostgresProvider {
-    pub(crate) async fn read_latest_history(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
+    pub(crate) async fn read_latest_history(
+        &self,
+        instance: &str,
+    ) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read";
-        let rows: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(READ_LATEST))
-            .bind(instance))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        let rows: Vec<String> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(READ_LATEST)).bind(instance)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
     }
 
@@ -44,11 +50,16 @@ impl PostgresProvider {
         instance: &str,
         execution_id: u64,
     ) -> Result<Vec<Event>, ProviderError> {
-        let exec = to_i64("execution_id", execution_id).map_err(|m| decode_error(operation, Some(instance), m))?;
-        let rows: Vec<String> = on_conn!(self, fetch_all, sqlx::query_scalar(&self.sql(READ_EXECUTION))
-            .bind(instance)
-            .bind(exec))
-            .map_err(|e| db_error(operation, Some(instance), e))?;
+        let exec = to_i64("execution_id", execution_id)
+            .map_err(|m| decode_error(operation, Some(instance), m))?;
+        let rows: Vec<String> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(READ_EXECUTION))
+                .bind(instance)
+                .bind(exec)
+        )
+        .map_err(|e| db_error(operation, Some(instance), e))?;
         decode_history(&rows).map_err(|m| decode_error(operation, Some(instance), m))
     }
 
@@ -68,13 +79,17 @@ impl PostgresProvider {
             types.push(enc.event_type);
             data.push(enc.json);
         }
-        on_conn!(self, execute, sqlx::query(&self.sql(APPEND))
-            .bind(instance)
-            .bind(exec)
-            .bind(&ids)
-            .bind(&types)
-            .bind(&data))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        on_conn!(
+            self,
+            execute,
+            sqlx::query(&self.sql(APPEND))
+                .bind(instance)
+                .bind(exec)
+                .bind(&ids)
+                .bind(&types)
+                .bind(&data)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         Ok(())
     }
 }

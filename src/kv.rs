@@ -59,19 +59,36 @@ fn u(v: i64) -> u64 {
 }
 
 impl PostgresProvider {
-    pub(crate) async fn kv_value(&self, instance: &str, key: &str) -> Result<Option<String>, ProviderError> {
-        let v: Option<Option<String>> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(KV_ONE))
-            .bind(instance)
-            .bind(key))
-            .map_err(|e| db_error("get_kv_value", Some(instance), e))?;
+    pub(crate) async fn kv_value(
+        &self,
+        instance: &str,
+        key: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let v: Option<Option<String>> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_scalar(&self.sql(KV_ONE))
+                .bind(instance)
+                .bind(key)
+        )
+        .map_err(|e| db_error("get_kv_value", Some(instance), e))?;
         Ok(v.flatten())
     }
 
-    pub(crate) async fn kv_all(&self, instance: &str) -> Result<HashMap<String, String>, ProviderError> {
-        let rows: Vec<(String, Option<String>)> = on_conn!(self, fetch_all, sqlx::query_as(&self.sql(KV_MERGED))
-            .bind(instance))
-            .map_err(|e| db_error("get_kv_all_values", Some(instance), e))?;
-        Ok(rows.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    pub(crate) async fn kv_all(
+        &self,
+        instance: &str,
+    ) -> Result<HashMap<String, String>, ProviderError> {
+        let rows: Vec<(String, Option<String>)> = on_conn!(
+            self,
+            fetch_all,
+            sqlx::query_as(&self.sql(KV_MERGED)).bind(instance)
+        )
+        .map_err(|e| db_error("get_kv_all_values", Some(instance), e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
     }
 
     pub(crate) async fn custom_status(
@@ -79,25 +96,36 @@ impl PostgresProvider {
         instance: &str,
         last_seen_version: u64,
     ) -> Result<Option<(Option<String>, u64)>, ProviderError> {
-        let row: Option<(Option<String>, i64)> = on_conn!(self, fetch_optional, sqlx::query_as(&self.sql(CUSTOM_STATUS))
-            .bind(instance)
-            .bind(i64::try_from(last_seen_version).unwrap_or(i64::MAX)))
-            .map_err(|e| db_error("get_custom_status", Some(instance), e))?;
+        let row: Option<(Option<String>, i64)> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_as(&self.sql(CUSTOM_STATUS))
+                .bind(instance)
+                .bind(i64::try_from(last_seen_version).unwrap_or(i64::MAX))
+        )
+        .map_err(|e| db_error("get_custom_status", Some(instance), e))?;
         Ok(row.map(|(s, v)| (s, u(v))))
     }
 
-    pub(crate) async fn instance_stats(&self, instance: &str) -> Result<Option<SystemStats>, ProviderError> {
-        let row: Option<StatsRow> = on_conn!(self, fetch_optional, sqlx::query_as(&self.sql(STATS))
-            .bind(instance))
-            .map_err(|e| db_error("get_instance_stats", Some(instance), e))?;
+    pub(crate) async fn instance_stats(
+        &self,
+        instance: &str,
+    ) -> Result<Option<SystemStats>, ProviderError> {
+        let row: Option<StatsRow> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_as(&self.sql(STATS)).bind(instance)
+        )
+        .map_err(|e| db_error("get_instance_stats", Some(instance), e))?;
         Ok(row.map(|r| {
             let carried = r
                 .first_event
                 .and_then(|json| serde_json::from_str::<duroxide::Event>(&json).ok())
                 .map(|e| match e.kind {
-                    EventKind::OrchestrationStarted { carry_forward_events, .. } => {
-                        carry_forward_events.map(|v| v.len()).unwrap_or(0)
-                    }
+                    EventKind::OrchestrationStarted {
+                        carry_forward_events,
+                        ..
+                    } => carry_forward_events.map(|v| v.len()).unwrap_or(0),
                     _ => 0,
                 })
                 .unwrap_or(0);

@@ -1,5 +1,4 @@
 #![doc = include_str!("../README.md")]
-
 #![warn(missing_docs)]
 
 /// Runs one query on a connection of the provider's own pool (see `pool.rs`) and
@@ -22,19 +21,19 @@ mod admin;
 mod codec;
 mod contract;
 pub mod errors;
-pub mod inspect;
 mod fetch;
 mod history;
+pub mod inspect;
 mod kv;
 mod notify;
+pub mod options;
 mod poll;
 mod pool;
-pub mod options;
 mod provider;
 mod queue;
 pub mod schema;
 mod worker;
 
 pub use errors::ConfigError;
-pub use options::{FetchPath, ProviderOptions, DEFAULT_SCHEMA};
+pub use options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};

@@ -18,8 +18,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::{Notify, OnceCell};
 
 use crate::provider::TRACING_TARGET;
@@ -49,7 +49,11 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     pub(crate) fn new() -> Self {
-        Self { orchestrator: Notify::new(), worker: Notify::new(), listener: OnceCell::new() }
+        Self {
+            orchestrator: Notify::new(),
+            worker: Notify::new(),
+            listener: OnceCell::new(),
+        }
     }
 
     pub(crate) fn queue(&self, q: Queue) -> &Notify {
@@ -113,7 +117,10 @@ async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, (orch_ch, work_ch):
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([orch_ch.as_str(), work_ch.as_str()]).await {
+        if let Err(e) = listener
+            .listen_all([orch_ch.as_str(), work_ch.as_str()])
+            .await
+        {
             tracing::warn!(target: TRACING_TARGET, error = %e, "LISTEN failed; retrying");
             if !sleep_unless_dropped(&notifier, backoff).await {
                 return;
@@ -143,7 +150,11 @@ async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, (orch_ch, work_ch):
             };
             match received {
                 Ok(Some(msg)) => {
-                    let queue = if msg.channel() == orch_ch { Queue::Orchestrator } else { Queue::Worker };
+                    let queue = if msg.channel() == orch_ch {
+                        Queue::Orchestrator
+                    } else {
+                        Queue::Worker
+                    };
                     let count: usize = msg.payload().parse().unwrap_or(1).clamp(1, 64);
                     metrics::counter!("duroxide_pg_notifications_received_total", "queue" => queue.sql_name())
                         .increment(1);
@@ -182,7 +193,10 @@ pub(crate) struct WakeGuard<'a> {
 
 impl<'a> WakeGuard<'a> {
     pub(crate) fn new(notify: &'a Notify) -> Self {
-        Self { notify, armed: true }
+        Self {
+            notify,
+            armed: true,
+        }
     }
 
     pub(crate) fn disarm(mut self) {

@@ -208,14 +208,17 @@ impl ProviderOptions {
             self.acquire_timeout = Duration::from_millis(parse_env(env::ACQUIRE_TIMEOUT_MS, &v)?);
         }
         if let Some(v) = read_env(env::STATEMENT_TIMEOUT_MS) {
-            self.statement_timeout =
-                Some(Duration::from_millis(parse_env(env::STATEMENT_TIMEOUT_MS, &v)?));
+            self.statement_timeout = Some(Duration::from_millis(parse_env(
+                env::STATEMENT_TIMEOUT_MS,
+                &v,
+            )?));
         }
         if let Some(v) = read_env(env::LONG_POLL) {
             self.long_poll = parse_bool(env::LONG_POLL, &v)?;
         }
         if let Some(v) = read_env(env::FALLBACK_POLL_MS) {
-            self.fallback_poll_interval = Duration::from_millis(parse_env(env::FALLBACK_POLL_MS, &v)?);
+            self.fallback_poll_interval =
+                Duration::from_millis(parse_env(env::FALLBACK_POLL_MS, &v)?);
         }
         self.validate()?;
         Ok(self)
@@ -231,7 +234,9 @@ impl ProviderOptions {
             return Err(ConfigError::new("max_connections must be at least 1"));
         }
         if self.fallback_poll_interval.is_zero() {
-            return Err(ConfigError::new("fallback_poll_interval must be greater than zero"));
+            return Err(ConfigError::new(
+                "fallback_poll_interval must be greater than zero",
+            ));
         }
         if self.min_connections > self.max_connections {
             return Err(ConfigError::new(format!(
@@ -273,7 +278,9 @@ fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
     match value.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::new(format!("{name}={value:?} is not a boolean"))),
+        _ => Err(ConfigError::new(format!(
+            "{name}={value:?} is not a boolean"
+        ))),
     }
 }
 
@@ -336,18 +343,31 @@ mod tests {
     #[test]
     fn parses_fetch_paths() {
         assert_eq!("hybrid".parse::<FetchPath>().unwrap(), FetchPath::Hybrid);
-        assert_eq!(" Procedure ".parse::<FetchPath>().unwrap(), FetchPath::Procedure);
+        assert_eq!(
+            " Procedure ".parse::<FetchPath>().unwrap(),
+            FetchPath::Procedure
+        );
         let err = "fast".parse::<FetchPath>().unwrap_err();
         assert!(err.to_string().contains("fast"), "{err}");
     }
 
     #[test]
     fn validate_rejects_bad_values() {
-        let bad = ProviderOptions { max_connections: 0, ..Default::default() };
+        let bad = ProviderOptions {
+            max_connections: 0,
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
-        let bad = ProviderOptions { schema: "a;b".into(), ..Default::default() };
+        let bad = ProviderOptions {
+            schema: "a;b".into(),
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
-        let bad = ProviderOptions { min_connections: 5, max_connections: 2, ..Default::default() };
+        let bad = ProviderOptions {
+            min_connections: 5,
+            max_connections: 2,
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

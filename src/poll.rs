@@ -15,14 +15,17 @@ pub(crate) enum Attempt<T> {
     Claimed(T),
     /// Nothing claimable. `wake_in`: when the database expects work to become claimable
     /// without a new write (a timer or a lease running out), on its own clock.
-    Empty { wake_in: Option<Duration> },
+    Empty {
+        wake_in: Option<Duration>,
+    },
 }
 
 /// Database wake-up time relative to the database's own "now".
 pub(crate) fn wake_in(now_ms: i64, next_wake_ms: Option<i64>) -> Option<Duration> {
     // +1 ms: visibility is `visible_at <= now`, so waking exactly at the boundary could
     // miss by a rounding step and cost an extra sleep.
-    next_wake_ms.map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0) + 1))
+    next_wake_ms
+        .map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0) + 1))
 }
 
 impl PostgresProvider {
@@ -42,12 +45,19 @@ impl PostgresProvider {
                 Attempt::Claimed(t) => Some(t),
                 Attempt::Empty { .. } => None,
             };
-            let outcome = if claimed.is_some() { "claimed" } else { "empty" };
+            let outcome = if claimed.is_some() {
+                "claimed"
+            } else {
+                "empty"
+            };
             metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => outcome).increment(1);
             return Ok(claimed);
         }
         let deadline = Instant::now() + poll_timeout;
-        self.inner.notifier.ensure_listening(self.pool_ref(), &self.inner.schema_q).await;
+        self.inner
+            .notifier
+            .ensure_listening(self.pool_ref(), &self.inner.schema_q)
+            .await;
         let notify = self.inner.notifier.queue(queue);
         let mut woken: Option<WakeGuard<'_>> = None;
         loop {

@@ -7,7 +7,9 @@
 //! finds only 3 free connections and waits. This pool never talks to the server on
 //! checkout or release. A connection whose call did not finish (future dropped mid-query,
 //! I/O error) is closed instead of reused, so no half-read response can reach the next
-//! caller; a server-side error (constraint, token check) leaves it usable.
+//! caller; a server-side error (constraint, token check) leaves it usable. A call that
+//! loses its connection (I/O error, FATAL such as `57P01`) also discards the idle
+//! connections, which the same restart or kill has most likely closed.
 //!
 //! The `PgPool` a provider is built from stays in use for migrations and is what
 //! [`PostgresProvider::pool`](crate::PostgresProvider::pool) returns to applications.
@@ -40,7 +42,11 @@ pub(crate) struct Conn {
 }
 
 impl ConnPool {
-    pub(crate) fn new(connect: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        connect: PgConnectOptions,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 connect,
@@ -55,11 +61,19 @@ impl ConnPool {
     /// timeout for a free slot (then `PoolTimedOut`, which maps to a retryable error).
     pub(crate) async fn acquire(&self) -> Result<Conn, sqlx::Error> {
         let started = Instant::now();
-        let permit = tokio::time::timeout(self.inner.acquire_timeout, self.inner.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let idle = self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let permit = tokio::time::timeout(
+            self.inner.acquire_timeout,
+            self.inner.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)?
+        .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         let conn = match idle {
             Some(c) => c,
             None => {
@@ -69,8 +83,13 @@ impl ConnPool {
                     .map_err(|_| sqlx::Error::PoolTimedOut)??
             }
         };
-        metrics::histogram!("duroxide_pg_pool_wait_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Conn { conn: Some(conn), pool: self.inner.clone(), _permit: permit })
+        metrics::histogram!("duroxide_pg_pool_wait_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(Conn {
+            conn: Some(conn),
+            pool: self.inner.clone(),
+            _permit: permit,
+        })
     }
 
     /// Opens connections until `n` are idle (start-up warm-up for `min_connections`).
@@ -88,7 +107,13 @@ impl ConnPool {
     /// Closes idle connections and refuses new checkouts.
     pub(crate) async fn close(&self) {
         self.inner.permits.close();
-        let idle = std::mem::take(&mut *self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        let idle = std::mem::take(
+            &mut *self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         for c in idle {
             let _ = c.close().await;
         }
@@ -99,12 +124,36 @@ impl Conn {
     /// Returns the connection to the pool unless `result` shows it may be in an unknown
     /// state (anything but a server-reported error), then passes `result` through.
     pub(crate) fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        let reusable = matches!(&result, Ok(_) | Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound));
+        let reusable = match &result {
+            Ok(_) | Err(sqlx::Error::RowNotFound) => true,
+            // A FATAL server error (terminated by an administrator, shutting down,
+            // connection failure) comes as a database error but ends the session.
+            Err(sqlx::Error::Database(db)) => !db
+                .code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+            Err(_) => false,
+        };
+        if !reusable {
+            // Whatever killed this connection (a restart, a terminate-all, a network
+            // cut) most likely killed the idle ones too: drop them rather than hand them
+            // out one failed call at a time.
+            drop(std::mem::take(
+                &mut *self
+                    .pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ));
+        }
         // Every checkout runs exactly one statement: this counts the provider's round trips.
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("duroxide_pg_round_trips_total", "outcome" => outcome).increment(1);
         if reusable && let Some(c) = self.conn.take() {
-            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(c);
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(c);
         }
         result
     }
@@ -114,12 +163,16 @@ impl Deref for Conn {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        self.conn.as_ref().expect("connection present until finished")
+        self.conn
+            .as_ref()
+            .expect("connection present until finished")
     }
 }
 
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.conn.as_mut().expect("connection present until finished")
+        self.conn
+            .as_mut()
+            .expect("connection present until finished")
     }
 }

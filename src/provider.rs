@@ -10,8 +10,8 @@ use sqlx::{ConnectOptions, PgPool};
 
 use crate::errors::db_error;
 use crate::notify::Notifier;
+use crate::options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
 use crate::pool::ConnPool;
-use crate::options::{FetchPath, ProviderOptions, DEFAULT_SCHEMA};
 use crate::schema::{self, quote_ident};
 
 /// Target of every `tracing` event the provider emits.
@@ -71,7 +71,10 @@ impl PostgresProvider {
             .map_err(|e| {
                 ProviderError::permanent(
                     "connect",
-                    format!("invalid database URL {}: {e}", crate::options::redact_url(url)),
+                    format!(
+                        "invalid database URL {}: {e}",
+                        crate::options::redact_url(url)
+                    ),
                 )
             })?
             .application_name(&options.application_name)
@@ -110,9 +113,16 @@ impl PostgresProvider {
                 .map_err(|e| db_error("verify_schema", None, e))
                 .map_err(|e| with_schema_context(e, &schema))?;
         }
-        let conns = ConnPool::new((*pool.connect_options()).clone(), options.max_connections, options.acquire_timeout);
+        let conns = ConnPool::new(
+            (*pool.connect_options()).clone(),
+            options.max_connections,
+            options.acquire_timeout,
+        );
         if options.min_connections > 0 {
-            conns.warm_up(options.min_connections).await.map_err(|e| db_error("connect", None, e))?;
+            conns
+                .warm_up(options.min_connections)
+                .await
+                .map_err(|e| db_error("connect", None, e))?;
         }
         tracing::info!(
             target: TRACING_TARGET,
@@ -190,11 +200,14 @@ impl PostgresProvider {
     /// # Errors
     /// Database errors (e.g. missing privileges).
     pub async fn drop_schema(&self) -> Result<(), ProviderError> {
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.inner.schema_q))
-            .execute(&self.inner.pool)
-            .await
-            .map(|_| ())
-            .map_err(|e| db_error("drop_schema", None, e))
+        sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.inner.schema_q
+        ))
+        .execute(&self.inner.pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| db_error("drop_schema", None, e))
     }
 
     /// Closes the provider's connections and the pool.

@@ -42,7 +42,11 @@ WHERE l.lock_token = $1 AND l.locked_until_ms > c.now
 RETURNING l.instance_id";
 
 impl PostgresProvider {
-    pub(crate) async fn enqueue_orchestrator(&self, item: WorkItem, delay: Option<Duration>) -> Result<(), ProviderError> {
+    pub(crate) async fn enqueue_orchestrator(
+        &self,
+        item: WorkItem,
+        delay: Option<Duration>,
+    ) -> Result<(), ProviderError> {
         const OP: &str = "enqueue_for_orchestrator";
         if matches!(item, WorkItem::ActivityExecute { .. }) {
             return Err(ProviderError::permanent(
@@ -51,12 +55,16 @@ impl PostgresProvider {
             ));
         }
         let enc = encode_item(&item).map_err(|m| decode_error(OP, None, m))?;
-        on_conn!(self, execute, sqlx::query(&self.sql(ENQUEUE))
-            .bind(&enc.instance)
-            .bind(enc.kind)
-            .bind(&enc.json)
-            .bind(delay.map(millis).unwrap_or(0)))
-            .map_err(|e| db_error(OP, Some(&enc.instance), e))?;
+        on_conn!(
+            self,
+            execute,
+            sqlx::query(&self.sql(ENQUEUE))
+                .bind(&enc.instance)
+                .bind(enc.kind)
+                .bind(&enc.json)
+                .bind(delay.map(millis).unwrap_or(0))
+        )
+        .map_err(|e| db_error(OP, Some(&enc.instance), e))?;
         Ok(())
     }
 
@@ -67,11 +75,15 @@ impl PostgresProvider {
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
         const OP: &str = "abandon_orchestration_item";
-        let released: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(ABANDON))
-            .bind(lock_token)
-            .bind(delay.map(millis))
-            .bind(ignore_attempt))
-            .map_err(|e| db_error(OP, None, e))?;
+        let released: Option<String> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_scalar(&self.sql(ABANDON))
+                .bind(lock_token)
+                .bind(delay.map(millis))
+                .bind(ignore_attempt)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         match released {
             Some(instance) => {
                 tracing::debug!(
@@ -91,12 +103,20 @@ impl PostgresProvider {
         }
     }
 
-    pub(crate) async fn renew_orchestration(&self, lock_token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+    pub(crate) async fn renew_orchestration(
+        &self,
+        lock_token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
         const OP: &str = "renew_orchestration_item_lock";
-        let renewed: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(RENEW))
-            .bind(lock_token)
-            .bind(millis(extend_for)))
-            .map_err(|e| db_error(OP, None, e))?;
+        let renewed: Option<String> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_scalar(&self.sql(RENEW))
+                .bind(lock_token)
+                .bind(millis(extend_for))
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         match renewed {
             Some(_) => Ok(()),
             None => Err(ProviderError::permanent(

@@ -35,7 +35,10 @@ pub fn validate_schema_name(name: &str) -> Result<(), ConfigError> {
     if !(first.is_ascii_lowercase() || first == '_') {
         return fail("must start with a lower-case letter or '_'");
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
         return fail("may contain only lower-case ASCII letters, digits and '_'");
     }
     if name.starts_with("pg_") {
@@ -89,6 +92,11 @@ fn lock_key(schema: &str) -> String {
 /// schema named.
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
+    // Nothing to do is the common case at start-up, and it must not need DDL rights:
+    // a least-privilege role connects to a schema an administrator migrated.
+    if status(pool, schema).await?.is_current() {
+        return Ok(());
+    }
     let mut conn = pool.acquire().await?.detach();
     let result = async {
         sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
@@ -101,13 +109,17 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
                 .fetch_one(&mut conn)
                 .await?;
         if !exists {
-            conn.execute(format!("CREATE SCHEMA {}", quote_ident(schema)).as_str()).await?;
+            conn.execute(format!("CREATE SCHEMA {}", quote_ident(schema)).as_str())
+                .await?;
         }
         conn.execute(format!("SET search_path TO {}, pg_temp", quote_ident(schema)).as_str())
             .await?;
         // sqlx's own (database-wide) migration lock is taken too; it is redundant with
         // ours but harmless, and keeps the static migrator untouched.
-        MIGRATOR.run_direct(&mut conn).await.map_err(sqlx::Error::from)
+        MIGRATOR
+            .run_direct(&mut conn)
+            .await
+            .map_err(sqlx::Error::from)
     }
     .await;
     // Closing the detached connection also releases the advisory lock.
@@ -229,7 +241,17 @@ mod tests {
         for ok in ["duroxide", "_x", "tenant_42", &"a".repeat(63)] {
             assert!(validate_schema_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Duroxide", "a-b", "a;drop", "x\"y", "1abc", "pg_x", "ünï", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Duroxide",
+            "a-b",
+            "a;drop",
+            "x\"y",
+            "1abc",
+            "pg_x",
+            "ünï",
+            &"a".repeat(64),
+        ] {
             let err = validate_schema_name(bad).unwrap_err();
             assert!(err.to_string().contains("schema name"), "{bad}: {err}");
         }

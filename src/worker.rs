@@ -9,7 +9,7 @@ use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem
 use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
 use crate::notify::Queue;
-use crate::poll::{wake_in, Attempt};
+use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 
 /// Oldest visible, unleased item (FIFO by (visible_at, id)) that the tag filter and the
@@ -186,8 +186,10 @@ impl PostgresProvider {
         let Some((tag_mode, tags)) = tag_args(tag_filter) else {
             return Ok(None);
         };
-        self.poll_until(Queue::Worker, poll_timeout, || self.lease_work(lock_timeout, session, tag_mode, &tags))
-            .await
+        self.poll_until(Queue::Worker, poll_timeout, || {
+            self.lease_work(lock_timeout, session, tag_mode, &tags)
+        })
+        .await
     }
 
     async fn lease_work(
@@ -199,23 +201,33 @@ impl PostgresProvider {
     ) -> Result<Attempt<(WorkItem, String, u32)>, ProviderError> {
         const OP: &str = "fetch_work_item";
         let token = format!("work_{}", uuid::Uuid::new_v4());
-        let row = on_conn!(self, fetch_one, sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
-            .bind(&token)
-            .bind(millis(lock_timeout))
-            .bind(session.is_some())
-            .bind(session.map(|s| s.owner_id.as_str()).unwrap_or(""))
-            .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
-            .bind(tag_mode)
-            .bind(tags))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
+                .bind(&token)
+                .bind(millis(lock_timeout))
+                .bind(session.is_some())
+                .bind(session.map(|s| s.owner_id.as_str()).unwrap_or(""))
+                .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
+                .bind(tag_mode)
+                .bind(tags)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {
-            return Ok(Attempt::Empty { wake_in: wake_in(row.now_ms, row.next_wake_ms) });
+            return Ok(Attempt::Empty {
+                wake_in: wake_in(row.now_ms, row.next_wake_ms),
+            });
         };
         let attempts = row.attempt_count.unwrap_or(1);
         let item: WorkItem = serde_json::from_str(&json).map_err(|e| {
             // The lease is left to expire: the attempt count keeps rising, so the row
             // ends up visible to operators as a poison candidate instead of spinning.
-            decode_error(OP, Some(&instance), format!("worker item does not decode: {e}"))
+            decode_error(
+                OP,
+                Some(&instance),
+                format!("worker item does not decode: {e}"),
+            )
         })?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -224,16 +236,32 @@ impl PostgresProvider {
             attempt = attempts,
             "leased work item"
         );
-        Ok(Attempt::Claimed((item, token, u32::try_from(attempts).unwrap_or(0))))
+        Ok(Attempt::Claimed((
+            item,
+            token,
+            u32::try_from(attempts).unwrap_or(0),
+        )))
     }
 
-    pub(crate) async fn ack_work(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {
+    pub(crate) async fn ack_work(
+        &self,
+        token: &str,
+        completion: Option<WorkItem>,
+    ) -> Result<(), ProviderError> {
         const OP: &str = "ack_work_item";
         let (instance, kind, json) = match &completion {
             None => (None, None, None),
-            Some(item @ (WorkItem::ActivityCompleted { instance, .. } | WorkItem::ActivityFailed { instance, .. })) => {
-                let json = serde_json::to_string(item).map_err(|e| decode_error(OP, Some(instance), e))?;
-                (Some(instance.as_str()), Some(work_item_kind(item)), Some(json))
+            Some(
+                item @ (WorkItem::ActivityCompleted { instance, .. }
+                | WorkItem::ActivityFailed { instance, .. }),
+            ) => {
+                let json =
+                    serde_json::to_string(item).map_err(|e| decode_error(OP, Some(instance), e))?;
+                (
+                    Some(instance.as_str()),
+                    Some(work_item_kind(item)),
+                    Some(json),
+                )
             }
             Some(other) => {
                 return Err(ProviderError::permanent(
@@ -245,12 +273,16 @@ impl PostgresProvider {
                 ));
             }
         };
-        let acked: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(ACK))
-            .bind(token)
-            .bind(instance)
-            .bind(kind)
-            .bind(json))
-            .map_err(|e| db_error(OP, instance, e))?;
+        let acked: i64 = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar(&self.sql(ACK))
+                .bind(token)
+                .bind(instance)
+                .bind(kind)
+                .bind(json)
+        )
+        .map_err(|e| db_error(OP, instance, e))?;
         if acked == 0 {
             return Err(ProviderError::permanent(
                 OP,
@@ -263,12 +295,20 @@ impl PostgresProvider {
         Ok(())
     }
 
-    pub(crate) async fn renew_work(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+    pub(crate) async fn renew_work(
+        &self,
+        token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
         const OP: &str = "renew_work_item_lock";
-        let renewed: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(RENEW))
-            .bind(token)
-            .bind(millis(extend_for)))
-            .map_err(|e| db_error(OP, None, e))?;
+        let renewed: i64 = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar(&self.sql(RENEW))
+                .bind(token)
+                .bind(millis(extend_for))
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         if renewed == 0 {
             return Err(ProviderError::permanent(
                 OP,
@@ -285,11 +325,15 @@ impl PostgresProvider {
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
         const OP: &str = "abandon_work_item";
-        let row: Option<String> = on_conn!(self, fetch_optional, sqlx::query_scalar(&self.sql(ABANDON))
-            .bind(token)
-            .bind(delay.map(millis))
-            .bind(ignore_attempt))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row: Option<String> = on_conn!(
+            self,
+            fetch_optional,
+            sqlx::query_scalar(&self.sql(ABANDON))
+                .bind(token)
+                .bind(delay.map(millis))
+                .bind(ignore_attempt)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         match row {
             Some(_) => Ok(()),
             None => Err(ProviderError::permanent(
@@ -301,22 +345,37 @@ impl PostgresProvider {
 
     pub(crate) async fn enqueue_worker(&self, item: WorkItem) -> Result<(), ProviderError> {
         const OP: &str = "enqueue_for_worker";
-        let WorkItem::ActivityExecute { instance, execution_id, id, session_id, tag, .. } = &item else {
+        let WorkItem::ActivityExecute {
+            instance,
+            execution_id,
+            id,
+            session_id,
+            tag,
+            ..
+        } = &item
+        else {
             return Err(ProviderError::permanent(
                 OP,
-                format!("only ActivityExecute goes to the worker queue, got {}", work_item_kind(&item)),
+                format!(
+                    "only ActivityExecute goes to the worker queue, got {}",
+                    work_item_kind(&item)
+                ),
             ));
         };
         let bad = |m: String| decode_error(OP, Some(instance), m);
         let json = serde_json::to_string(&item).map_err(|e| bad(e.to_string()))?;
-        on_conn!(self, execute, sqlx::query(&self.sql(ENQUEUE))
-            .bind(json)
-            .bind(instance)
-            .bind(to_i64("execution_id", *execution_id).map_err(bad)?)
-            .bind(to_i64("activity id", *id).map_err(bad)?)
-            .bind(session_id)
-            .bind(tag))
-            .map_err(|e| db_error(OP, Some(instance), e))?;
+        on_conn!(
+            self,
+            execute,
+            sqlx::query(&self.sql(ENQUEUE))
+                .bind(json)
+                .bind(instance)
+                .bind(to_i64("execution_id", *execution_id).map_err(bad)?)
+                .bind(to_i64("activity id", *id).map_err(bad)?)
+                .bind(session_id)
+                .bind(tag)
+        )
+        .map_err(|e| db_error(OP, Some(instance), e))?;
         Ok(())
     }
 
@@ -329,17 +388,25 @@ impl PostgresProvider {
         if owner_ids.is_empty() {
             return Ok(0);
         }
-        let n: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
-            .bind(owner_ids)
-            .bind(millis(extend_for))
-            .bind(millis(idle_timeout)))
-            .map_err(|e| db_error("renew_session_lock", None, e))?;
+        let n: i64 = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
+                .bind(owner_ids)
+                .bind(millis(extend_for))
+                .bind(millis(idle_timeout))
+        )
+        .map_err(|e| db_error("renew_session_lock", None, e))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     pub(crate) async fn cleanup_sessions(&self) -> Result<usize, ProviderError> {
-        let n: i64 = on_conn!(self, fetch_one, sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS)))
-            .map_err(|e| db_error("cleanup_orphaned_sessions", None, e))?;
+        let n: i64 = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS))
+        )
+        .map_err(|e| db_error("cleanup_orphaned_sessions", None, e))?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::{database_url, new_provider, test_options};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
-use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 
 const ORCHESTRATIONS: usize = 210;
@@ -36,41 +38,65 @@ fn activities(ledger: Ledger) -> ActivityRegistry {
 
 fn orchestrations() -> OrchestrationRegistry {
     OrchestrationRegistry::builder()
-        .register("FanOut", |ctx: OrchestrationContext, id: String| async move {
-            let calls = (0..4).map(|k| ctx.schedule_activity("Work", format!("fan-{id}-{k}"))).collect();
-            let results = ctx.join(calls).await;
-            let joined: Result<Vec<String>, String> = results.into_iter().collect();
-            Ok(joined?.join("+"))
-        })
-        .register("Sequence", |ctx: OrchestrationContext, id: String| async move {
-            let mut out = Vec::new();
-            for k in 0..3 {
-                out.push(ctx.schedule_activity("Work", format!("seq-{id}-{k}")).await?);
-            }
-            Ok(out.join(">"))
-        })
-        .register("TimerThenEvent", |ctx: OrchestrationContext, id: String| async move {
-            ctx.schedule_timer(Duration::from_millis(300)).await;
-            let go = ctx.schedule_wait("Go").await;
-            let r = ctx.schedule_activity("Work", format!("evt-{id}")).await?;
-            Ok(format!("{go}:{r}"))
-        })
-        .register("Parent", |ctx: OrchestrationContext, id: String| async move {
-            let child = ctx.schedule_sub_orchestration("Child", id.clone()).await?;
-            Ok(format!("parent({child})"))
-        })
-        .register("Child", |ctx: OrchestrationContext, id: String| async move {
-            ctx.schedule_activity("Work", format!("child-{id}")).await
-        })
-        .register("Looping", |ctx: OrchestrationContext, input: String| async move {
-            let (id, round) = input.split_once('#').expect("id#round");
-            let round: u32 = round.parse().expect("round");
-            ctx.schedule_activity("Work", format!("can-{id}-{round}")).await?;
-            if round < 2 {
-                return ctx.continue_as_new(format!("{id}#{}", round + 1)).await;
-            }
-            Ok(format!("looped({id})"))
-        })
+        .register(
+            "FanOut",
+            |ctx: OrchestrationContext, id: String| async move {
+                let calls = (0..4)
+                    .map(|k| ctx.schedule_activity("Work", format!("fan-{id}-{k}")))
+                    .collect();
+                let results = ctx.join(calls).await;
+                let joined: Result<Vec<String>, String> = results.into_iter().collect();
+                Ok(joined?.join("+"))
+            },
+        )
+        .register(
+            "Sequence",
+            |ctx: OrchestrationContext, id: String| async move {
+                let mut out = Vec::new();
+                for k in 0..3 {
+                    out.push(
+                        ctx.schedule_activity("Work", format!("seq-{id}-{k}"))
+                            .await?,
+                    );
+                }
+                Ok(out.join(">"))
+            },
+        )
+        .register(
+            "TimerThenEvent",
+            |ctx: OrchestrationContext, id: String| async move {
+                ctx.schedule_timer(Duration::from_millis(300)).await;
+                let go = ctx.schedule_wait("Go").await;
+                let r = ctx.schedule_activity("Work", format!("evt-{id}")).await?;
+                Ok(format!("{go}:{r}"))
+            },
+        )
+        .register(
+            "Parent",
+            |ctx: OrchestrationContext, id: String| async move {
+                let child = ctx.schedule_sub_orchestration("Child", id.clone()).await?;
+                Ok(format!("parent({child})"))
+            },
+        )
+        .register(
+            "Child",
+            |ctx: OrchestrationContext, id: String| async move {
+                ctx.schedule_activity("Work", format!("child-{id}")).await
+            },
+        )
+        .register(
+            "Looping",
+            |ctx: OrchestrationContext, input: String| async move {
+                let (id, round) = input.split_once('#').expect("id#round");
+                let round: u32 = round.parse().expect("round");
+                ctx.schedule_activity("Work", format!("can-{id}-{round}"))
+                    .await?;
+                if round < 2 {
+                    return ctx.continue_as_new(format!("{id}#{}", round + 1)).await;
+                }
+                Ok(format!("looped({id})"))
+            },
+        )
         .build()
 }
 
@@ -80,17 +106,30 @@ fn workload(i: usize) -> (&'static str, String, String, Vec<String>) {
     match i % 5 {
         0 => {
             let keys: Vec<String> = (0..4).map(|k| format!("fan-{id}-{k}")).collect();
-            let out = keys.iter().map(|k| format!("done({k})")).collect::<Vec<_>>().join("+");
+            let out = keys
+                .iter()
+                .map(|k| format!("done({k})"))
+                .collect::<Vec<_>>()
+                .join("+");
             ("FanOut", id, out, keys)
         }
         1 => {
             let keys: Vec<String> = (0..3).map(|k| format!("seq-{id}-{k}")).collect();
-            let out = keys.iter().map(|k| format!("done({k})")).collect::<Vec<_>>().join(">");
+            let out = keys
+                .iter()
+                .map(|k| format!("done({k})"))
+                .collect::<Vec<_>>()
+                .join(">");
             ("Sequence", id, out, keys)
         }
         2 => {
             let key = format!("evt-{id}");
-            ("TimerThenEvent", id.clone(), format!("go-{id}:done({key})"), vec![key])
+            (
+                "TimerThenEvent",
+                id.clone(),
+                format!("go-{id}:done({key})"),
+                vec![key],
+            )
         }
         3 => {
             let key = format!("child-{id}");
@@ -108,18 +147,35 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
     let (hybrid, guard) = new_provider(FetchPath::Hybrid).await;
     assert_eq!(hybrid.fetch_path(), FetchPath::Hybrid);
     let procedure = Arc::new(
-        PostgresProvider::connect_with(&database_url(), test_options(guard.schema(), FetchPath::Procedure))
-            .await
-            .unwrap(),
+        PostgresProvider::connect_with(
+            &database_url(),
+            test_options(guard.schema(), FetchPath::Procedure),
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(procedure.fetch_path(), FetchPath::Procedure);
 
     let ledger: Ledger = Arc::default();
-    let options = RuntimeOptions { orchestration_concurrency: 3, worker_concurrency: 3, ..Default::default() };
-    let rt_h = Runtime::start_with_options(hybrid.clone(), activities(ledger.clone()), orchestrations(), options.clone())
-        .await;
-    let rt_p =
-        Runtime::start_with_options(procedure.clone(), activities(ledger.clone()), orchestrations(), options).await;
+    let options = RuntimeOptions {
+        orchestration_concurrency: 3,
+        worker_concurrency: 3,
+        ..Default::default()
+    };
+    let rt_h = Runtime::start_with_options(
+        hybrid.clone(),
+        activities(ledger.clone()),
+        orchestrations(),
+        options.clone(),
+    )
+    .await;
+    let rt_p = Runtime::start_with_options(
+        procedure.clone(),
+        activities(ledger.clone()),
+        orchestrations(),
+        options,
+    )
+    .await;
 
     let clients = [Client::new(hybrid.clone()), Client::new(procedure.clone())];
     let mut expected_keys = Vec::new();
@@ -129,14 +185,20 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
         expected_keys.extend(keys);
         let instance = format!("fleet-{i}");
         let client = clients[i % 2].clone();
-        client.start_orchestration(&instance, name, input).await.unwrap();
+        client
+            .start_orchestration(&instance, name, input)
+            .await
+            .unwrap();
         waits.push((instance, output, name));
     }
     // Release the event waiters once they are subscribed (raising early is fine too:
     // duroxide buffers nothing before the subscription, so retry until completion).
     let raiser = {
         let client = clients[1].clone();
-        let targets: Vec<String> = (0..ORCHESTRATIONS).filter(|i| i % 5 == 2).map(|i| format!("fleet-{i}")).collect();
+        let targets: Vec<String> = (0..ORCHESTRATIONS)
+            .filter(|i| i % 5 == 2)
+            .map(|i| format!("fleet-{i}"))
+            .collect();
         tokio::spawn(async move {
             for _round in 0..60 {
                 let mut pending = 0;
@@ -159,10 +221,15 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
     };
 
     for (i, (instance, output, name)) in waits.iter().enumerate() {
-        let status = clients[i % 2].wait_for_orchestration(instance, Duration::from_secs(120)).await;
+        let status = clients[i % 2]
+            .wait_for_orchestration(instance, Duration::from_secs(120))
+            .await;
         match status {
             Ok(OrchestrationStatus::Completed { output: got, .. }) => {
-                assert_eq!(&got, output, "{instance} ({name}) completed with the wrong output")
+                assert_eq!(
+                    &got, output,
+                    "{instance} ({name}) completed with the wrong output"
+                )
             }
             other => panic!("{instance} ({name}) did not complete: {other:?}"),
         }
@@ -172,11 +239,16 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
     rt_p.shutdown(None).await;
 
     // Exactly once per scheduled activity.
-    let ledger = ledger.lock().unwrap();
+    let ran = ledger.lock().unwrap().clone();
     for key in &expected_keys {
-        assert_eq!(ledger.get(key).copied(), Some(1), "activity {key} ran {:?} times", ledger.get(key));
+        assert_eq!(
+            ran.get(key).copied(),
+            Some(1),
+            "activity {key} ran {:?} times",
+            ran.get(key)
+        );
     }
-    assert_eq!(ledger.len(), expected_keys.len(), "unexpected activities ran");
+    assert_eq!(ran.len(), expected_keys.len(), "unexpected activities ran");
 
     // Nothing left locked or queued.
     let q = duroxide_pg_hybrid::schema::quote_ident(guard.schema());
@@ -187,5 +259,9 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
             .unwrap();
         assert_eq!(n, 0, "{table} still holds {n} rows");
     }
-    println!("{} orchestrations, {} activities, both paths", ORCHESTRATIONS, expected_keys.len());
+    println!(
+        "{} orchestrations, {} activities, both paths",
+        ORCHESTRATIONS,
+        expected_keys.len()
+    );
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{database_url, new_provider, test_options};
 use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
-use duroxide_pg_hybrid_testkit::proxy::{rewrite_url, Proxy};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
@@ -27,7 +27,9 @@ async fn proxied(schema: &str, path: FetchPath, rtt: Duration) -> (Proxy, Postgr
     let mut options = test_options(schema, path);
     options.max_connections = 4;
     options.min_connections = 4;
-    let provider = PostgresProvider::connect_with(&via_proxy, options).await.unwrap();
+    let provider = PostgresProvider::connect_with(&via_proxy, options)
+        .await
+        .unwrap();
     (proxy, provider)
 }
 
@@ -78,33 +80,114 @@ async fn one_cycle(proxy: &Proxy, p: &PostgresProvider, n: usize) -> Vec<(&'stat
         }};
     }
     let inst = format!("rt-{n}");
-    measure!("empty fetch_orchestration_item", p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap());
-    measure!("empty fetch_work_item", p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap());
-    measure!("enqueue_for_orchestrator", p.enqueue_for_orchestrator(start(&inst), None).await.unwrap());
-    let (_, token, _) =
-        measure!("fetch_orchestration_item", p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap());
-    measure!("renew_orchestration_item_lock", p.renew_orchestration_item_lock(&token, LOCK).await.unwrap());
-    measure!("abandon_orchestration_item", p.abandon_orchestration_item(&token, None, true).await.unwrap());
-    let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
     measure!(
-        "ack_orchestration_item",
-        p.ack_orchestration_item(&token, 1, vec![], vec![activity(&inst, 2)], vec![], metadata(), vec![])
+        "empty fetch_orchestration_item",
+        p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap()
+    );
+    measure!(
+        "empty fetch_work_item",
+        p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any)
             .await
             .unwrap()
     );
-    let (_, wtoken, _) =
-        measure!("fetch_work_item", p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap());
-    measure!("renew_work_item_lock", p.renew_work_item_lock(&wtoken, LOCK).await.unwrap());
-    measure!("abandon_work_item", p.abandon_work_item(&wtoken, None, false).await.unwrap());
-    let (_, wtoken, _) = p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap();
-    let completion =
-        WorkItem::ActivityCompleted { instance: inst.clone(), execution_id: 1, id: 2, result: "r".to_string() };
-    measure!("ack_work_item", p.ack_work_item(&wtoken, Some(completion)).await.unwrap());
-    measure!("enqueue_for_worker", p.enqueue_for_worker(activity(&inst, 3)).await.unwrap());
+    measure!(
+        "enqueue_for_orchestrator",
+        p.enqueue_for_orchestrator(start(&inst), None)
+            .await
+            .unwrap()
+    );
+    let (_, token, _) = measure!(
+        "fetch_orchestration_item",
+        p.fetch_orchestration_item(LOCK, NOW, None)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    measure!(
+        "renew_orchestration_item_lock",
+        p.renew_orchestration_item_lock(&token, LOCK).await.unwrap()
+    );
+    measure!(
+        "abandon_orchestration_item",
+        p.abandon_orchestration_item(&token, None, true)
+            .await
+            .unwrap()
+    );
+    let (_, token, _) = p
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .unwrap();
+    measure!(
+        "ack_orchestration_item",
+        p.ack_orchestration_item(
+            &token,
+            1,
+            vec![],
+            vec![activity(&inst, 2)],
+            vec![],
+            metadata(),
+            vec![]
+        )
+        .await
+        .unwrap()
+    );
+    let (_, wtoken, _) = measure!(
+        "fetch_work_item",
+        p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    measure!(
+        "renew_work_item_lock",
+        p.renew_work_item_lock(&wtoken, LOCK).await.unwrap()
+    );
+    measure!(
+        "abandon_work_item",
+        p.abandon_work_item(&wtoken, None, false).await.unwrap()
+    );
+    let (_, wtoken, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::Any)
+        .await
+        .unwrap()
+        .unwrap();
+    let completion = WorkItem::ActivityCompleted {
+        instance: inst.clone(),
+        execution_id: 1,
+        id: 2,
+        result: "r".to_string(),
+    };
+    measure!(
+        "ack_work_item",
+        p.ack_work_item(&wtoken, Some(completion)).await.unwrap()
+    );
+    measure!(
+        "enqueue_for_worker",
+        p.enqueue_for_worker(activity(&inst, 3)).await.unwrap()
+    );
     // Leave the queues empty for the next cycle.
-    let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
-    p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], ExecutionMetadata::default(), vec![]).await.unwrap();
-    let (_, wtoken, _) = p.fetch_work_item(LOCK, NOW, None, &TagFilter::Any).await.unwrap().unwrap();
+    let (_, token, _) = p
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .unwrap();
+    p.ack_orchestration_item(
+        &token,
+        1,
+        vec![],
+        vec![],
+        vec![],
+        ExecutionMetadata::default(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let (_, wtoken, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::Any)
+        .await
+        .unwrap()
+        .unwrap();
     p.ack_work_item(&wtoken, None).await.unwrap();
     out
 }
@@ -128,8 +211,15 @@ async fn round_trips(path: FetchPath) {
         FetchPath::Procedure => 1,
     };
     for (call, bursts) in &best {
-        let expected = if *call == "fetch_orchestration_item" { hybrid_fetch } else { 1 };
-        assert_eq!(*bursts, expected, "{path}: {call} took {bursts} round trips, expected {expected}");
+        let expected = if *call == "fetch_orchestration_item" {
+            hybrid_fetch
+        } else {
+            1
+        };
+        assert_eq!(
+            *bursts, expected,
+            "{path}: {call} took {bursts} round trips, expected {expected}"
+        );
     }
     println!("{path}: {best:?}");
     p.close().await;
@@ -159,13 +249,27 @@ async fn fetch_serial_depth_under_latency() {
         }
         let mut best = Duration::MAX;
         for n in 0..4 {
-            p.enqueue_for_orchestrator(start(&format!("depth-{n}")), None).await.unwrap();
-            let t = Instant::now();
-            let (_, token, _) = p.fetch_orchestration_item(LOCK, NOW, None).await.unwrap().unwrap();
-            best = best.min(t.elapsed());
-            p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], ExecutionMetadata::default(), vec![])
+            p.enqueue_for_orchestrator(start(&format!("depth-{n}")), None)
                 .await
                 .unwrap();
+            let t = Instant::now();
+            let (_, token, _) = p
+                .fetch_orchestration_item(LOCK, NOW, None)
+                .await
+                .unwrap()
+                .unwrap();
+            best = best.min(t.elapsed());
+            p.ack_orchestration_item(
+                &token,
+                1,
+                vec![],
+                vec![],
+                vec![],
+                ExecutionMetadata::default(),
+                vec![],
+            )
+            .await
+            .unwrap();
         }
         assert!(
             best >= rtt * depth && best < rtt * (depth + 1),

@@ -27,7 +27,9 @@ use cluster::{Cluster, ClusterOptions};
 use duroxide::providers::{ExecutionMetadata, Provider, ProviderAdmin, TagFilter, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
-use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -53,7 +55,10 @@ struct Sink(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
 
@@ -100,7 +105,11 @@ fn self_signed(dir: &Path, name: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
         .unwrap_or_else(|e| {
             panic!("the openssl command-line tool is needed to make test certificates (apt-get install openssl): {e}")
         });
-    assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pem = std::fs::read(&cert).unwrap();
     let key_pem = std::fs::read(&key).unwrap();
     (cert, pem, key_pem)
@@ -137,8 +146,14 @@ fn start_item(instance: &str) -> WorkItem {
 
 /// One orchestration turn and one activity through every main provider call.
 async fn exercise(p: &PostgresProvider, instance: &str) {
-    p.enqueue_for_orchestrator(start_item(instance), None).await.unwrap();
-    let (item, token, _) = p.fetch_orchestration_item(LONG, Duration::ZERO, None).await.unwrap().expect("claimed");
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await
+        .unwrap();
+    let (item, token, _) = p
+        .fetch_orchestration_item(LONG, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .expect("claimed");
     assert_eq!(item.instance, instance);
     let activity = WorkItem::ActivityExecute {
         instance: instance.to_string(),
@@ -155,8 +170,14 @@ async fn exercise(p: &PostgresProvider, instance: &str) {
         status: Some("Running".to_string()),
         ..Default::default()
     };
-    p.ack_orchestration_item(&token, 1, vec![], vec![activity], vec![], metadata, vec![]).await.unwrap();
-    let (_, wtoken, _) = p.fetch_work_item(LONG, Duration::ZERO, None, &TagFilter::Any).await.unwrap().unwrap();
+    p.ack_orchestration_item(&token, 1, vec![], vec![activity], vec![], metadata, vec![])
+        .await
+        .unwrap();
+    let (_, wtoken, _) = p
+        .fetch_work_item(LONG, Duration::ZERO, None, &TagFilter::Any)
+        .await
+        .unwrap()
+        .unwrap();
     p.ack_work_item(&wtoken, None).await.unwrap();
     p.read(instance).await.unwrap();
     p.get_instance_info(instance).await.unwrap();
@@ -185,14 +206,21 @@ async fn tls_chosen_by_url_require_verify_full_and_wrong_root() {
         ],
         // TLS or nothing over TCP: proves the provider really encrypts.
         hba: vec!["hostnossl all all 127.0.0.1/32 reject".into()],
-        files: vec![("server.crt".into(), cert, 0o644), ("server.key".into(), key, 0o600)],
+        files: vec![
+            ("server.crt".into(), cert, 0o644),
+            ("server.key".into(), key, 0o600),
+        ],
     });
     let port = cluster.port();
-    let url = |host: &str, params: &str| format!("postgres://postgres@{host}:{port}/postgres?{params}");
+    let url =
+        |host: &str, params: &str| format!("postgres://postgres@{host}:{port}/postgres?{params}");
 
-    let require = PostgresProvider::connect_with(&url("127.0.0.1", "sslmode=require"), options("tls_require"))
-        .await
-        .unwrap_or_else(|e| panic!("sslmode=require: {e}\n{}", cluster.server_log()));
+    let require = PostgresProvider::connect_with(
+        &url("127.0.0.1", "sslmode=require"),
+        options("tls_require"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("sslmode=require: {e}\n{}", cluster.server_log()));
     assert!(uses_tls(&require).await);
     exercise(&require, "tls-1").await;
 
@@ -209,14 +237,24 @@ async fn tls_chosen_by_url_require_verify_full_and_wrong_root() {
         .await
         .expect_err("verify-full accepted a server certificate its root did not sign");
     let took = t.elapsed();
-    println!("verify-full with a wrong root ({took:?}, retryable: {}): {e}", e.is_retryable());
+    println!(
+        "verify-full with a wrong root ({took:?}, retryable: {}): {e}",
+        e.is_retryable()
+    );
     let lower = e.message.to_lowercase();
-    assert!(lower.contains("certificate") || lower.contains("tls"), "unclear TLS error: {e}");
-    assert!(took < Duration::from_secs(15), "the failing TLS connect took {took:?}");
+    assert!(
+        lower.contains("certificate") || lower.contains("tls"),
+        "unclear TLS error: {e}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the failing TLS connect took {took:?}"
+    );
 
-    let e = PostgresProvider::connect_with(&url("127.0.0.1", "sslmode=disable"), options("tls_off"))
-        .await
-        .expect_err("the cluster accepts TLS connections only");
+    let e =
+        PostgresProvider::connect_with(&url("127.0.0.1", "sslmode=disable"), options("tls_off"))
+            .await
+            .expect_err("the cluster accepts TLS connections only");
     assert!(e.message.contains("pg_hba.conf"), "{e}");
     require.close().await;
     full.close().await;
@@ -253,12 +291,24 @@ async fn passwords_never_appear_in_logs_debug_output_or_errors() {
 
     let url = format!("postgres://{role}:{secret}@127.0.0.1:{port}/postgres?sslmode=disable");
     let opts = options("secret_app");
-    let provider = Arc::new(PostgresProvider::connect_with(&url, opts.clone()).await.unwrap());
+    let provider = Arc::new(
+        PostgresProvider::connect_with(&url, opts.clone())
+            .await
+            .unwrap(),
+    );
     exercise(&provider, "s-1").await;
     let mut errors = Vec::new();
     errors.push(
         provider
-            .ack_orchestration_item("lock_nope", 1, vec![], vec![], vec![], ExecutionMetadata::default(), vec![])
+            .ack_orchestration_item(
+                "lock_nope",
+                1,
+                vec![],
+                vec![],
+                vec![],
+                ExecutionMetadata::default(),
+                vec![],
+            )
             .await
             .unwrap_err()
             .to_string(),
@@ -266,39 +316,73 @@ async fn passwords_never_appear_in_logs_debug_output_or_errors() {
 
     // A runtime on top (long polling, LISTEN, renewals, the runtime's own logging).
     let activities = ActivityRegistry::builder()
-        .register("Echo", |_ctx: ActivityContext, input: String| async move { Ok(input) })
-        .build();
-    let orchestrations = OrchestrationRegistry::builder()
-        .register("Run", |ctx: OrchestrationContext, input: String| async move {
-            ctx.schedule_activity("Echo", input).await
+        .register("Echo", |_ctx: ActivityContext, input: String| async move {
+            Ok(input)
         })
         .build();
+    let orchestrations = OrchestrationRegistry::builder()
+        .register(
+            "Run",
+            |ctx: OrchestrationContext, input: String| async move {
+                ctx.schedule_activity("Echo", input).await
+            },
+        )
+        .build();
     let long_poll = Arc::new(
-        PostgresProvider::connect_with(&url, ProviderOptions { long_poll: true, ..opts.clone() }).await.unwrap(),
+        PostgresProvider::connect_with(
+            &url,
+            ProviderOptions {
+                long_poll: true,
+                ..opts.clone()
+            },
+        )
+        .await
+        .unwrap(),
     );
-    let rt = Runtime::start_with_options(long_poll.clone(), activities, orchestrations, RuntimeOptions::default()).await;
+    let rt = Runtime::start_with_options(
+        long_poll.clone(),
+        activities,
+        orchestrations,
+        RuntimeOptions::default(),
+    )
+    .await;
     let client = Client::new(long_poll.clone());
-    client.start_orchestration("s-run", "Run", "hello").await.unwrap();
-    match client.wait_for_orchestration("s-run", Duration::from_secs(30)).await.unwrap() {
+    client
+        .start_orchestration("s-run", "Run", "hello")
+        .await
+        .unwrap();
+    match client
+        .wait_for_orchestration("s-run", Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
         OrchestrationStatus::Completed { output, .. } => assert_eq!(output, "hello"),
         other => panic!("{other:?}"),
     }
     rt.shutdown(None).await;
 
     // The password as a query parameter works too.
-    let query_url = format!("postgres://127.0.0.1:{port}/postgres?user={role}&password={secret}&sslmode=disable");
-    let by_query = PostgresProvider::connect_with(&query_url, options("secret_query")).await.unwrap();
+    let query_url = format!(
+        "postgres://127.0.0.1:{port}/postgres?user={role}&password={secret}&sslmode=disable"
+    );
+    let by_query = PostgresProvider::connect_with(&query_url, options("secret_query"))
+        .await
+        .unwrap();
     exercise(&by_query, "s-2").await;
 
     // Failing connects: wrong password, unparsable URL, nothing listening.
     let bad_urls = [
         format!("postgres://{role}:{wrong}@127.0.0.1:{port}/postgres?sslmode=disable"),
-        format!("postgres://127.0.0.1:{port}/postgres?user={role}&password={wrong}&sslmode=disable"),
+        format!(
+            "postgres://127.0.0.1:{port}/postgres?user={role}&password={wrong}&sslmode=disable"
+        ),
         format!("postgres://{role}:{secret}@127.0.0.1:notaport/postgres"),
         format!("postgres://{role}:{secret}@127.0.0.1:1/postgres?sslmode=disable"),
     ];
     for bad in &bad_urls {
-        let e = PostgresProvider::connect_with(bad, options("secret_bad")).await.expect_err(bad);
+        let e = PostgresProvider::connect_with(bad, options("secret_bad"))
+            .await
+            .expect_err(bad);
         errors.push(format!("{e} / {e:?}"));
     }
     assert!(
@@ -313,19 +397,36 @@ async fn passwords_never_appear_in_logs_debug_output_or_errors() {
         format!("{opts:?}"),
     ];
     let logs = captured();
-    assert!(logs.contains("duroxide-pg-hybrid provider ready"), "the log capture saw nothing");
+    assert!(
+        logs.contains("duroxide-pg-hybrid provider ready"),
+        "the log capture saw nothing"
+    );
     assert!(logs.contains("TRACE"), "TRACE events were not captured");
-    assert!(logs.contains("sqlx::query"), "sqlx's statement log was not captured");
+    assert!(
+        logs.contains("sqlx::query"),
+        "sqlx's statement log was not captured"
+    );
     for s in [&secret, &wrong] {
         assert!(!logs.contains(s.as_str()), "a password appears in the logs");
         for d in &debug {
-            assert!(!d.contains(s.as_str()), "a password appears in Debug output: {d}");
+            assert!(
+                !d.contains(s.as_str()),
+                "a password appears in Debug output: {d}"
+            );
         }
         for e in &errors {
-            assert!(!e.contains(s.as_str()), "a password appears in an error: {e}");
+            assert!(
+                !e.contains(s.as_str()),
+                "a password appears in an error: {e}"
+            );
         }
     }
-    println!("{} bytes of TRACE logs, {} errors checked; e.g. {}", logs.len(), errors.len(), errors[1]);
+    println!(
+        "{} bytes of TRACE logs, {} errors checked; e.g. {}",
+        logs.len(),
+        errors.len(),
+        errors[1]
+    );
     provider.close().await;
     long_poll.close().await;
     by_query.close().await;

@@ -3,8 +3,8 @@
 use duroxide::providers::ProviderError;
 
 use super::{Claim, ClaimArgs, OP};
-use crate::poll::{wake_in, Attempt};
 use crate::errors::db_error;
+use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
 
 const CLAIM: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
@@ -31,16 +31,20 @@ const RELEASE: &str = "WITH released AS (DELETE FROM {s}.instance_locks WHERE lo
 
 impl PostgresProvider {
     pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
-        let row = on_conn!(self, fetch_one, sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
-            .bind(a.lock_timeout_ms)
-            .bind(a.filter_enabled)
-            .bind(a.min.0)
-            .bind(a.min.1)
-            .bind(a.min.2)
-            .bind(a.max.0)
-            .bind(a.max.1)
-            .bind(a.max.2))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
+                .bind(a.lock_timeout_ms)
+                .bind(a.filter_enabled)
+                .bind(a.min.0)
+                .bind(a.min.1)
+                .bind(a.min.2)
+                .bind(a.max.0)
+                .bind(a.max.1)
+                .bind(a.max.2)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(row.o_skipped);
         Ok(match (row.o_instance_id, row.o_lock_token) {
             (Some(instance), Some(lock_token)) => Attempt::Claimed(Claim {
@@ -49,12 +53,18 @@ impl PostgresProvider {
                 execution_id: row.o_execution_id.unwrap_or(1),
                 attempt_count: row.o_attempt_count.unwrap_or(1),
             }),
-            _ => Attempt::Empty { wake_in: wake_in(row.o_now_ms, row.o_next_wake_ms) },
+            _ => Attempt::Empty {
+                wake_in: wake_in(row.o_now_ms, row.o_next_wake_ms),
+            },
         })
     }
 
     pub(crate) async fn release_claim(&self, lock_token: &str, instance: &str) {
-        if let Err(e) = on_conn!(self, execute, sqlx::query(&self.sql(RELEASE)).bind(lock_token)) {
+        if let Err(e) = on_conn!(
+            self,
+            execute,
+            sqlx::query(&self.sql(RELEASE)).bind(lock_token)
+        ) {
             // The lease expires on its own; nothing is lost, the turn is only delayed.
             tracing::warn!(
                 target: crate::provider::TRACING_TARGET,

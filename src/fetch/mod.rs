@@ -16,10 +16,10 @@ mod reads;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use duroxide::EventKind;
 use duroxide::providers::{
     DispatcherCapabilityFilter, KvEntry, OrchestrationItem, ProviderError, WorkItem,
 };
-use duroxide::EventKind;
 
 use crate::codec::{decode_history, decode_messages};
 use crate::notify::Queue;
@@ -42,12 +42,22 @@ impl ClaimArgs {
     fn new(lock_timeout: Duration, filter: Option<&DispatcherCapabilityFilter>) -> Option<Self> {
         let lock_timeout_ms = crate::codec::millis(lock_timeout);
         let Some(filter) = filter else {
-            return Some(Self { lock_timeout_ms, filter_enabled: false, min: (0, 0, 0), max: (0, 0, 0) });
+            return Some(Self {
+                lock_timeout_ms,
+                filter_enabled: false,
+                min: (0, 0, 0),
+                max: (0, 0, 0),
+            });
         };
         // duroxide's contract ("phase 1"): only the first range is honoured.
         let range = filter.supported_duroxide_versions.first()?;
         let v = |v: &semver::Version| (clamp(v.major), clamp(v.minor), clamp(v.patch));
-        Some(Self { lock_timeout_ms, filter_enabled: true, min: v(&range.min), max: v(&range.max) })
+        Some(Self {
+            lock_timeout_ms,
+            filter_enabled: true,
+            min: v(&range.min),
+            max: v(&range.max),
+        })
     }
 }
 
@@ -123,7 +133,13 @@ impl PostgresProvider {
         match self.read_turn(&claim).await {
             Ok((meta, messages, history, kv)) => {
                 guard.disarm();
-                Ok(Attempt::Claimed(TurnRows { claim, meta, messages, history, kv }))
+                Ok(Attempt::Claimed(TurnRows {
+                    claim,
+                    meta,
+                    messages,
+                    history,
+                    kv,
+                }))
             }
             Err(e) => {
                 // Never return an error while holding a lease: give the instance back
@@ -165,8 +181,11 @@ impl Drop for ReleaseOnDrop {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (provider, token, instance) =
-                (self.provider.clone(), std::mem::take(&mut self.token), std::mem::take(&mut self.instance));
+            let (provider, token, instance) = (
+                self.provider.clone(),
+                std::mem::take(&mut self.token),
+                std::mem::take(&mut self.instance),
+            );
             rt.spawn(async move { provider.release_claim(&token, &instance).await });
         }
     }
@@ -182,7 +201,13 @@ fn record_skipped(skipped: Option<i32>) {
 
 /// Builds the item duroxide sees from the raw rows of either path.
 fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
-    let TurnRows { claim, meta, messages, history, kv } = rows;
+    let TurnRows {
+        claim,
+        meta,
+        messages,
+        history,
+        kv,
+    } = rows;
     let instance = claim.instance;
     let messages: Vec<WorkItem> = decode_messages(&instance, &messages);
     let (history, history_error) = match decode_history(&history) {
@@ -217,8 +242,16 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
                     messages
                         .iter()
                         .find_map(|m| match m {
-                            WorkItem::StartOrchestration { orchestration, version, .. }
-                            | WorkItem::ContinueAsNew { orchestration, version, .. } => Some((
+                            WorkItem::StartOrchestration {
+                                orchestration,
+                                version,
+                                ..
+                            }
+                            | WorkItem::ContinueAsNew {
+                                orchestration,
+                                version,
+                                ..
+                            } => Some((
                                 orchestration.clone(),
                                 version.clone().unwrap_or_else(|| "unknown".to_string()),
                             )),
@@ -234,7 +267,13 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
     } else {
         kv.into_iter()
             .map(|(k, value, ts)| {
-                (k, KvEntry { value, last_updated_at_ms: u64::try_from(ts).unwrap_or(0) })
+                (
+                    k,
+                    KvEntry {
+                        value,
+                        last_updated_at_ms: u64::try_from(ts).unwrap_or(0),
+                    },
+                )
             })
             .collect()
     };

@@ -2,9 +2,9 @@
 
 use duroxide::providers::ProviderError;
 
-use super::{Claim, ClaimArgs, TurnRows, OP};
-use crate::poll::{wake_in, Attempt};
+use super::{Claim, ClaimArgs, OP, TurnRows};
 use crate::errors::db_error;
+use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
 
 const FETCH_FULL: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
@@ -32,23 +32,33 @@ struct FullRow {
 }
 
 impl PostgresProvider {
-    pub(crate) async fn fetch_procedure(&self, a: &ClaimArgs) -> Result<Attempt<TurnRows>, ProviderError> {
-        let r = on_conn!(self, fetch_one, sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
-            .bind(a.lock_timeout_ms)
-            .bind(a.filter_enabled)
-            .bind(a.min.0)
-            .bind(a.min.1)
-            .bind(a.min.2)
-            .bind(a.max.0)
-            .bind(a.max.1)
-            .bind(a.max.2))
-            .map_err(|e| db_error(OP, None, e))?;
+    pub(crate) async fn fetch_procedure(
+        &self,
+        a: &ClaimArgs,
+    ) -> Result<Attempt<TurnRows>, ProviderError> {
+        let r = on_conn!(
+            self,
+            fetch_one,
+            sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL))
+                .bind(a.lock_timeout_ms)
+                .bind(a.filter_enabled)
+                .bind(a.min.0)
+                .bind(a.min.1)
+                .bind(a.min.2)
+                .bind(a.max.0)
+                .bind(a.max.1)
+                .bind(a.max.2)
+        )
+        .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(r.o_skipped);
         let (Some(instance), Some(lock_token)) = (r.o_instance_id, r.o_lock_token) else {
-            return Ok(Attempt::Empty { wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms) });
+            return Ok(Attempt::Empty {
+                wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms),
+            });
         };
         let meta = if r.o_has_instance.unwrap_or(false) {
-            r.o_orchestration_name.map(|n| (n, r.o_orchestration_version))
+            r.o_orchestration_name
+                .map(|n| (n, r.o_orchestration_version))
         } else {
             None
         };

@@ -23,23 +23,50 @@ impl PostgresProvider {
         claim: &Claim,
     ) -> Result<(Meta, Vec<String>, Vec<String>, KvRows), ProviderError> {
         let instance = claim.instance.as_str();
-        let (messages_sql, meta_sql, history_sql, kv_sql) =
-            (self.sql(MESSAGES), self.sql(META), self.sql(HISTORY), self.sql(KV));
+        let (messages_sql, meta_sql, history_sql, kv_sql) = (
+            self.sql(MESSAGES),
+            self.sql(META),
+            self.sql(HISTORY),
+            self.sql(KV),
+        );
         let (messages, meta, history, kv) = tokio::join!(
-            async { on_conn!(self, fetch_all, sqlx::query_scalar::<_, String>(&messages_sql).bind(&claim.lock_token)) },
             async {
-                on_conn!(self, fetch_optional, sqlx::query_as::<_, (String, Option<String>)>(&meta_sql).bind(instance))
+                on_conn!(
+                    self,
+                    fetch_all,
+                    sqlx::query_scalar::<_, String>(&messages_sql).bind(&claim.lock_token)
+                )
+            },
+            async {
+                on_conn!(
+                    self,
+                    fetch_optional,
+                    sqlx::query_as::<_, (String, Option<String>)>(&meta_sql).bind(instance)
+                )
             },
             async {
                 on_conn!(
                     self,
                     fetch_all,
-                    sqlx::query_scalar::<_, String>(&history_sql).bind(instance).bind(claim.execution_id)
+                    sqlx::query_scalar::<_, String>(&history_sql)
+                        .bind(instance)
+                        .bind(claim.execution_id)
                 )
             },
-            async { on_conn!(self, fetch_all, sqlx::query_as::<_, (String, String, i64)>(&kv_sql).bind(instance)) },
+            async {
+                on_conn!(
+                    self,
+                    fetch_all,
+                    sqlx::query_as::<_, (String, String, i64)>(&kv_sql).bind(instance)
+                )
+            },
         );
         let err = |e| db_error(OP, Some(instance), e);
-        Ok((meta.map_err(err)?, messages.map_err(err)?, history.map_err(err)?, kv.map_err(err)?))
+        Ok((
+            meta.map_err(err)?,
+            messages.map_err(err)?,
+            history.map_err(err)?,
+            kv.map_err(err)?,
+        ))
     }
 }

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::sync::{Arc, Mutex, Once, PoisonError, Weak};
 use std::time::Duration;
 
 use duroxide::provider_stress_tests::parallel_orchestrations::ProviderStressFactory;
@@ -108,7 +108,10 @@ struct SchemaCleanup {
 #[derive(Default)]
 struct Owned {
     schemas: Vec<String>,
-    providers: Vec<Arc<PostgresProvider>>,
+    /// Weak: a provider the test no longer holds is dropped at once, closing its
+    /// connections (tests such as race_replay create one provider per scenario; keeping
+    /// them all alive would exhaust the server's connections).
+    providers: Vec<Weak<PostgresProvider>>,
 }
 
 impl SchemaCleanup {
@@ -147,14 +150,14 @@ impl SchemaCleanup {
             }
         };
         let provider = connected.unwrap_or_else(|e| {
-                panic!(
-                    "cannot create a test provider on schema {schema} at {}: {e}\n\
+            panic!(
+                "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
-                    redact_url(&self.url)
-                )
-            });
+                redact_url(&self.url)
+            )
+        });
         let provider = Arc::new(provider);
-        self.owned().providers.push(provider.clone());
+        self.owned().providers.push(Arc::downgrade(&provider));
         provider
     }
 }
@@ -166,7 +169,7 @@ impl Drop for SchemaCleanup {
         // `close()` marks the pool closed at once (the returned future only waits for the
         // connections to finish closing, which would need the test's runtime). Tasks a
         // failed test leaked now get `PoolClosed` instead of new connections.
-        for p in &providers {
+        for p in providers.iter().filter_map(Weak::upgrade) {
             let _closing = p.pool().close();
         }
         drop(providers);

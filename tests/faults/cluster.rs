@@ -75,10 +75,12 @@ pub fn find_bindir() -> Result<PathBuf, String> {
             return Ok(d);
         }
     }
-    Err("PostgreSQL server binaries (initdb, pg_ctl) not found in $PG_BINDIR, \
+    Err(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found in $PG_BINDIR, \
          /usr/lib/postgresql/*/bin or `pg_config --bindir`: install the PostgreSQL server \
          (e.g. `apt-get install postgresql`) or set PG_BINDIR"
-        .to_string())
+            .to_string(),
+    )
 }
 
 /// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
@@ -118,7 +120,8 @@ impl Cluster {
     /// Creates and starts a cluster. Panics with a clear message when the binaries are
     /// missing or the server does not come up (the server log is included).
     pub fn start_new(options: ClusterOptions) -> Cluster {
-        let bindir = find_bindir().unwrap_or_else(|e| panic!("cannot start a throwaway cluster: {e}"));
+        let bindir =
+            find_bindir().unwrap_or_else(|e| panic!("cannot start a throwaway cluster: {e}"));
         let run_as = if running_as_root() {
             let uid = id_of("-u", "postgres");
             let gid = id_of("-g", "postgres");
@@ -136,7 +139,8 @@ impl Cluster {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let root = std::env::temp_dir().join(format!("dpgh-faults-{}", &id[..12]));
         fs::create_dir_all(&root).expect("create the cluster directory");
-        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).expect("chmod the cluster directory");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+            .expect("chmod the cluster directory");
         let mut cluster = Cluster {
             bindir,
             data: root.join("data"),
@@ -149,7 +153,18 @@ impl Cluster {
         let data = cluster.data.display().to_string();
         let out = cluster.run_pg(
             "initdb",
-            &["-D", &data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
         );
         assert!(out.status.success(), "initdb failed: {}", describe(&out));
 
@@ -168,7 +183,8 @@ impl Cluster {
             let path = cluster.data.join("pg_hba.conf");
             let old = fs::read_to_string(&path).expect("read pg_hba.conf");
             // Overwriting keeps the file's owner.
-            fs::write(&path, format!("{}\n{old}", options.hba.join("\n"))).expect("write pg_hba.conf");
+            fs::write(&path, format!("{}\n{old}", options.hba.join("\n")))
+                .expect("write pg_hba.conf");
         }
         for (name, contents, mode) in &options.files {
             let path = cluster.data.join(name);
@@ -202,7 +218,10 @@ impl Cluster {
 
     /// The superuser URL (trust authentication, TLS off).
     pub fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
     }
 
     /// The server log so far (for failure messages).
@@ -213,8 +232,16 @@ impl Cluster {
     /// `pg_ctl stop -m fast`: sessions are terminated, the server shuts down cleanly.
     pub fn stop_fast(&mut self) {
         let data = self.data.display().to_string();
-        let out = self.run_pg("pg_ctl", &["-D", &data, "-m", "fast", "-w", "-t", "60", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop failed: {}\n{}", describe(&out), self.server_log());
+        let out = self.run_pg(
+            "pg_ctl",
+            &["-D", &data, "-m", "fast", "-w", "-t", "60", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}\n{}",
+            describe(&out),
+            self.server_log()
+        );
         self.running = false;
     }
 
@@ -228,12 +255,19 @@ impl Cluster {
     fn try_start(&mut self) -> Result<(), String> {
         let data = self.data.display().to_string();
         let log = self.root.join("server.log").display().to_string();
-        let out = self.run_pg("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "start"]);
+        let out = self.run_pg(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
+        );
         if out.status.success() {
             self.running = true;
             Ok(())
         } else {
-            Err(format!("{}\nserver log:\n{}", describe(&out), self.server_log()))
+            Err(format!(
+                "{}\nserver log:\n{}",
+                describe(&out),
+                self.server_log()
+            ))
         }
     }
 
@@ -265,7 +299,8 @@ impl Cluster {
         };
         // The server user may not be able to enter the test's working directory.
         cmd.args(args).current_dir("/");
-        cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
     }
 }
 
@@ -273,9 +308,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
             let data = self.data.display().to_string();
-            let out = self.run_pg("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "-t", "30", "stop"]);
+            let out = self.run_pg(
+                "pg_ctl",
+                &["-D", &data, "-m", "immediate", "-w", "-t", "30", "stop"],
+            );
             if !out.status.success() {
-                eprintln!("warning: could not stop the throwaway cluster: {}", describe(&out));
+                eprintln!(
+                    "warning: could not stop the throwaway cluster: {}",
+                    describe(&out)
+                );
             }
         }
         if std::env::var_os("DUROXIDE_PG_TEST_KEEP_CLUSTER").is_none() {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use duroxide::providers::{
-    DispatcherCapabilityFilter, ExecutionMetadata, OrchestrationItem, Provider, ProviderAdmin, ProviderError,
-    ScheduledActivityIdentifier, SessionFetchConfig, TagFilter, WorkItem,
+    DispatcherCapabilityFilter, ExecutionMetadata, OrchestrationItem, Provider, ProviderAdmin,
+    ProviderError, ScheduledActivityIdentifier, SessionFetchConfig, TagFilter, WorkItem,
 };
 use duroxide::{Event, SystemStats};
 use duroxide_pg_hybrid::PostgresProvider;
@@ -27,18 +27,27 @@ pub struct CleanupSql {
 
 impl CleanupSql {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), statements: Mutex::default() }
+        Self {
+            url: url.into(),
+            statements: Mutex::default(),
+        }
     }
 
     /// Adds a statement (run after the ones added before).
     pub fn push(&self, sql: impl Into<String>) {
-        self.statements.lock().unwrap_or_else(PoisonError::into_inner).push(sql.into());
+        self.statements
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sql.into());
     }
 
     /// Terminates connections tagged `application_name`, then drops `schema`.
     pub fn drop_schema(&self, schema: &str, application_name: &str) {
         self.push(terminate_sql(application_name));
-        self.push(format!("DROP SCHEMA IF EXISTS {} CASCADE", duroxide_pg_hybrid::schema::quote_ident(schema)));
+        self.push(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            duroxide_pg_hybrid::schema::quote_ident(schema)
+        ));
     }
 }
 
@@ -53,20 +62,34 @@ pub fn terminate_sql(tag: &str) -> String {
 
 impl Drop for CleanupSql {
     fn drop(&mut self) {
-        let statements = std::mem::take(self.statements.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let statements = std::mem::take(
+            self.statements
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         if statements.is_empty() || std::env::var_os("DUROXIDE_PG_TEST_KEEP_SCHEMAS").is_some() {
             return;
         }
         let url = self.url.clone();
         let outcome = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
-                let mut conn = match tokio::time::timeout(Duration::from_secs(15), PgConnection::connect(&url)).await {
+                let mut conn = match tokio::time::timeout(
+                    Duration::from_secs(15),
+                    PgConnection::connect(&url),
+                )
+                .await
+                {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => return eprintln!("warning: clean-up could not connect: {e}"),
                     Err(_) => return eprintln!("warning: clean-up timed out connecting"),
                 };
-                let _ = sqlx::query("SET lock_timeout = '30s'").execute(&mut conn).await;
+                let _ = sqlx::query("SET lock_timeout = '30s'")
+                    .execute(&mut conn)
+                    .await;
                 for sql in statements {
                     if let Err(e) = sqlx::query(&sql).execute(&mut conn).await {
                         eprintln!("warning: clean-up statement failed: {sql}: {e}");
@@ -82,9 +105,31 @@ impl Drop for CleanupSql {
     }
 }
 
+/// A plain connection (no provider tag), retried for a while: the shared test server may
+/// briefly be at `max_connections` (53300) while many tests run.
+pub async fn connect_retry(url: &str) -> PgConnection {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("connect failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!(
+                "cannot connect to {}: {e}",
+                duroxide_pg_hybrid::options::redact_url(url)
+            ),
+        }
+    }
+}
+
 /// `SELECT count(*)` of a query, on a fresh connection (not one of the provider's).
 pub async fn count(conn: &mut PgConnection, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    sqlx::query_scalar(sql)
+        .fetch_one(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 /// Counters of a [`Recording`] provider.
@@ -108,7 +153,10 @@ pub struct Recorded {
 impl Recorded {
     /// Failed activity acks per activity input.
     pub fn failed_activity_acks(&self) -> HashMap<String, u32> {
-        self.failed_activity_acks.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.failed_activity_acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn summary(&self) -> String {
@@ -139,7 +187,10 @@ pub struct Recording {
 
 impl Recording {
     pub fn new(inner: Arc<PostgresProvider>) -> Self {
-        Self { inner, recorded: Arc::default() }
+        Self {
+            inner,
+            recorded: Arc::default(),
+        }
     }
 }
 
@@ -165,7 +216,10 @@ impl Provider for Recording {
         poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
-        let r = self.inner.fetch_orchestration_item(lock_timeout, poll_timeout, filter).await;
+        let r = self
+            .inner
+            .fetch_orchestration_item(lock_timeout, poll_timeout, filter)
+            .await;
         note(&r, &self.recorded.orchestration_fetch_errors);
         r
     }
@@ -194,8 +248,13 @@ impl Provider for Recording {
             .await;
         note(&r, &self.recorded.orchestration_ack_errors);
         if matches!(&r, Err(e) if !e.is_retryable()) {
-            self.recorded.orchestration_ack_permanent_errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("permanent orchestration ack error: {}", r.as_ref().unwrap_err());
+            self.recorded
+                .orchestration_ack_permanent_errors
+                .fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "permanent orchestration ack error: {}",
+                r.as_ref().unwrap_err()
+            );
         }
         r
     }
@@ -206,7 +265,10 @@ impl Provider for Recording {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        let r = self.inner.abandon_orchestration_item(lock_token, delay, ignore_attempt).await;
+        let r = self
+            .inner
+            .abandon_orchestration_item(lock_token, delay, ignore_attempt)
+            .await;
         note(&r, &self.recorded.abandon_errors);
         r
     }
@@ -217,7 +279,11 @@ impl Provider for Recording {
         r
     }
 
-    async fn read_with_execution(&self, instance: &str, execution_id: u64) -> Result<Vec<Event>, ProviderError> {
+    async fn read_with_execution(
+        &self,
+        instance: &str,
+        execution_id: u64,
+    ) -> Result<Vec<Event>, ProviderError> {
         let r = self.inner.read_with_execution(instance, execution_id).await;
         note(&r, &self.recorded.other_errors);
         r
@@ -229,7 +295,9 @@ impl Provider for Recording {
         execution_id: u64,
         new_events: Vec<Event>,
     ) -> Result<(), ProviderError> {
-        self.inner.append_with_execution(instance, execution_id, new_events).await
+        self.inner
+            .append_with_execution(instance, execution_id, new_events)
+            .await
     }
 
     async fn enqueue_for_worker(&self, item: WorkItem) -> Result<(), ProviderError> {
@@ -245,11 +313,16 @@ impl Provider for Recording {
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        let r = self.inner.fetch_work_item(lock_timeout, poll_timeout, session, tag_filter).await;
+        let r = self
+            .inner
+            .fetch_work_item(lock_timeout, poll_timeout, session, tag_filter)
+            .await;
         note(&r, &self.recorded.work_fetch_errors);
         if let Ok(Some((WorkItem::ActivityExecute { input, .. }, token, attempts))) = &r {
             if *attempts > 1 {
-                self.recorded.work_redeliveries.fetch_add(1, Ordering::Relaxed);
+                self.recorded
+                    .work_redeliveries
+                    .fetch_add(1, Ordering::Relaxed);
             }
             self.recorded
                 .tokens
@@ -260,11 +333,23 @@ impl Provider for Recording {
         r
     }
 
-    async fn ack_work_item(&self, token: &str, completion: Option<WorkItem>) -> Result<(), ProviderError> {
+    async fn ack_work_item(
+        &self,
+        token: &str,
+        completion: Option<WorkItem>,
+    ) -> Result<(), ProviderError> {
         let r = self.inner.ack_work_item(token, completion).await;
         if r.is_err() {
-            self.recorded.work_ack_errors.fetch_add(1, Ordering::Relaxed);
-            let input = self.recorded.tokens.lock().unwrap_or_else(PoisonError::into_inner).get(token).cloned();
+            self.recorded
+                .work_ack_errors
+                .fetch_add(1, Ordering::Relaxed);
+            let input = self
+                .recorded
+                .tokens
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(token)
+                .cloned();
             if let Some(input) = input {
                 *self
                     .recorded
@@ -278,7 +363,11 @@ impl Provider for Recording {
         r
     }
 
-    async fn renew_work_item_lock(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
+    async fn renew_work_item_lock(
+        &self,
+        token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
         let r = self.inner.renew_work_item_lock(token, extend_for).await;
         note(&r, &self.recorded.renew_errors);
         r
@@ -290,12 +379,18 @@ impl Provider for Recording {
         extend_for: Duration,
         idle_timeout: Duration,
     ) -> Result<usize, ProviderError> {
-        let r = self.inner.renew_session_lock(owner_ids, extend_for, idle_timeout).await;
+        let r = self
+            .inner
+            .renew_session_lock(owner_ids, extend_for, idle_timeout)
+            .await;
         note(&r, &self.recorded.renew_errors);
         r
     }
 
-    async fn cleanup_orphaned_sessions(&self, idle_timeout: Duration) -> Result<usize, ProviderError> {
+    async fn cleanup_orphaned_sessions(
+        &self,
+        idle_timeout: Duration,
+    ) -> Result<usize, ProviderError> {
         let r = self.inner.cleanup_orphaned_sessions(idle_timeout).await;
         note(&r, &self.recorded.other_errors);
         r
@@ -307,18 +402,32 @@ impl Provider for Recording {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        let r = self.inner.abandon_work_item(token, delay, ignore_attempt).await;
+        let r = self
+            .inner
+            .abandon_work_item(token, delay, ignore_attempt)
+            .await;
         note(&r, &self.recorded.abandon_errors);
         r
     }
 
-    async fn renew_orchestration_item_lock(&self, token: &str, extend_for: Duration) -> Result<(), ProviderError> {
-        let r = self.inner.renew_orchestration_item_lock(token, extend_for).await;
+    async fn renew_orchestration_item_lock(
+        &self,
+        token: &str,
+        extend_for: Duration,
+    ) -> Result<(), ProviderError> {
+        let r = self
+            .inner
+            .renew_orchestration_item_lock(token, extend_for)
+            .await;
         note(&r, &self.recorded.renew_errors);
         r
     }
 
-    async fn enqueue_for_orchestrator(&self, item: WorkItem, delay: Option<Duration>) -> Result<(), ProviderError> {
+    async fn enqueue_for_orchestrator(
+        &self,
+        item: WorkItem,
+        delay: Option<Duration>,
+    ) -> Result<(), ProviderError> {
         let r = self.inner.enqueue_for_orchestrator(item, delay).await;
         note(&r, &self.recorded.other_errors);
         r
@@ -333,18 +442,30 @@ impl Provider for Recording {
         instance: &str,
         last_seen_version: u64,
     ) -> Result<Option<(Option<String>, u64)>, ProviderError> {
-        self.inner.get_custom_status(instance, last_seen_version).await
+        self.inner
+            .get_custom_status(instance, last_seen_version)
+            .await
     }
 
-    async fn get_kv_value(&self, instance: &str, key: &str) -> Result<Option<String>, ProviderError> {
+    async fn get_kv_value(
+        &self,
+        instance: &str,
+        key: &str,
+    ) -> Result<Option<String>, ProviderError> {
         self.inner.get_kv_value(instance, key).await
     }
 
-    async fn get_kv_all_values(&self, instance: &str) -> Result<HashMap<String, String>, ProviderError> {
+    async fn get_kv_all_values(
+        &self,
+        instance: &str,
+    ) -> Result<HashMap<String, String>, ProviderError> {
         self.inner.get_kv_all_values(instance).await
     }
 
-    async fn get_instance_stats(&self, instance: &str) -> Result<Option<SystemStats>, ProviderError> {
+    async fn get_instance_stats(
+        &self,
+        instance: &str,
+    ) -> Result<Option<SystemStats>, ProviderError> {
         self.inner.get_instance_stats(instance).await
     }
 }

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use duroxide::runtime::registry::ActivityRegistry;
-use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
-use sqlx::{Connection, PgConnection};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 
 /// Side effects: how many times each activity input (unique per scheduled activity) ran.
 pub type Ledger = Arc<Mutex<HashMap<String, u32>>>;
@@ -33,37 +34,59 @@ pub fn activities(ledger: Ledger) -> ActivityRegistry {
 
 pub fn orchestrations(timer: Duration) -> OrchestrationRegistry {
     OrchestrationRegistry::builder()
-        .register("FanOut", |ctx: OrchestrationContext, id: String| async move {
-            let calls = (0..4).map(|k| ctx.schedule_activity("Work", format!("fan-{id}-{k}"))).collect();
-            let results = ctx.join(calls).await;
-            let joined: Result<Vec<String>, String> = results.into_iter().collect();
-            Ok(joined?.join("+"))
-        })
-        .register("Timers", move |ctx: OrchestrationContext, id: String| async move {
-            let a = ctx.schedule_activity("Work", format!("tm-{id}-0")).await?;
-            ctx.schedule_timer(timer).await;
-            let b = ctx.schedule_activity("Work", format!("tm-{id}-1")).await?;
-            Ok(format!("{a}>{b}"))
-        })
-        .register("Parent", |ctx: OrchestrationContext, id: String| async move {
-            let child = ctx.schedule_sub_orchestration("Child", id.clone()).await?;
-            let own = ctx.schedule_activity("Work", format!("par-{id}")).await?;
-            Ok(format!("parent({child}|{own})"))
-        })
-        .register("Child", |ctx: OrchestrationContext, id: String| async move {
-            let a = ctx.schedule_activity("Work", format!("child-{id}-0")).await?;
-            let b = ctx.schedule_activity("Work", format!("child-{id}-1")).await?;
-            Ok(format!("{a},{b}"))
-        })
-        .register("Looping", |ctx: OrchestrationContext, input: String| async move {
-            let (id, round) = input.split_once('#').expect("id#round");
-            let round: u32 = round.parse().expect("round");
-            ctx.schedule_activity("Work", format!("can-{id}-{round}")).await?;
-            if round < 2 {
-                return ctx.continue_as_new(format!("{id}#{}", round + 1)).await;
-            }
-            Ok(format!("looped({id})"))
-        })
+        .register(
+            "FanOut",
+            |ctx: OrchestrationContext, id: String| async move {
+                let calls = (0..4)
+                    .map(|k| ctx.schedule_activity("Work", format!("fan-{id}-{k}")))
+                    .collect();
+                let results = ctx.join(calls).await;
+                let joined: Result<Vec<String>, String> = results.into_iter().collect();
+                Ok(joined?.join("+"))
+            },
+        )
+        .register(
+            "Timers",
+            move |ctx: OrchestrationContext, id: String| async move {
+                let a = ctx.schedule_activity("Work", format!("tm-{id}-0")).await?;
+                ctx.schedule_timer(timer).await;
+                let b = ctx.schedule_activity("Work", format!("tm-{id}-1")).await?;
+                Ok(format!("{a}>{b}"))
+            },
+        )
+        .register(
+            "Parent",
+            |ctx: OrchestrationContext, id: String| async move {
+                let child = ctx.schedule_sub_orchestration("Child", id.clone()).await?;
+                let own = ctx.schedule_activity("Work", format!("par-{id}")).await?;
+                Ok(format!("parent({child}|{own})"))
+            },
+        )
+        .register(
+            "Child",
+            |ctx: OrchestrationContext, id: String| async move {
+                let a = ctx
+                    .schedule_activity("Work", format!("child-{id}-0"))
+                    .await?;
+                let b = ctx
+                    .schedule_activity("Work", format!("child-{id}-1"))
+                    .await?;
+                Ok(format!("{a},{b}"))
+            },
+        )
+        .register(
+            "Looping",
+            |ctx: OrchestrationContext, input: String| async move {
+                let (id, round) = input.split_once('#').expect("id#round");
+                let round: u32 = round.parse().expect("round");
+                ctx.schedule_activity("Work", format!("can-{id}-{round}"))
+                    .await?;
+                if round < 2 {
+                    return ctx.continue_as_new(format!("{id}#{}", round + 1)).await;
+                }
+                Ok(format!("looped({id})"))
+            },
+        )
         .build()
 }
 
@@ -93,8 +116,17 @@ pub fn job(prefix: &str, i: usize) -> Job {
             ("Timers", id.clone(), out, keys)
         }
         2 => {
-            let keys = vec![format!("child-{id}-0"), format!("child-{id}-1"), format!("par-{id}")];
-            let out = format!("parent({},{}|{})", done(&keys[0]), done(&keys[1]), done(&keys[2]));
+            let keys = vec![
+                format!("child-{id}-0"),
+                format!("child-{id}-1"),
+                format!("par-{id}"),
+            ];
+            let out = format!(
+                "parent({},{}|{})",
+                done(&keys[0]),
+                done(&keys[1]),
+                done(&keys[2])
+            );
             ("Parent", id.clone(), out, keys)
         }
         _ => {
@@ -102,36 +134,64 @@ pub fn job(prefix: &str, i: usize) -> Job {
             ("Looping", format!("{id}#0"), format!("looped({id})"), keys)
         }
     };
-    Job { instance: format!("job-{id}"), orchestration, input, output, activities }
+    Job {
+        instance: format!("job-{id}"),
+        orchestration,
+        input,
+        output,
+        activities,
+    }
 }
 
 /// Polls until the instance is Completed or Failed, ignoring provider errors (the
 /// connection faults under test hit the client too). Panics at the deadline.
-pub async fn wait_terminal(client: &Client, instance: &str, timeout: Duration) -> OrchestrationStatus {
+pub async fn wait_terminal(
+    client: &Client,
+    instance: &str,
+    timeout: Duration,
+) -> OrchestrationStatus {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match client.get_orchestration_status(instance).await {
-            Ok(s @ (OrchestrationStatus::Completed { .. } | OrchestrationStatus::Failed { .. })) => return s,
+            Ok(
+                s @ (OrchestrationStatus::Completed { .. } | OrchestrationStatus::Failed { .. }),
+            ) => return s,
             Ok(other) => format!("{other:?}"),
             Err(e) => format!("error: {e}"),
         };
-        assert!(Instant::now() < deadline, "{instance} did not finish within {timeout:?} (last: {last})");
+        assert!(
+            Instant::now() < deadline,
+            "{instance} did not finish within {timeout:?} (last: {last})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Waits for every job and checks its output. On failure the panic message includes
 /// the schema's queues and leases (`url`, `schema`).
-pub async fn expect_completed(client: &Client, jobs: &[Job], timeout: Duration, url: &str, schema: &str) {
+pub async fn expect_completed(
+    client: &Client,
+    jobs: &[Job],
+    timeout: Duration,
+    url: &str,
+    schema: &str,
+) {
     let deadline = Instant::now() + timeout;
     for j in jobs {
         let problem = loop {
             match client.get_orchestration_status(&j.instance).await {
-                Ok(OrchestrationStatus::Completed { output, .. }) if output == j.output => break None,
-                Ok(OrchestrationStatus::Completed { output, .. }) => {
-                    break Some(format!("completed with the wrong output {output:?}, expected {:?}", j.output));
+                Ok(OrchestrationStatus::Completed { output, .. }) if output == j.output => {
+                    break None;
                 }
-                Ok(s @ OrchestrationStatus::Failed { .. }) => break Some(format!("did not complete: {s:?}")),
+                Ok(OrchestrationStatus::Completed { output, .. }) => {
+                    break Some(format!(
+                        "completed with the wrong output {output:?}, expected {:?}",
+                        j.output
+                    ));
+                }
+                Ok(s @ OrchestrationStatus::Failed { .. }) => {
+                    break Some(format!("did not complete: {s:?}"));
+                }
                 Ok(other) if Instant::now() >= deadline => {
                     break Some(format!("did not finish within {timeout:?}: {other:?}"));
                 }
@@ -152,9 +212,7 @@ pub async fn expect_completed(client: &Client, jobs: &[Job], timeout: Duration, 
 /// its providers, for failure messages.
 pub async fn dump_state(url: &str, schema: &str) -> String {
     let q = duroxide_pg_hybrid::schema::quote_ident(schema);
-    let Ok(mut conn) = PgConnection::connect(url).await else {
-        return "(no connection for a state dump)".to_string();
-    };
+    let mut conn = super::support::connect_retry(url).await;
     let mut out = format!("state of schema {schema}:\n");
     let queries = [
         format!(
@@ -174,7 +232,10 @@ pub async fn dump_state(url: &str, schema: &str) -> String {
         ),
     ];
     for sql in queries {
-        match sqlx::query_scalar::<_, String>(&sql).fetch_all(&mut conn).await {
+        match sqlx::query_scalar::<_, String>(&sql)
+            .fetch_all(&mut conn)
+            .await
+        {
             Ok(rows) => {
                 for r in rows {
                     out.push_str(&r);
@@ -209,7 +270,11 @@ pub fn check_ledger(ledger: &Ledger, jobs: &[Job], failed_acks: &HashMap<String,
             extra += runs - 1;
         }
     }
-    assert_eq!(ledger.len(), expected, "activities outside the workload ran");
+    assert_eq!(
+        ledger.len(),
+        expected,
+        "activities outside the workload ran"
+    );
     extra
 }
 
@@ -219,7 +284,7 @@ pub fn check_ledger(ledger: &Ledger, jobs: &[Job], failed_acks: &HashMap<String,
 pub async fn assert_drained(url: &str, schema: &str, timeout: Duration) {
     let q = duroxide_pg_hybrid::schema::quote_ident(schema);
     let deadline = Instant::now() + timeout;
-    let mut conn = PgConnection::connect(url).await.expect("connect for the drain check");
+    let mut conn = super::support::connect_retry(url).await;
     loop {
         let mut counts = Vec::new();
         for table in ["instance_locks", "orchestrator_queue", "worker_queue"] {
@@ -241,7 +306,9 @@ pub async fn assert_drained(url: &str, schema: &str, timeout: Duration) {
             .fetch_all(&mut conn)
             .await
             .unwrap_or_default();
-            panic!("schema {schema} not drained after {timeout:?}: {counts:?}; rows (kind, what, ms left): {rows:?}");
+            panic!(
+                "schema {schema} not drained after {timeout:?}: {counts:?}; rows (kind, what, ms left): {rows:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
