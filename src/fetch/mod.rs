@@ -127,66 +127,23 @@ impl PostgresProvider {
             Attempt::Claimed(c) => c,
             Attempt::Empty { wake_in } => return Ok(Attempt::Empty { wake_in }),
         };
-        // If this future is dropped during the reads (shutdown), the guard gives the
-        // instance back instead of leaving it leased until expiry.
-        let guard = ReleaseOnDrop::new(self, &claim);
+        // A future dropped during the reads (runtime shutdown) leaves the claim to its
+        // lease, exactly like a dropped procedure-path call that the server committed:
+        // the instance stays hidden until the lease runs out, and nothing is lost.
         match self.read_turn(&claim).await {
-            Ok((meta, messages, history, kv)) => {
-                guard.disarm();
-                Ok(Attempt::Claimed(TurnRows {
-                    claim,
-                    meta,
-                    messages,
-                    history,
-                    kv,
-                }))
-            }
+            Ok((meta, messages, history, kv)) => Ok(Attempt::Claimed(TurnRows {
+                claim,
+                meta,
+                messages,
+                history,
+                kv,
+            })),
             Err(e) => {
                 // Never return an error while holding a lease: give the instance back
                 // (attempt not counted, messages visible at once) and report the error.
-                guard.disarm();
                 self.release_claim(&claim.lock_token, &claim.instance).await;
                 Err(e)
             }
-        }
-    }
-}
-
-/// Releases a claim whose fetch future was dropped before returning it.
-struct ReleaseOnDrop {
-    provider: PostgresProvider,
-    token: String,
-    instance: String,
-    armed: bool,
-}
-
-impl ReleaseOnDrop {
-    fn new(provider: &PostgresProvider, claim: &Claim) -> Self {
-        Self {
-            provider: provider.clone(),
-            token: claim.lock_token.clone(),
-            instance: claim.instance.clone(),
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (provider, token, instance) = (
-                self.provider.clone(),
-                std::mem::take(&mut self.token),
-                std::mem::take(&mut self.instance),
-            );
-            rt.spawn(async move { provider.release_claim(&token, &instance).await });
         }
     }
 }
