@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: docs (warnings denied), doctests, then every target (lib
 # unit tests, integration tests, the conformance suite for both fetch paths, long
-# polling, round trips, mixed fleet, faults, CLI) against a PostgreSQL found or started
-# by scripts/with-postgres.sh.
+# polling, round trips, mixed fleet, faults, TLS, CLI) against a PostgreSQL found or
+# started by scripts/with-postgres.sh; then the tests that depend on the default fetch
+# path again, built with the `full-procedure` feature.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh hybrid::        # extra arguments go to the test harness (filters etc.)
@@ -17,4 +18,7 @@ threads=${TEST_THREADS:-8}
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude duroxide-pg-hybrid-bench
 exec scripts/with-postgres.sh bash -c '
   cargo test --release --doc -p duroxide-pg-hybrid &&
-  cargo test --release --all-targets -- --test-threads="$0" "$@"' "$threads" "$@"
+  cargo test --release --all-targets -- --test-threads="$0" "$@" &&
+  echo "== with --features full-procedure (procedure path as the default)" &&
+  cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
+    -- --test-threads="$0" "$@"' "$threads" "$@"
