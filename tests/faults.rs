@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    PgFactory, database_url, new_provider, new_provider_with, short_polling, test_options,
+    PgFactory, activity_item, database_url, new_provider, new_provider_with, short_polling,
+    start_item, test_options,
 };
 use duroxide::providers::{
     ExecutionMetadata, Provider, ProviderAdmin, ProviderError, TagFilter, WorkItem,
@@ -55,31 +56,6 @@ const NOW: Duration = Duration::ZERO;
 const PATHS: [FetchPath; 2] = [FetchPath::Hybrid, FetchPath::Procedure];
 
 // ---- helpers ------------------------------------------------------------------------
-
-fn start_item(instance: &str) -> WorkItem {
-    WorkItem::StartOrchestration {
-        instance: instance.to_string(),
-        orchestration: "O".to_string(),
-        input: "in".to_string(),
-        version: Some("1.0.0".to_string()),
-        parent_instance: None,
-        parent_id: None,
-        parent_execution_id: None,
-        execution_id: 1,
-    }
-}
-
-fn activity_item(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityExecute {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        name: "A".to_string(),
-        input: format!("input-{id}"),
-        session_id: None,
-        tag: None,
-    }
-}
 
 fn completion(instance: &str, id: u64) -> WorkItem {
     WorkItem::ActivityCompleted {

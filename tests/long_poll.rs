@@ -7,37 +7,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{database_url, new_provider, new_provider_with, test_options};
+use common::{
+    activity_item, database_url, new_provider, new_provider_with, start_item, test_options,
+};
 use duroxide::providers::{Provider, TagFilter, WorkItem};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 
 const LOCK: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(30);
-
-fn activity(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityExecute {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        name: "A".to_string(),
-        input: "in".to_string(),
-        session_id: None,
-        tag: None,
-    }
-}
-
-fn start(instance: &str) -> WorkItem {
-    WorkItem::StartOrchestration {
-        instance: instance.to_string(),
-        orchestration: "O".to_string(),
-        input: "in".to_string(),
-        version: Some("1.0.0".to_string()),
-        parent_instance: None,
-        parent_id: None,
-        parent_execution_id: None,
-        execution_id: 1,
-    }
-}
 
 async fn second_provider(schema: &str, path: FetchPath) -> PostgresProvider {
     PostgresProvider::connect_with(&database_url(), test_options(schema, path))
@@ -62,14 +39,17 @@ async fn enqueue_wakes_waiting_worker(path: FetchPath) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!fetch.is_finished(), "an empty long poll must wait");
     let enqueued = Instant::now();
-    other.enqueue_for_worker(activity("lp-1", 1)).await.unwrap();
+    other
+        .enqueue_for_worker(activity_item("lp-1", 1))
+        .await
+        .unwrap();
     let (got, _) = tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .unwrap()
         .unwrap();
     let latency = enqueued.elapsed();
     let (item, _, attempts) = got.expect("the waiting worker must receive the item");
-    assert_eq!(item, activity("lp-1", 1));
+    assert_eq!(item, activity_item("lp-1", 1));
     assert_eq!(attempts, 1);
     assert!(
         latency < Duration::from_secs(1),
@@ -92,7 +72,7 @@ async fn enqueue_wakes_waiting_worker_procedure() {
 async fn timer_wakes_waiting_fetch(path: FetchPath) {
     let (p, _guard) = new_provider(path).await;
     let delay = Duration::from_millis(1500);
-    p.enqueue_for_orchestrator(start("lp-timer"), Some(delay))
+    p.enqueue_for_orchestrator(start_item("lp-timer"), Some(delay))
         .await
         .unwrap();
     let t = Instant::now();
@@ -125,7 +105,7 @@ async fn timer_wakes_waiting_fetch_procedure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_wakes_the_next_dispatcher() {
     let (p, _guard) = new_provider(FetchPath::Hybrid).await;
-    p.enqueue_for_orchestrator(start("lp-ack"), None)
+    p.enqueue_for_orchestrator(start_item("lp-ack"), None)
         .await
         .unwrap();
     let (_, token, _) = p
@@ -150,7 +130,7 @@ async fn ack_wakes_the_next_dispatcher() {
         &token,
         1,
         vec![],
-        vec![activity("lp-ack", 2)],
+        vec![activity_item("lp-ack", 2)],
         vec![],
         metadata,
         vec![],
@@ -163,7 +143,7 @@ async fn ack_wakes_the_next_dispatcher() {
         .unwrap()
         .expect("worker woken by the ack");
     assert!(acked.elapsed() < Duration::from_secs(1));
-    assert_eq!(item, activity("lp-ack", 2));
+    assert_eq!(item, activity_item("lp-ack", 2));
 
     let o = p.clone();
     let orch = tokio::spawn(async move { o.fetch_orchestration_item(LOCK, LONG, None).await });
@@ -309,7 +289,7 @@ fn one_item_wakes_one_waiter() {
             tokio::time::sleep(Duration::from_millis(700)).await;
             let before = notified_worker_wakeups(&snapshotter);
             other
-                .enqueue_for_worker(activity("lp-herd", 1))
+                .enqueue_for_worker(activity_item("lp-herd", 1))
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(700)).await;
@@ -347,7 +327,7 @@ async fn dropped_waiter_strands_nothing() {
     a.abort();
     assert!(a.await.unwrap_err().is_cancelled());
     other
-        .enqueue_for_orchestrator(start("lp-drop"), None)
+        .enqueue_for_orchestrator(start_item("lp-drop"), None)
         .await
         .unwrap();
     let (item, _, _) = tokio::time::timeout(Duration::from_secs(2), b)
@@ -390,7 +370,7 @@ async fn listener_reconnects_after_connection_loss() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let enqueued = Instant::now();
     other
-        .enqueue_for_worker(activity("lp-reconnect", 1))
+        .enqueue_for_worker(activity_item("lp-reconnect", 1))
         .await
         .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), fetch)

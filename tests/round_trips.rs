@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{database_url, new_provider, test_options};
+use common::{activity_item, database_url, new_provider, start_item, test_options};
 use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
@@ -31,31 +31,6 @@ async fn proxied(schema: &str, path: FetchPath, rtt: Duration) -> (Proxy, Postgr
         .await
         .unwrap();
     (proxy, provider)
-}
-
-fn start(instance: &str) -> WorkItem {
-    WorkItem::StartOrchestration {
-        instance: instance.to_string(),
-        orchestration: "O".to_string(),
-        input: "in".to_string(),
-        version: Some("1.0.0".to_string()),
-        parent_instance: None,
-        parent_id: None,
-        parent_execution_id: None,
-        execution_id: 1,
-    }
-}
-
-fn activity(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityExecute {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        name: "A".to_string(),
-        input: "in".to_string(),
-        session_id: None,
-        tag: None,
-    }
 }
 
 fn metadata() -> ExecutionMetadata {
@@ -92,7 +67,7 @@ async fn one_cycle(proxy: &Proxy, p: &PostgresProvider, n: usize) -> Vec<(&'stat
     );
     measure!(
         "enqueue_for_orchestrator",
-        p.enqueue_for_orchestrator(start(&inst), None)
+        p.enqueue_for_orchestrator(start_item(&inst), None)
             .await
             .unwrap()
     );
@@ -124,7 +99,7 @@ async fn one_cycle(proxy: &Proxy, p: &PostgresProvider, n: usize) -> Vec<(&'stat
             &token,
             1,
             vec![],
-            vec![activity(&inst, 2)],
+            vec![activity_item(&inst, 2)],
             vec![],
             metadata(),
             vec![]
@@ -164,7 +139,7 @@ async fn one_cycle(proxy: &Proxy, p: &PostgresProvider, n: usize) -> Vec<(&'stat
     );
     measure!(
         "enqueue_for_worker",
-        p.enqueue_for_worker(activity(&inst, 3)).await.unwrap()
+        p.enqueue_for_worker(activity_item(&inst, 3)).await.unwrap()
     );
     // Leave the queues empty for the next cycle.
     let (_, token, _) = p
@@ -249,7 +224,7 @@ async fn fetch_serial_depth_under_latency() {
         }
         let mut best = Duration::MAX;
         for n in 0..4 {
-            p.enqueue_for_orchestrator(start(&format!("depth-{n}")), None)
+            p.enqueue_for_orchestrator(start_item(&format!("depth-{n}")), None)
                 .await
                 .unwrap();
             let t = Instant::now();

@@ -15,7 +15,9 @@
 
 #[path = "faults/cluster.rs"]
 mod cluster;
+mod common;
 
+use common::start_item;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -128,19 +130,6 @@ fn options(schema: &str) -> ProviderOptions {
         application_name: format!("dpgh-tls {schema}"),
         long_poll: false,
         ..ProviderOptions::default()
-    }
-}
-
-fn start_item(instance: &str) -> WorkItem {
-    WorkItem::StartOrchestration {
-        instance: instance.to_string(),
-        orchestration: "O".to_string(),
-        input: "in".to_string(),
-        version: Some("1.0.0".to_string()),
-        parent_instance: None,
-        parent_id: None,
-        parent_execution_id: None,
-        execution_id: 1,
     }
 }
 

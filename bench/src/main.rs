@@ -13,7 +13,7 @@ mod latency;
 mod machine;
 mod micro;
 mod providers;
-mod proxy;
+use duroxide_pg_hybrid_testkit::proxy;
 mod report;
 mod results;
 mod throughput;

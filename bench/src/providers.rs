@@ -11,7 +11,7 @@ use duroxide::providers::Provider;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use sqlx::PgPool;
 
-use crate::proxy::{Proxy, ProxySnapshot, rewrite_url};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, ProxySnapshot, rewrite_url};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use duroxide::provider_stress_tests::parallel_orchestrations::ProviderStressFactory;
 use duroxide::provider_validations::ProviderFactory;
-use duroxide::providers::Provider;
+use duroxide::providers::{Provider, WorkItem};
 use duroxide_pg_hybrid::options::redact_url;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
@@ -361,4 +361,31 @@ pub async fn new_provider_with(
     let provider = cleanup.create_with(path, customize).await;
     let schema = provider.schema().to_string();
     (provider, SchemaGuard { schema, cleanup })
+}
+
+/// A `StartOrchestration` of orchestration "O" version 1.0.0, execution 1.
+pub fn start_item(instance: &str) -> WorkItem {
+    WorkItem::StartOrchestration {
+        instance: instance.to_string(),
+        orchestration: "O".to_string(),
+        input: "in".to_string(),
+        version: Some("1.0.0".to_string()),
+        parent_instance: None,
+        parent_id: None,
+        parent_execution_id: None,
+        execution_id: 1,
+    }
+}
+
+/// An untagged, session-less `ActivityExecute` "A" of execution 1.
+pub fn activity_item(instance: &str, id: u64) -> WorkItem {
+    WorkItem::ActivityExecute {
+        instance: instance.to_string(),
+        execution_id: 1,
+        id,
+        name: "A".to_string(),
+        input: "in".to_string(),
+        session_id: None,
+        tag: None,
+    }
 }
