@@ -208,7 +208,7 @@ impl PostgresProvider {
                 .bind(pin.map(|p| p.1))
                 .bind(pin.map(|p| p.2))
                 .bind(custom_status.is_some())
-                .bind(custom_status.flatten())
+                .bind(custom_status.clone().flatten())
                 .bind(kv.clear_all)
                 .bind(&kv_keys)
                 .bind(&kv_values)

@@ -120,6 +120,13 @@ impl ConnPool {
     }
 }
 
+/// The server reported that the session ended before or instead of running the statement
+/// (terminated by an administrator, shutting down, connection failure): nothing of it was
+/// applied, so it is safe to send again on another connection.
+pub(crate) fn not_run_by_server(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
 impl Conn {
     /// Returns the connection to the pool unless `result` shows it may be in an unknown
     /// state (anything but a server-reported error), then passes `result` through.

@@ -280,7 +280,7 @@ impl PostgresProvider {
                 .bind(token)
                 .bind(instance)
                 .bind(kind)
-                .bind(json)
+                .bind(&json)
         )
         .map_err(|e| db_error(OP, instance, e))?;
         if acked == 0 {
@@ -368,7 +368,7 @@ impl PostgresProvider {
             self,
             execute,
             sqlx::query(&self.sql(ENQUEUE))
-                .bind(json)
+                .bind(&json)
                 .bind(instance)
                 .bind(to_i64("execution_id", *execution_id).map_err(bad)?)
                 .bind(to_i64("activity id", *id).map_err(bad)?)

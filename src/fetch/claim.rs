@@ -34,15 +34,7 @@ impl PostgresProvider {
         let row = on_conn!(
             self,
             fetch_one,
-            sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM))
-                .bind(a.lock_timeout_ms)
-                .bind(a.filter_enabled)
-                .bind(a.min.0)
-                .bind(a.min.1)
-                .bind(a.min.2)
-                .bind(a.max.0)
-                .bind(a.max.1)
-                .bind(a.max.2)
+            a.bind(sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM)))
         )
         .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(row.o_skipped);

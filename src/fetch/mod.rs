@@ -61,6 +61,24 @@ impl ClaimArgs {
     }
 }
 
+impl ClaimArgs {
+    /// Binds the claim's eight parameters, in the order both `sp_fetch_and_lock` and
+    /// `fetch_orchestration_full` take them.
+    fn bind<'q, O>(
+        &self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(self.lock_timeout_ms)
+            .bind(self.filter_enabled)
+            .bind(self.min.0)
+            .bind(self.min.1)
+            .bind(self.min.2)
+            .bind(self.max.0)
+            .bind(self.max.1)
+            .bind(self.max.2)
+    }
+}
+
 fn clamp(v: u64) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
