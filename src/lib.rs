@@ -29,12 +29,10 @@ macro_rules! on_conn {
     }};
 }
 
-mod ack;
 mod admin;
 mod codec;
 mod contract;
 pub mod errors;
-mod fetch;
 mod history;
 pub mod inspect;
 mod kv;
@@ -45,6 +43,9 @@ mod pool;
 mod provider;
 mod queue;
 pub mod schema;
+#[doc(hidden)]
+pub mod sql_fn;
+mod turn;
 mod worker;
 
 pub use errors::ConfigError;

@@ -221,6 +221,11 @@ impl PostgresProvider {
         template.replace("{s}", &self.inner.schema_q)
     }
 
+    /// The SQL text of a call of one of the schema's functions (named notation).
+    pub(crate) fn call_sql(&self, function: &crate::sql_fn::SqlFunction) -> String {
+        function.call_sql(&self.inner.schema_q)
+    }
+
     pub(crate) fn pool_ref(&self) -> &PgPool {
         &self.inner.pool
     }

@@ -1,6 +1,10 @@
 //! Schema management: identifier validation and quoting, migrations (sqlx `migrate!`,
-//! run inside the provider's own schema with its own `_sqlx_migrations` ledger), and
-//! verification when auto-migration is off.
+//! run inside the provider's own schema with its own `_sqlx_migrations` ledger), function
+//! files (`migrations/functions/*.sql`, re-applied when their revision changes, ledger
+//! `_function_files`), and verification when auto-migration is off.
+//!
+//! Tables and indexes only ever change through new migrations. A SQL function's current
+//! definition lives in exactly one function file, so a change to it reads as a diff.
 
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, Executor, PgPool};
@@ -10,6 +14,49 @@ use crate::errors::ConfigError;
 /// The embedded migrations (`migrations/*.sql`). Their text names no schema: they run
 /// with `search_path` set to the target schema, and every function captures it.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// One file of `migrations/functions/`: `CREATE OR REPLACE` definitions applied, in
+/// file-name order and in one transaction, whenever the file's `-- revision: N` header is
+/// newer than what the schema's `_function_files` ledger records.
+#[derive(Debug)]
+pub struct FunctionFile {
+    /// File name, e.g. `03_claim.sql`.
+    pub name: &'static str,
+    /// The file's text.
+    pub sql: &'static str,
+}
+
+impl FunctionFile {
+    /// The `-- revision: N` header (0 when missing, which a unit test forbids).
+    pub fn revision(&self) -> i32 {
+        self.sql
+            .lines()
+            .take(5)
+            .find_map(|l| l.trim().strip_prefix("-- revision:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+macro_rules! function_file {
+    ($name:literal) => {
+        FunctionFile {
+            name: $name,
+            sql: include_str!(concat!("../migrations/functions/", $name)),
+        }
+    };
+}
+
+/// The embedded function files, in the order they are applied.
+pub static FUNCTION_FILES: &[FunctionFile] = &[
+    function_file!("01_primitives.sql"),
+    function_file!("02_pending_instances.sql"),
+    function_file!("03_claim.sql"),
+    function_file!("04_turn_reads.sql"),
+    function_file!("05_ack.sql"),
+    function_file!("06_turn_lease.sql"),
+    function_file!("07_admin.sql"),
+];
 
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -68,12 +115,21 @@ pub struct SchemaStatus {
     pub unknown: Vec<i64>,
     /// Applied versions whose checksum differs from the embedded file.
     pub checksum_mismatch: Vec<i64>,
+    /// Function files this binary would (re-)apply: missing from the ledger, older
+    /// revision, or same revision with different text.
+    pub functions_pending: Vec<String>,
+    /// Function files the schema holds at a newer revision than this binary (a newer
+    /// release applied them; this one keeps working with them).
+    pub functions_newer: Vec<String>,
 }
 
 impl SchemaStatus {
     /// True when the schema is exactly at this binary's version.
     pub fn is_current(&self) -> bool {
-        self.pending.is_empty() && self.unknown.is_empty() && self.checksum_mismatch.is_empty()
+        self.pending.is_empty()
+            && self.unknown.is_empty()
+            && self.checksum_mismatch.is_empty()
+            && self.functions_pending.is_empty()
     }
 }
 
@@ -119,12 +175,86 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
         MIGRATOR
             .run_direct(&mut conn)
             .await
-            .map_err(sqlx::Error::from)
+            .map_err(sqlx::Error::from)?;
+        apply_function_files(&mut conn).await
     }
     .await;
     // Closing the detached connection also releases the advisory lock.
     let _ = conn.close().await;
     result
+}
+
+/// Applies the function files whose revision is newer than the ledger's (or whose text
+/// differs at the same revision), in one transaction. Runs under the migration lock with
+/// `search_path` set to the schema.
+async fn apply_function_files(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let ledger = read_function_ledger(&mut *tx, "_function_files").await?;
+    for file in FUNCTION_FILES {
+        if !function_file_pending(file, &ledger) {
+            continue;
+        }
+        tx.execute(file.sql).await?;
+        sqlx::query(
+            "INSERT INTO _function_files (name, revision, md5) VALUES ($1, $2, md5($3)) \
+             ON CONFLICT (name) DO UPDATE SET revision = EXCLUDED.revision, md5 = EXCLUDED.md5, \
+             applied_at = now()",
+        )
+        .bind(file.name)
+        .bind(file.revision())
+        .bind(file.sql)
+        .execute(&mut *tx)
+        .await?;
+        tracing::info!(
+            target: crate::provider::TRACING_TARGET,
+            file = file.name,
+            revision = file.revision(),
+            "applied function file"
+        );
+    }
+    tx.commit().await
+}
+
+/// Ledger rows: name, revision, and whether the stored md5 equals this binary's text.
+struct LedgerRow {
+    name: String,
+    revision: i32,
+    same_text: bool,
+}
+
+/// `table`: the ledger's (quoted, validated) name as the caller's search_path needs it.
+async fn read_function_ledger<'e, E>(
+    executor: E,
+    table: &str,
+) -> Result<Vec<LedgerRow>, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let names: Vec<&str> = FUNCTION_FILES.iter().map(|f| f.name).collect();
+    let texts: Vec<&str> = FUNCTION_FILES.iter().map(|f| f.sql).collect();
+    let rows: Vec<(String, i32, bool)> = sqlx::query_as(&format!(
+        "SELECT l.name, l.revision, l.md5 = md5(f.sql) \
+         FROM {table} l JOIN unnest($1::text[], $2::text[]) AS f(name, sql) USING (name)"
+    ))
+    .bind(&names)
+    .bind(&texts)
+    .fetch_all(executor)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, revision, same_text)| LedgerRow {
+            name,
+            revision,
+            same_text,
+        })
+        .collect())
+}
+
+fn function_file_pending(file: &FunctionFile, ledger: &[LedgerRow]) -> bool {
+    match ledger.iter().find(|r| r.name == file.name) {
+        None => true,
+        Some(r) => r.revision < file.revision() || (r.revision == file.revision() && !r.same_text),
+    }
 }
 
 /// Reads the schema's ledger and compares it with the embedded migrations.
@@ -149,11 +279,37 @@ pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::E
     } else {
         Vec::new()
     };
+    let function_ledger_exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = '_function_files')",
+    )
+    .bind(schema)
+    .fetch_one(pool)
+    .await?;
+    let ledger = if function_ledger_exists {
+        let table = format!("{}._function_files", quote_ident(schema));
+        read_function_ledger(pool, &table).await?
+    } else {
+        Vec::new()
+    };
     let mut st = SchemaStatus {
         applied: rows.iter().map(|r| r.0).collect(),
         pending: Vec::new(),
         unknown: Vec::new(),
         checksum_mismatch: Vec::new(),
+        functions_pending: FUNCTION_FILES
+            .iter()
+            .filter(|f| function_file_pending(f, &ledger))
+            .map(|f| f.name.to_string())
+            .collect(),
+        functions_newer: ledger
+            .iter()
+            .filter(|r| {
+                FUNCTION_FILES
+                    .iter()
+                    .any(|f| f.name == r.name && r.revision > f.revision())
+            })
+            .map(|r| r.name.clone())
+            .collect(),
     };
     for m in MIGRATOR.iter() {
         match rows.iter().find(|r| r.0 == m.version) {
@@ -193,12 +349,18 @@ pub async fn verify(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
             "schema {schema:?}: applied migrations {:?} differ from this binary's files",
             st.checksum_mismatch
         )
-    } else {
+    } else if !st.pending.is_empty() {
         format!(
             "schema {schema:?} is at migration {found}, this binary expects {}; pending {:?}: \
              run migrations (auto_migrate = true, or `duroxide-pg-hybrid migrate up`)",
             expected_version(),
             st.pending
+        )
+    } else {
+        format!(
+            "schema {schema:?}: function files {:?} are older than this binary's: \
+             run migrations (auto_migrate = true, or `duroxide-pg-hybrid migrate up`)",
+            st.functions_pending
         )
     };
     Err(sqlx::Error::Configuration(msg.into()))
@@ -229,6 +391,21 @@ pub fn migration_sql(schema: &str) -> Result<String, ConfigError> {
             hex
         ));
     }
+    out.push_str("\n-- function files (current definitions of every SQL function)\nBEGIN;\n");
+    for f in FUNCTION_FILES {
+        out.push_str(&format!(
+            "\n-- function file {} revision {}\n{}\nINSERT INTO _function_files (name, revision, md5) \
+             VALUES ('{}', {}, md5($dpgh_file${}$dpgh_file$)) ON CONFLICT (name) DO UPDATE \
+             SET revision = EXCLUDED.revision, md5 = EXCLUDED.md5, applied_at = now();\n",
+            f.name,
+            f.revision(),
+            f.sql.trim_end(),
+            f.name,
+            f.revision(),
+            f.sql
+        ));
+    }
+    out.push_str("COMMIT;\n");
     Ok(out)
 }
 
@@ -258,6 +435,34 @@ mod tests {
     }
 
     #[test]
+    fn function_files_are_all_embedded_with_a_revision() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/functions");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<&str> = FUNCTION_FILES.iter().map(|f| f.name).collect();
+        assert_eq!(
+            on_disk, embedded,
+            "FUNCTION_FILES must list every file, in order"
+        );
+        for f in FUNCTION_FILES {
+            assert!(
+                f.revision() > 0,
+                "{} has no `-- revision: N` header",
+                f.name
+            );
+            assert!(
+                !f.sql.contains("$dpgh_file$"),
+                "{} uses the print-sql quote tag",
+                f.name
+            );
+        }
+    }
+
+    #[test]
     fn quoting() {
         assert_eq!(quote_ident("abc"), "\"abc\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
@@ -268,6 +473,9 @@ mod tests {
         let sql = migration_sql("tenant").unwrap();
         for m in MIGRATOR.iter() {
             assert!(sql.contains(&format!("VALUES ({}", m.version)));
+        }
+        for f in FUNCTION_FILES {
+            assert!(sql.contains(&format!("-- function file {}", f.name)));
         }
         assert!(migration_sql("bad;name").is_err());
     }

@@ -50,11 +50,27 @@ pub(crate) fn migrate_status(schema_name: &str, st: &SchemaStatus) -> Output {
             }
         }
     }
+    for (label, list) in [
+        ("function files pending", &st.functions_pending),
+        ("function files newer in the schema", &st.functions_newer),
+    ] {
+        let _ = writeln!(
+            text,
+            "{label}: {}",
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
     Output {
         text,
         json: json!({
             "schema": schema_name,
             "expected_version": schema::expected_version(),
+            "functions_pending": st.functions_pending,
+            "functions_newer": st.functions_newer,
             "version": found,
             "current": st.is_current(),
             "applied": st.applied,

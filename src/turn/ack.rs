@@ -14,12 +14,48 @@ use duroxide::{Event, EventKind};
 use crate::codec::{encode_event, encode_item, to_i64};
 use crate::errors::{db_error, decode_error};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
+use crate::sql_fn::{Args, SqlFunction};
 
 const OP: &str = "ack_orchestration_item";
 
-const ACK: &str = "SELECT {s}.ack_orchestration_item(\
-     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-     $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)";
+pub(crate) static ACK_ORCHESTRATION_ITEM: SqlFunction = SqlFunction {
+    name: "ack_orchestration_item",
+    args: &[
+        "p_lock_token",
+        "p_execution_id",
+        "p_event_ids",
+        "p_event_types",
+        "p_event_data",
+        "p_orchestration_name",
+        "p_orchestration_version",
+        "p_parent_instance_id",
+        "p_status",
+        "p_output",
+        "p_pinned_major",
+        "p_pinned_minor",
+        "p_pinned_patch",
+        "p_custom_status_set",
+        "p_custom_status",
+        "p_kv_clear_all",
+        "p_kv_keys",
+        "p_kv_values",
+        "p_kv_updated_ms",
+        "p_worker_items",
+        "p_worker_instances",
+        "p_worker_executions",
+        "p_worker_activities",
+        "p_worker_sessions",
+        "p_worker_tags",
+        "p_cancel_instances",
+        "p_cancel_executions",
+        "p_cancel_activities",
+        "p_orch_instances",
+        "p_orch_kinds",
+        "p_orch_items",
+        "p_orch_visible_at_ms",
+    ],
+    columns: None,
+};
 
 /// Net KV effect of one turn's delta.
 #[derive(Debug, Default, PartialEq)]
@@ -190,42 +226,47 @@ impl PostgresProvider {
             (c(v.major), c(v.minor), c(v.patch))
         });
 
+        let sql = self.call_sql(&ACK_ORCHESTRATION_ITEM);
+        let args = || {
+            Args::new(&ACK_ORCHESTRATION_ITEM)
+                .bind("p_lock_token", lock_token)
+                .bind("p_execution_id", execution_id)
+                .bind("p_event_ids", &ev_ids)
+                .bind("p_event_types", &ev_types)
+                .bind("p_event_data", &ev_data)
+                .bind("p_orchestration_name", &metadata.orchestration_name)
+                .bind("p_orchestration_version", &metadata.orchestration_version)
+                .bind("p_parent_instance_id", &metadata.parent_instance_id)
+                .bind("p_status", &metadata.status)
+                .bind("p_output", &metadata.output)
+                .bind("p_pinned_major", pin.map(|p| p.0))
+                .bind("p_pinned_minor", pin.map(|p| p.1))
+                .bind("p_pinned_patch", pin.map(|p| p.2))
+                .bind("p_custom_status_set", custom_status.is_some())
+                .bind("p_custom_status", custom_status.clone().flatten())
+                .bind("p_kv_clear_all", kv.clear_all)
+                .bind("p_kv_keys", &kv_keys)
+                .bind("p_kv_values", &kv_values)
+                .bind("p_kv_updated_ms", &kv_ts)
+                .bind("p_worker_items", &w.items)
+                .bind("p_worker_instances", &w.instances)
+                .bind("p_worker_executions", &w.executions)
+                .bind("p_worker_activities", &w.activities)
+                .bind("p_worker_sessions", &w.sessions)
+                .bind("p_worker_tags", &w.tags)
+                .bind("p_cancel_instances", &c_inst)
+                .bind("p_cancel_executions", &c_exec)
+                .bind("p_cancel_activities", &c_act)
+                .bind("p_orch_instances", &o.instances)
+                .bind("p_orch_kinds", &o.kinds)
+                .bind("p_orch_items", &o.items)
+                .bind("p_orch_visible_at_ms", &o.visible_at)
+                .finish(OP)
+        };
         let result = on_conn!(
             self,
             fetch_one,
-            sqlx::query_scalar::<_, String>(&self.sql(ACK))
-                .bind(lock_token)
-                .bind(execution_id)
-                .bind(&ev_ids)
-                .bind(&ev_types)
-                .bind(&ev_data)
-                .bind(&metadata.orchestration_name)
-                .bind(&metadata.orchestration_version)
-                .bind(&metadata.parent_instance_id)
-                .bind(&metadata.status)
-                .bind(&metadata.output)
-                .bind(pin.map(|p| p.0))
-                .bind(pin.map(|p| p.1))
-                .bind(pin.map(|p| p.2))
-                .bind(custom_status.is_some())
-                .bind(custom_status.clone().flatten())
-                .bind(kv.clear_all)
-                .bind(&kv_keys)
-                .bind(&kv_values)
-                .bind(&kv_ts)
-                .bind(&w.items)
-                .bind(&w.instances)
-                .bind(&w.executions)
-                .bind(&w.activities)
-                .bind(&w.sessions)
-                .bind(&w.tags)
-                .bind(&c_inst)
-                .bind(&c_exec)
-                .bind(&c_act)
-                .bind(&o.instances)
-                .bind(&o.kinds)
-                .bind(&o.items)
-                .bind(&o.visible_at)
+            sqlx::query_scalar_with::<_, String, _>(&sql, args()?)
         );
 
         match result {

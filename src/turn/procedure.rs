@@ -6,11 +6,17 @@ use super::{Claim, ClaimArgs, OP, TurnRows};
 use crate::errors::db_error;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
+use crate::sql_fn::SqlFunction;
 
-const FETCH_FULL: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
-     o_now_ms, o_next_wake_ms, o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, \
-     o_messages, o_history, o_kv_keys, o_kv_values, o_kv_updated_ms \
-     FROM {s}.fetch_orchestration_full($1, $2, $3, $4, $5, $6, $7, $8)";
+pub(crate) static FETCH_ORCHESTRATION_FULL: SqlFunction = SqlFunction {
+    name: "fetch_orchestration_full",
+    args: super::claim::CLAIM_ARGS,
+    columns: Some(
+        "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, \
+         o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, o_messages, \
+         o_history, o_kv_keys, o_kv_values, o_kv_updated_ms",
+    ),
+};
 
 #[derive(sqlx::FromRow)]
 struct FullRow {
@@ -36,10 +42,11 @@ impl PostgresProvider {
         &self,
         a: &ClaimArgs,
     ) -> Result<Attempt<TurnRows>, ProviderError> {
+        let sql = self.call_sql(&FETCH_ORCHESTRATION_FULL);
         let r = on_conn!(
             self,
             fetch_one,
-            a.bind(sqlx::query_as::<_, FullRow>(&self.sql(FETCH_FULL)))
+            sqlx::query_as_with::<_, FullRow, _>(&sql, a.bind(&FETCH_ORCHESTRATION_FULL)?)
         )
         .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(r.o_skipped);

@@ -1,6 +1,10 @@
-//! `fetch_orchestration_item`: claim an instance (one round trip, `sp_fetch_and_lock`),
-//! then load what the turn needs. Two interchangeable paths share the claim and the read
-//! functions:
+//! An orchestration turn, by lease lifecycle: the claim (`claim.rs`), the turn's reads
+//! (`reads.rs` on the hybrid path, `procedure.rs` on the full-procedure path), the ack
+//! (`ack.rs`), and renew/abandon (`lease.rs`).
+//!
+//! `fetch_orchestration_item` claims an instance (one round trip, `sp_fetch_and_lock`),
+//! then loads what the turn needs. Two interchangeable paths share the claim and the
+//! read functions:
 //!
 //! * hybrid: claim, then four plain reads issued concurrently on separate pooled
 //!   connections, so the serial depth is 2 round trips;
@@ -9,9 +13,18 @@
 //! Both end in [`assemble`], so the item handed to duroxide is built by one piece of code
 //! whichever path fetched it.
 
+pub(crate) mod ack;
 mod claim;
+mod lease;
 mod procedure;
 mod reads;
+
+pub(crate) use claim::SP_FETCH_AND_LOCK;
+pub(crate) use lease::{ABANDON_TURN, RENEW_TURN};
+pub(crate) use procedure::FETCH_ORCHESTRATION_FULL;
+pub(crate) use reads::{
+    READ_BATCH_MESSAGES, READ_EXECUTION_HISTORY, READ_INSTANCE_META, READ_KV_SNAPSHOT,
+};
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,11 +34,14 @@ use duroxide::providers::{
     DispatcherCapabilityFilter, KvEntry, OrchestrationItem, ProviderError, WorkItem,
 };
 
+use sqlx::postgres::PgArguments;
+
 use crate::codec::{decode_history, decode_messages};
 use crate::notify::Queue;
 use crate::options::FetchPath;
 use crate::poll::Attempt;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
+use crate::sql_fn::{Args, SqlFunction};
 
 pub(crate) const OP: &str = "fetch_orchestration_item";
 
@@ -62,20 +78,19 @@ impl ClaimArgs {
 }
 
 impl ClaimArgs {
-    /// Binds the claim's eight parameters, in the order both `sp_fetch_and_lock` and
-    /// `fetch_orchestration_full` take them.
-    fn bind<'q, O>(
-        &self,
-        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-        q.bind(self.lock_timeout_ms)
-            .bind(self.filter_enabled)
-            .bind(self.min.0)
-            .bind(self.min.1)
-            .bind(self.min.2)
-            .bind(self.max.0)
-            .bind(self.max.1)
-            .bind(self.max.2)
+    /// The claim's arguments, shared by `sp_fetch_and_lock` and `fetch_orchestration_full`
+    /// (both declare them with the same names, in the same order).
+    fn bind(&self, function: &'static SqlFunction) -> Result<PgArguments, ProviderError> {
+        Args::new(function)
+            .bind("p_lock_timeout_ms", self.lock_timeout_ms)
+            .bind("p_filter_enabled", self.filter_enabled)
+            .bind("p_min_major", self.min.0)
+            .bind("p_min_minor", self.min.1)
+            .bind("p_min_patch", self.min.2)
+            .bind("p_max_major", self.max.0)
+            .bind("p_max_minor", self.max.1)
+            .bind("p_max_patch", self.max.2)
+            .finish(OP)
     }
 }
 

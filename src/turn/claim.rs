@@ -1,4 +1,5 @@
-//! The claim: one call of `sp_fetch_and_lock` (see its migration for the protocol).
+//! The claim: one call of `sp_fetch_and_lock` (protocol: migrations/functions/03_claim.sql),
+//! and the release of a claim whose reads failed.
 
 use duroxide::providers::ProviderError;
 
@@ -6,9 +7,28 @@ use super::{Claim, ClaimArgs, OP};
 use crate::errors::db_error;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
+use crate::sql_fn::SqlFunction;
 
-const CLAIM: &str = "SELECT o_instance_id, o_lock_token, o_execution_id, o_attempt_count, \
-     o_now_ms, o_next_wake_ms, o_skipped FROM {s}.sp_fetch_and_lock($1, $2, $3, $4, $5, $6, $7, $8)";
+/// Arguments of the claim, shared by `sp_fetch_and_lock` and `fetch_orchestration_full`
+/// (bound by `ClaimArgs::bind`). `p_max_candidates` keeps its default.
+pub(crate) const CLAIM_ARGS: &[&str] = &[
+    "p_lock_timeout_ms",
+    "p_filter_enabled",
+    "p_min_major",
+    "p_min_minor",
+    "p_min_patch",
+    "p_max_major",
+    "p_max_minor",
+    "p_max_patch",
+];
+
+pub(crate) static SP_FETCH_AND_LOCK: SqlFunction = SqlFunction {
+    name: "sp_fetch_and_lock",
+    args: CLAIM_ARGS,
+    columns: Some(
+        "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, o_skipped",
+    ),
+};
 
 /// The claim's one row: keys when won, else the next wake-up time.
 #[derive(sqlx::FromRow)]
@@ -22,19 +42,13 @@ struct ClaimRow {
     o_skipped: Option<i32>,
 }
 
-/// Gives a claimed instance back after its reads failed: the lease is dropped and the
-/// attempt is not counted, so a transient read error cannot push a turn towards poison.
-const RELEASE: &str = "WITH released AS (DELETE FROM {s}.instance_locks WHERE lock_token = $1 RETURNING 1) \
-     UPDATE {s}.orchestrator_queue q \
-     SET lock_token = NULL, attempt_count = greatest(0, q.attempt_count - 1) \
-     WHERE q.lock_token = $1 AND EXISTS (SELECT 1 FROM released)";
-
 impl PostgresProvider {
     pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
+        let sql = self.call_sql(&SP_FETCH_AND_LOCK);
         let row = on_conn!(
             self,
             fetch_one,
-            a.bind(sqlx::query_as::<_, ClaimRow>(&self.sql(CLAIM)))
+            sqlx::query_as_with::<_, ClaimRow, _>(&sql, a.bind(&SP_FETCH_AND_LOCK)?)
         )
         .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(row.o_skipped);
@@ -51,12 +65,10 @@ impl PostgresProvider {
         })
     }
 
+    /// Gives a claimed instance back after its reads failed: the lease is dropped and the
+    /// attempt is not counted, so a transient read error cannot push a turn towards poison.
     pub(crate) async fn release_claim(&self, lock_token: &str, instance: &str) {
-        if let Err(e) = on_conn!(
-            self,
-            execute,
-            sqlx::query(&self.sql(RELEASE)).bind(lock_token)
-        ) {
+        if let Err(e) = self.abandon_turn(OP, lock_token, None, true).await {
             // The lease expires on its own; nothing is lost, the turn is only delayed.
             tracing::warn!(
                 target: crate::provider::TRACING_TARGET,

@@ -1,0 +1,226 @@
+-- revision: 1
+-- Maintenance of pending_instances, the per-instance claim state (table: migration
+-- 20261201000001).
+--
+-- Locking protocol. Three kinds of writers touch a row:
+--   * enqueues (the trigger below, in whatever transaction inserts messages) take a
+--     KEY SHARE row lock. Enqueues to one instance never wait for each other, and claims
+--     (FOR NO KEY UPDATE) never wait for, or skip, an instance because of them. An
+--     enqueue only writes the row when the row does not already promise work at or
+--     before its message (first message after idle, an earlier message, or a start
+--     message for an instance that could not run);
+--   * claims, acks, renews and abandons update lease and pin mirrors (NO KEY UPDATE);
+--   * corrections that make the row LESS claimable (raise visible_at, mark not
+--     runnable, delete the row) go through pending_refresh, which takes FOR UPDATE
+--     SKIP LOCKED first. That lock conflicts with the enqueues' KEY SHARE, so a
+--     correction never runs while an enqueue it cannot see yet is in flight, and it
+--     never waits (no deadlock with acks that enqueue to each other): when an enqueue
+--     holds the row, the correction is skipped and the row stays claimable.
+-- Hence the invariant: every queued message's instance has a row whose claimable_at_ms
+-- is not later than when the message can next be claimed.
+
+-- Can the instance run a turn (it exists), and its current execution's pinned version.
+CREATE OR REPLACE FUNCTION pending_instance_facts(
+    p_instance_id TEXT,
+    OUT o_exists BOOLEAN,
+    OUT o_pinned_major INT,
+    OUT o_pinned_minor INT,
+    OUT o_pinned_patch INT
+)
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $fn$
+    SELECT i.instance_id IS NOT NULL
+               OR EXISTS (SELECT 1 FROM history h
+                          WHERE h.instance_id = p_instance_id
+                            AND h.event_type = 'OrchestrationStarted'),
+           e.pinned_major, e.pinned_minor, e.pinned_patch
+    FROM (SELECT 1) AS one
+    LEFT JOIN instances i ON i.instance_id = p_instance_id
+    LEFT JOIN executions e
+           ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+$fn$;
+
+-- Messages for p_instance_id were inserted: the earliest visible at p_visible_at_ms;
+-- p_starts = one of them starts the instance (StartOrchestration, ContinueAsNew).
+CREATE OR REPLACE FUNCTION pending_note_messages(
+    p_instance_id   TEXT,
+    p_visible_at_ms BIGINT,
+    p_starts        BOOLEAN
+)
+RETURNS VOID
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_row   pending_instances%ROWTYPE;
+    v_facts RECORD;
+    v_lease BIGINT;
+BEGIN
+    SELECT * INTO v_row FROM pending_instances p
+    WHERE p.instance_id = p_instance_id
+    FOR KEY SHARE;
+    IF FOUND THEN
+        -- The common case, a burst of messages for one instance: nothing to write. (A
+        -- live lease: the turn's ack or the lease expiry brings the instance back.)
+        IF (v_row.runnable OR NOT p_starts)
+           AND (v_row.visible_at_ms <= p_visible_at_ms OR v_row.locked_until_ms > now_ms()) THEN
+            RETURN;
+        END IF;
+        UPDATE pending_instances p
+        SET visible_at_ms = least(p.visible_at_ms, p_visible_at_ms),
+            claimable_at_ms = CASE WHEN p.locked_until_ms > now_ms()
+                                   THEN p.claimable_at_ms
+                                   ELSE least(p.claimable_at_ms, p_visible_at_ms) END,
+            runnable = p.runnable OR p_starts
+        WHERE p.instance_id = p_instance_id;
+        RETURN;
+    END IF;
+
+    SELECT * INTO v_facts FROM pending_instance_facts(p_instance_id);
+    SELECT l.locked_until_ms INTO v_lease FROM instance_locks l
+    WHERE l.instance_id = p_instance_id AND l.locked_until_ms > now_ms();
+    INSERT INTO pending_instances AS p (instance_id, visible_at_ms, claimable_at_ms, locked_until_ms,
+                                        runnable, pinned_major, pinned_minor, pinned_patch)
+    VALUES (p_instance_id, p_visible_at_ms, greatest(p_visible_at_ms, coalesce(v_lease, 0)), v_lease,
+            p_starts OR v_facts.o_exists,
+            v_facts.o_pinned_major, v_facts.o_pinned_minor, v_facts.o_pinned_patch)
+    -- Another enqueue created the row first (this insert waited for it to commit).
+    ON CONFLICT (instance_id) DO UPDATE
+        SET visible_at_ms = least(p.visible_at_ms, EXCLUDED.visible_at_ms),
+            claimable_at_ms = CASE WHEN p.locked_until_ms > now_ms()
+                                   THEN p.claimable_at_ms
+                                   ELSE least(p.claimable_at_ms, EXCLUDED.visible_at_ms) END,
+            runnable = p.runnable OR EXCLUDED.runnable
+        WHERE p.visible_at_ms > EXCLUDED.visible_at_ms
+           OR (EXCLUDED.runnable AND NOT p.runnable);
+END;
+$fn$;
+
+-- Statement trigger on orchestrator_queue: one call per instance, in id order (so two
+-- multi-instance inserts take their row locks in the same order).
+CREATE OR REPLACE FUNCTION pending_instances_on_enqueue()
+RETURNS TRIGGER
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    r RECORD;
+BEGIN
+    FOR r IN
+        SELECT n.instance_id,
+               min(n.visible_at_ms) AS visible_at_ms,
+               bool_or(n.kind IN ('StartOrchestration', 'ContinueAsNew')) AS starts
+        FROM new_rows n
+        GROUP BY n.instance_id
+        ORDER BY n.instance_id
+    LOOP
+        PERFORM pending_note_messages(r.instance_id, r.visible_at_ms, r.starts);
+    END LOOP;
+    RETURN NULL;
+END;
+$fn$;
+
+DROP TRIGGER IF EXISTS pending_instances_on_enqueue ON orchestrator_queue;
+CREATE TRIGGER pending_instances_on_enqueue
+    AFTER INSERT ON orchestrator_queue
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pending_instances_on_enqueue();
+
+-- Recomputes an instance's row exactly from its queued messages (deleting it when none
+-- are left), unless an enqueue in flight holds it. Returns FALSE in that case: the
+-- caller leaves the row claimable (the enqueue's message will be there).
+CREATE OR REPLACE FUNCTION pending_refresh(p_instance_id TEXT)
+RETURNS BOOLEAN
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_now        BIGINT;
+    v_next       BIGINT;
+    v_next_start BIGINT;
+    v_lease      BIGINT;
+    v_facts      RECORD;
+    v_runnable   BOOLEAN;
+    v_claimable  BIGINT;
+BEGIN
+    PERFORM 1 FROM pending_instances p WHERE p.instance_id = p_instance_id
+    FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM pending_instances p WHERE p.instance_id = p_instance_id) THEN
+            RETURN FALSE;
+        END IF;
+        -- No row: heal one that is missing (it should not be) through the enqueue path.
+        SELECT min(q.visible_at_ms),
+               bool_or(q.kind IN ('StartOrchestration', 'ContinueAsNew'))
+        INTO v_next, v_runnable
+        FROM orchestrator_queue q WHERE q.instance_id = p_instance_id;
+        IF v_next IS NOT NULL THEN
+            PERFORM pending_note_messages(p_instance_id, v_next, v_runnable);
+        END IF;
+        RETURN TRUE;
+    END IF;
+
+    v_now := now_ms();
+    SELECT min(q.visible_at_ms),
+           min(q.visible_at_ms) FILTER (WHERE q.kind IN ('StartOrchestration', 'ContinueAsNew'))
+    INTO v_next, v_next_start
+    FROM orchestrator_queue q WHERE q.instance_id = p_instance_id;
+    IF v_next IS NULL THEN
+        DELETE FROM pending_instances p WHERE p.instance_id = p_instance_id;
+        RETURN TRUE;
+    END IF;
+
+    SELECT * INTO v_facts FROM pending_instance_facts(p_instance_id);
+    SELECT l.locked_until_ms INTO v_lease FROM instance_locks l
+    WHERE l.instance_id = p_instance_id AND l.locked_until_ms > v_now;
+    -- An instance that does not exist yet can run once its start message is visible.
+    v_runnable := v_facts.o_exists OR v_next_start IS NOT NULL;
+    v_claimable := CASE WHEN v_facts.o_exists THEN v_next ELSE greatest(v_next, v_next_start) END;
+    UPDATE pending_instances p
+    SET visible_at_ms = v_next,
+        claimable_at_ms = greatest(coalesce(v_claimable, v_next), coalesce(v_lease, 0)),
+        locked_until_ms = v_lease,
+        runnable = v_runnable,
+        pinned_major = v_facts.o_pinned_major,
+        pinned_minor = v_facts.o_pinned_minor,
+        pinned_patch = v_facts.o_pinned_patch
+    WHERE p.instance_id = p_instance_id;
+    RETURN TRUE;
+END;
+$fn$;
+
+-- A lease of p_instance_id ended (ack, abandon, released claim): make the row exact, or,
+-- if an enqueue in flight holds it, claimable now (its visible_at_ms is a lower bound).
+CREATE OR REPLACE FUNCTION pending_after_turn(p_instance_id TEXT)
+RETURNS VOID
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    IF NOT pending_refresh(p_instance_id) THEN
+        UPDATE pending_instances p
+        SET locked_until_ms = NULL, claimable_at_ms = p.visible_at_ms
+        WHERE p.instance_id = p_instance_id;
+    END IF;
+END;
+$fn$;
+
+-- Heal rows missing for messages queued before the trigger existed (first application,
+-- or writers of an older release between its migration and this file). The trigger DDL
+-- above locks orchestrator_queue against inserts until this transaction commits, so
+-- nothing can slip between this and the trigger.
+INSERT INTO pending_instances AS p (instance_id, visible_at_ms, claimable_at_ms, locked_until_ms,
+                                    runnable, pinned_major, pinned_minor, pinned_patch)
+SELECT g.instance_id, g.visible_at_ms,
+       greatest(g.visible_at_ms, coalesce(l.locked_until_ms, 0)), l.locked_until_ms,
+       g.starts OR f.o_exists, f.o_pinned_major, f.o_pinned_minor, f.o_pinned_patch
+FROM (
+    SELECT q.instance_id, min(q.visible_at_ms) AS visible_at_ms,
+           bool_or(q.kind IN ('StartOrchestration', 'ContinueAsNew')) AS starts
+    FROM orchestrator_queue q
+    GROUP BY q.instance_id
+) g
+CROSS JOIN LATERAL pending_instance_facts(g.instance_id) f
+LEFT JOIN instance_locks l ON l.instance_id = g.instance_id AND l.locked_until_ms > now_ms()
+ON CONFLICT (instance_id) DO NOTHING;
