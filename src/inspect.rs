@@ -48,6 +48,13 @@ pub struct OrchestratorQueueStats {
     /// Age in ms of the oldest untagged visible row (`now - visible_at_ms`), `None` when
     /// there is none.
     pub oldest_visible_age_ms: Option<i64>,
+    /// Rows (of any of the counts above) waiting for an instance that does not exist yet:
+    /// events raised before the start, or for a deleted or mistyped instance. They are
+    /// kept until the instance starts (then delivered with its first turn) or are deleted
+    /// with `instance delete`; claims do not look at them.
+    pub waiting_for_instance: i64,
+    /// Distinct instances those rows wait for.
+    pub orphan_instances: i64,
 }
 
 /// Worker (activity) queue depth.
@@ -245,6 +252,23 @@ pub struct InstanceDetail {
     pub worker_items: Vec<WorkerItem>,
     /// The turn lease, if a row exists (live or expired).
     pub lock: Option<InstanceLock>,
+    /// The instance's claim state (`pending_instances`): present while messages are
+    /// queued for it.
+    pub claim_state: Option<ClaimState>,
+}
+
+/// What claims know about an instance with queued messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimState {
+    /// Earliest time its messages may be visible (a lower bound).
+    pub visible_at_ms: i64,
+    /// When a claim next looks at it (visible time, or the end of a turn's lease).
+    pub claimable_at_ms: i64,
+    /// `false`: the instance does not exist yet; its messages wait for its start and
+    /// claims do not look at them.
+    pub runnable: bool,
+    /// Pinned duroxide version of the current execution, as claims filter on it.
+    pub pinned_version: Option<String>,
 }
 
 /// `{s}` replaced by the quoted schema, after validating the name.
@@ -261,7 +285,8 @@ SELECT c.now AS db_now_ms,
        i.total AS i_total, i.running AS i_running, i.completed AS i_completed, i.failed AS i_failed,
        i.continued AS i_continued, i.other AS i_other,
        l.live AS l_live, l.expired AS l_expired,
-       s.live AS s_live
+       s.live AS s_live,
+       orphan.instances AS orphan_instances, orphan.messages AS orphan_messages
 FROM clock c
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE q.lock_token IS NULL AND q.visible_at_ms <= c.now) AS visible,
@@ -299,7 +324,13 @@ CROSS JOIN LATERAL (
 ) l
 CROSS JOIN LATERAL (
     SELECT count(*) AS live FROM {s}.sessions x WHERE x.locked_until_ms > c.now
-) s";
+) s
+CROSS JOIN LATERAL (
+    SELECT count(DISTINCT p.instance_id) AS instances, count(q.id) AS messages
+    FROM {s}.pending_instances p
+    JOIN {s}.orchestrator_queue q ON q.instance_id = p.instance_id
+    WHERE NOT p.runnable
+) orphan";
 
 /// Queue depths, instance counts and leases of the provider's schema (one statement).
 ///
@@ -334,6 +365,8 @@ fn decode_stats(r: &PgRow) -> Result<QueueStats, sqlx::Error> {
             delayed: r.try_get("o_delayed")?,
             locked: r.try_get("o_locked")?,
             oldest_visible_age_ms: r.try_get("o_oldest_age")?,
+            waiting_for_instance: r.try_get("orphan_messages")?,
+            orphan_instances: r.try_get("orphan_instances")?,
         },
         worker: WorkerQueueStats {
             ready: r.try_get("w_ready")?,
@@ -461,6 +494,12 @@ FROM {s}.worker_queue w
 WHERE w.instance_id = $1
 ORDER BY w.id";
 
+const DETAIL_CLAIM_STATE: &str = "\
+SELECT p.visible_at_ms, p.claimable_at_ms, p.runnable,
+       p.pinned_major::TEXT || '.' || p.pinned_minor::TEXT || '.' || p.pinned_patch::TEXT AS pinned_version
+FROM {s}.pending_instances p
+WHERE p.instance_id = $1";
+
 const DETAIL_LOCK: &str = "\
 SELECT l.lock_token, l.locked_until_ms, l.locked_at_ms, l.locked_until_ms > $2 AS live
 FROM {s}.instance_locks l
@@ -493,6 +532,7 @@ pub async fn instance_detail_in(
 ) -> Result<Option<InstanceDetail>, ProviderError> {
     const OP: &str = "inspect_instance_detail";
     let q = |sql: &str| template(schema, sql);
+    let claim_state_sql = q(DETAIL_CLAIM_STATE)?;
     let (now_sql, instance_sql, executions_sql, history_sql, messages_sql, worker_sql, lock_sql) = (
         q("SELECT {s}.now_ms()")?,
         q(DETAIL_INSTANCE)?,
@@ -635,6 +675,22 @@ pub async fn instance_detail_in(
         .transpose()
         .map_err(err)?;
 
+    let claim_state = sqlx::query(&claim_state_sql)
+        .bind(instance_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?
+        .map(|r| {
+            Ok::<_, sqlx::Error>(ClaimState {
+                visible_at_ms: r.try_get("visible_at_ms")?,
+                claimable_at_ms: r.try_get("claimable_at_ms")?,
+                runnable: r.try_get("runnable")?,
+                pinned_version: r.try_get("pinned_version")?,
+            })
+        })
+        .transpose()
+        .map_err(err)?;
+
     // Read-only: nothing to commit.
     tx.rollback().await.map_err(err)?;
 
@@ -656,5 +712,6 @@ pub async fn instance_detail_in(
         orchestrator_messages,
         worker_items,
         lock,
+        claim_state,
     }))
 }

@@ -124,6 +124,16 @@ pub struct SchemaStatus {
 }
 
 impl SchemaStatus {
+    /// True when a newer release migrated the schema and this binary has nothing to add:
+    /// every migration it knows is applied unchanged, and its function files are not
+    /// newer than the schema's. It runs on such a schema as it is (rolling upgrade).
+    pub fn is_newer_compatible(&self) -> bool {
+        !self.unknown.is_empty()
+            && self.pending.is_empty()
+            && self.checksum_mismatch.is_empty()
+            && self.functions_pending.is_empty()
+    }
+
     /// True when the schema is exactly at this binary's version.
     pub fn is_current(&self) -> bool {
         self.pending.is_empty()
@@ -149,8 +159,19 @@ fn lock_key(schema: &str) -> String {
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
     // Nothing to do is the common case at start-up, and it must not need DDL rights:
-    // a least-privilege role connects to a schema an administrator migrated.
-    if status(pool, schema).await?.is_current() {
+    // a least-privilege role connects to a schema an administrator migrated. A schema a
+    // newer release already migrated is fine too (rolling upgrade: migrations keep every
+    // table, column and function an older release uses).
+    let st = status(pool, schema).await?;
+    if st.is_current() || st.is_newer_compatible() {
+        if !st.unknown.is_empty() {
+            tracing::info!(
+                target: crate::provider::TRACING_TARGET,
+                schema,
+                newer_migrations = ?st.unknown,
+                "schema was migrated by a newer release; running on it unchanged"
+            );
+        }
         return Ok(());
     }
     let mut conn = pool.acquire().await?.detach();
@@ -327,7 +348,8 @@ pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::E
     Ok(st)
 }
 
-/// Fails unless the schema is exactly at this binary's version. Used when
+/// Fails unless the schema is at this binary's version, or at a newer release's with
+/// nothing this binary would add (see [`SchemaStatus::is_newer_compatible`]). Used when
 /// auto-migration is off.
 ///
 /// # Errors
@@ -335,7 +357,7 @@ pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::E
 /// run; or a database error.
 pub async fn verify(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     let st = status(pool, schema).await?;
-    if st.is_current() {
+    if st.is_current() || st.is_newer_compatible() {
         return Ok(());
     }
     let found = st.applied.last().copied().unwrap_or(0);

@@ -252,7 +252,12 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
 
     // Nothing left locked or queued.
     let q = duroxide_pg_hybrid::schema::quote_ident(guard.schema());
-    for table in ["instance_locks", "orchestrator_queue", "worker_queue"] {
+    for table in [
+        "instance_locks",
+        "orchestrator_queue",
+        "worker_queue",
+        "pending_instances",
+    ] {
         let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {q}.{table}"))
             .fetch_one(hybrid.pool())
             .await

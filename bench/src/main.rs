@@ -136,6 +136,16 @@ pub struct Opts {
 }
 
 impl Opts {
+    /// Orphan events of the backlog scenario.
+    pub fn orphans(&self) -> usize {
+        if self.quick { 2_000 } else { 10_000 }
+    }
+
+    /// Incompatible (pinned) instances of the backlog scenario.
+    pub fn incompatible(&self) -> usize {
+        if self.quick { 200 } else { 1_000 }
+    }
+
     /// The RTTs given on the command line, else the scenario's defaults.
     pub fn rtts(&self, default: &[u64]) -> Vec<u64> {
         if self.rtt_ms.is_empty() {

@@ -2,16 +2,23 @@
 //!
 //! - `history`: cost of `fetch_orchestration_item` for an instance whose history holds
 //!   N events (time, and bytes on the wire counted by the proxy);
-//! - `backlog`: `fetch_work_item` with a large backlog of future-visible work items, and
-//!   `fetch_orchestration_item` while one locked instance holds a large message backlog.
+//! - `backlog`: `fetch_work_item` with a large backlog of future-visible work items;
+//!   `fetch_orchestration_item` while one locked instance holds a large message backlog,
+//!   next to 10,000 events for instances that do not exist, and next to 1,000 instances
+//!   pinned outside the default version range; and the write side, 8 tasks raising
+//!   events for one instance at once.
 //!
 //! State is created through the provider API (so every provider stores it in its own
 //! format), and backlogs are then multiplied with one `INSERT … SELECT` that copies the
 //! template row column by column, which works on any of the schemas.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
+use duroxide::providers::{
+    DispatcherCapabilityFilter, ExecutionMetadata, Provider, TagFilter, WorkItem,
+};
+use futures::StreamExt;
 use duroxide::{Event, EventKind};
 use serde_json::json;
 use sqlx::Row;
@@ -449,6 +456,231 @@ pub async fn backlog(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 "ms",
                 vec![hot_ms],
             ));
+
+            // Work nobody can run now must not slow the claim of work that can run.
+            for (label, blockers) in [
+                (
+                    format!("{} orphan events", opts.orphans()),
+                    Blockers::Orphans(opts.orphans()),
+                ),
+                (
+                    format!("{} incompatible instances", opts.incompatible()),
+                    Blockers::Incompatible(opts.incompatible()),
+                ),
+            ] {
+                let session = env.session("bl_b", kind, rtt, false, false).await?;
+                let r = backlog_blocked(&session, &blockers, calls, opts.runs).await;
+                session.teardown(env).await;
+                let (empty, other) = r?;
+                eprintln!(
+                    "  backlog {label} rtt={rtt}ms {kind}: empty poll {:.2} ms, fetch other {:.2} ms",
+                    median(&empty),
+                    median(&other)
+                );
+                out.push(Record::new(
+                    "backlog",
+                    kind.name(),
+                    &label,
+                    rtt,
+                    "orch_empty_fetch_ms",
+                    "ms",
+                    empty,
+                ));
+                out.push(Record::new(
+                    "backlog",
+                    kind.name(),
+                    &label,
+                    rtt,
+                    "orch_fetch_other_ms",
+                    "ms",
+                    other,
+                ));
+            }
+
+            // Write side: 8 tasks raising events for one instance at once.
+            let case = "8 writers raise events for 1 instance".to_string();
+            let session = env.session("bl_f", kind, rtt, false, false).await?;
+            let r = fan_in(&session, opts.runs).await;
+            session.teardown(env).await;
+            let per_event = r?;
+            eprintln!(
+                "  backlog {case} rtt={rtt}ms {kind}: {:.3} ms per raise_event",
+                median(&per_event)
+            );
+            out.push(Record::new(
+                "backlog",
+                kind.name(),
+                &case,
+                rtt,
+                "raise_event_ms",
+                "ms",
+                per_event,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Work queued that a default runtime cannot run.
+enum Blockers {
+    /// Events for instances that do not exist.
+    Orphans(usize),
+    /// Instances pinned to a duroxide version outside the default range, each with a
+    /// visible event.
+    Incompatible(usize),
+}
+
+/// `items`, enqueued with 8 calls in flight.
+async fn enqueue_concurrently(p: &Arc<dyn Provider>, items: Vec<WorkItem>) -> Result<(), BoxError> {
+    let results: Vec<Result<(), duroxide::providers::ProviderError>> = futures::stream::iter(items)
+        .map(|item| {
+            let p = p.clone();
+            async move { p.enqueue_for_orchestrator(item, None).await }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Returns per-run medians of (empty poll, fetch of another instance), both with the
+/// default capability filter, next to `blockers`.
+async fn backlog_blocked(
+    session: &Session,
+    blockers: &Blockers,
+    calls: usize,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>), BoxError> {
+    let p = session.dyn_provider();
+    let t = Instant::now();
+    match blockers {
+        Blockers::Orphans(n) => {
+            let items = (0..*n).map(|i| poke(&format!("ghost-{i}"))).collect();
+            enqueue_concurrently(&p, items).await?;
+        }
+        Blockers::Incompatible(n) => {
+            for i in 0..*n {
+                create_pinned_instance(p.as_ref(), &format!("pinned-{i}")).await?;
+            }
+            let items = (0..*n).map(|i| poke(&format!("pinned-{i}"))).collect();
+            enqueue_concurrently(&p, items).await?;
+        }
+    }
+    eprintln!("    seeded the blockers in {:.1} s", t.elapsed().as_secs_f64());
+    let filter = DispatcherCapabilityFilter::default_for_current_build();
+
+    let mut empty_runs = Vec::new();
+    let mut other_runs = Vec::new();
+    let mut next = 0usize;
+    for run in 0..runs {
+        let warmup = if run == 0 { WARMUP_CALLS } else { 1 };
+        let empty = time_calls(warmup, calls, || {
+            let (p, filter) = (p.clone(), filter.clone());
+            async move {
+                let t = Instant::now();
+                let got = p
+                    .fetch_orchestration_item(LOCK, Duration::ZERO, Some(&filter))
+                    .await?;
+                let d = t.elapsed();
+                if let Some((item, _, _)) = got {
+                    return Err(format!("fetched {} although nothing is runnable", item.instance).into());
+                }
+                Ok(d)
+            }
+        })
+        .await?;
+        let mut other = Vec::with_capacity(calls);
+        for i in 0..warmup + calls {
+            let id = format!("other-{next}");
+            next += 1;
+            p.enqueue_for_orchestrator(start_item(&id), None).await?;
+            let t = Instant::now();
+            let got = p
+                .fetch_orchestration_item(LOCK, Duration::ZERO, Some(&filter))
+                .await?;
+            let d = t.elapsed();
+            let (item, token, _) = got.ok_or_else(|| format!("{id} was not fetched"))?;
+            if item.instance != id {
+                return Err(format!("expected {id}, fetched {}", item.instance).into());
+            }
+            // Completed, so the next iteration finds only the blockers and its own start.
+            p.ack_orchestration_item(
+                &token,
+                1,
+                vec![started_event(&id)],
+                vec![],
+                vec![],
+                ExecutionMetadata {
+                    status: Some("Completed".to_string()),
+                    output: Some(String::new()),
+                    ..metadata()
+                },
+                vec![],
+            )
+            .await?;
+            if i >= warmup {
+                other.push(ms(d));
+            }
+        }
+        empty_runs.push(median(&empty));
+        other_runs.push(median(&other));
+    }
+    Ok((empty_runs, other_runs))
+}
+
+/// Creates `instance` pinned to duroxide 99.0.0 (outside every real runtime's range).
+async fn create_pinned_instance(p: &dyn Provider, instance: &str) -> Result<(), BoxError> {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await?;
+    let (_, token, _) = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await?
+        .ok_or_else(|| format!("could not fetch new instance {instance}"))?;
+    let meta = ExecutionMetadata {
+        pinned_duroxide_version: Some(semver::Version::new(99, 0, 0)),
+        ..metadata()
+    };
+    p.ack_orchestration_item(&token, 1, vec![started_event(instance)], vec![], vec![], meta, vec![])
+        .await?;
+    Ok(())
+}
+
+/// Per run: mean ms per `raise_event`-equivalent enqueue while 8 tasks send 200 events
+/// each to one existing instance.
+async fn fan_in(session: &Session, runs: usize) -> Result<Vec<f64>, BoxError> {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 200;
+    let p = session.dyn_provider();
+    create_instance(p.as_ref(), "target", 1, "").await?;
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    for _ in 0..PER_TASK {
+                        p.enqueue_for_orchestrator(poke("target"), None).await?;
+                    }
+                    Ok::<(), duroxide::providers::ProviderError>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        // Wall time per event of one writer (each writer's events are sequential).
+        out.push(ms(t.elapsed()) / PER_TASK as f64);
+        // Drain the events so every run starts from the same queue.
+        while let Some((_, token, _)) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await?
+        {
+            p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
+                .await?;
         }
     }
     Ok(out)

@@ -100,6 +100,13 @@ pub(crate) fn stats(schema_name: &str, s: &QueueStats) -> Output {
         o.locked,
         age(o.oldest_visible_age_ms)
     );
+    if o.waiting_for_instance > 0 {
+        let _ = writeln!(
+            text,
+            "                    {} of them wait for {} instances that do not exist (kept until started)",
+            o.waiting_for_instance, o.orphan_instances
+        );
+    }
     let _ = writeln!(
         text,
         "worker queue:       {} ready, {} delayed, {} leased; oldest ready {}",
@@ -129,6 +136,8 @@ pub(crate) fn stats(schema_name: &str, s: &QueueStats) -> Output {
                 "delayed": o.delayed,
                 "locked": o.locked,
                 "oldest_visible_age_ms": o.oldest_visible_age_ms,
+                "waiting_for_instance": o.waiting_for_instance,
+                "orphan_instances": o.orphan_instances,
             },
             "worker_queue": {
                 "ready": w.ready,
@@ -349,6 +358,22 @@ fn detail_text(d: &InstanceDetail) -> String {
             let _ = writeln!(t, "instance lock: none");
         }
     }
+    if let Some(c) = &d.claim_state {
+        let when = if !c.runnable {
+            "waiting for the instance to start (claims do not look at it)".to_string()
+        } else if c.claimable_at_ms > now {
+            format!("claimable in {} ms", c.claimable_at_ms - now)
+        } else {
+            "claimable now".to_string()
+        };
+        let _ = writeln!(
+            t,
+            "claim state: {when}{}",
+            c.pinned_version
+                .as_deref()
+                .map_or(String::new(), |v| format!(", pinned to {v}"))
+        );
+    }
     t
 }
 
@@ -544,6 +569,12 @@ fn detail_json(d: &InstanceDetail) -> Value {
             "locked_until_ms": l.locked_until_ms,
             "locked_at_ms": l.locked_at_ms,
             "live": l.live,
+        })),
+        "claim_state": d.claim_state.as_ref().map(|c| json!({
+            "visible_at_ms": c.visible_at_ms,
+            "claimable_at_ms": c.claimable_at_ms,
+            "runnable": c.runnable,
+            "pinned_version": c.pinned_version,
         })),
     })
 }

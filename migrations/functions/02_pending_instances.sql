@@ -10,6 +10,8 @@
 --     before its message (first message after idle, an earlier message, or a start
 --     message for an instance that could not run);
 --   * claims, acks, renews and abandons update lease and pin mirrors (NO KEY UPDATE);
+--     every lease end (a DELETE on instance_locks, by any release) refreshes the row
+--     through the lease-end trigger below;
 --   * corrections that make the row LESS claimable (raise visible_at, mark not
 --     runnable, delete the row) go through pending_refresh, which takes FOR UPDATE
 --     SKIP LOCKED first. That lock conflicts with the enqueues' KEY SHARE, so a
@@ -205,6 +207,32 @@ BEGIN
     END IF;
 END;
 $fn$;
+
+-- Statement trigger on instance_locks: a lease ended (ack, abandon, released claim,
+-- delete), whichever release's statement ended it, so the instance's claim state never
+-- waits for the old lease's expiry.
+CREATE OR REPLACE FUNCTION pending_instances_on_lease_end()
+RETURNS TRIGGER
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_instance TEXT;
+BEGIN
+    FOR v_instance IN
+        SELECT DISTINCT e.instance_id FROM ended_leases e ORDER BY e.instance_id
+    LOOP
+        PERFORM pending_after_turn(v_instance);
+    END LOOP;
+    RETURN NULL;
+END;
+$fn$;
+
+DROP TRIGGER IF EXISTS pending_instances_on_lease_end ON instance_locks;
+CREATE TRIGGER pending_instances_on_lease_end
+    AFTER DELETE ON instance_locks
+    REFERENCING OLD TABLE AS ended_leases
+    FOR EACH STATEMENT EXECUTE FUNCTION pending_instances_on_lease_end();
 
 -- Heal rows missing for messages queued before the trigger existed (first application,
 -- or writers of an older release between its migration and this file). The trigger DDL

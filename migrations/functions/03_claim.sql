@@ -285,7 +285,8 @@ BEGIN
     GET DIAGNOSTICS v_tagged = ROW_COUNT;
     IF v_tagged = 0 THEN
         -- The claim state promised more than the queue holds (messages acked, deleted or
-        -- delayed since): give the lease back and correct it.
+        -- delayed since): give the lease back (the lease-end trigger corrects the state)
+        -- and check the correction happened.
         DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token;
         IF pending_refresh(p_instance_id) THEN
             o_outcome := 'skipped';

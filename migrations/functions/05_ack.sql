@@ -155,10 +155,9 @@ BEGIN
     FROM unnest(p_orch_instances, p_orch_kinds, p_orch_items, p_orch_visible_at_ms)
          AS o(instance_id, kind, item, visible_at_ms);
 
+    -- Last, after every message this turn wrote: the lease-end trigger makes the
+    -- instance's claim state exact again (02_pending_instances.sql).
     DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token;
-    -- The instance's claim state: exact again, or claimable at once if an enqueue for it
-    -- is committing right now.
-    PERFORM pending_after_turn(v_instance);
 
     -- Wake long-pollers for what this turn made runnable: new activities, messages
     -- visible now (other instances, or this one, which is unlocked from here on, with

@@ -16,8 +16,10 @@ AS $fn$
 DECLARE
     v_instance TEXT;
 BEGIN
-    DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token
-    RETURNING l.instance_id INTO v_instance;
+    -- Lease row first (the ack's lock order, so the two cannot deadlock), then the
+    -- messages, then the lease ends: the lease-end trigger sees the batch as it will be
+    -- claimed next.
+    PERFORM 1 FROM instance_locks l WHERE l.lock_token = p_lock_token FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -27,7 +29,11 @@ BEGIN
         attempt_count = CASE WHEN p_ignore_attempt THEN greatest(0, q.attempt_count - 1)
                              ELSE q.attempt_count END
     WHERE q.lock_token = p_lock_token;
-    PERFORM pending_after_turn(v_instance);
+    DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token
+    RETURNING l.instance_id INTO v_instance;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     PERFORM notify_work_available('orchestrator', CASE WHEN p_delay_ms IS NULL THEN 1 ELSE 0 END);
     RETURN v_instance;
 END;
