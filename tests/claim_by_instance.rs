@@ -483,3 +483,98 @@ async fn idle_dispatcher_cost_does_not_grow_with_orphans() {
         bursts[0]
     );
 }
+
+/// The contract's orphan rules, applied when messages arrive (no claim ever has to look
+/// at them): QueueMessages alone for an instance that does not exist are dropped; events
+/// raised before the start wait for it, and so does anything queued with them.
+#[tokio::test]
+async fn orphan_rules_apply_on_arrival() {
+    let (p, _guard) = new_provider_with(FetchPath::Hybrid, common::short_polling).await;
+    let queue_message = |instance: &str| WorkItem::QueueMessage {
+        instance: instance.to_string(),
+        name: "q".to_string(),
+        data: "d".to_string(),
+    };
+    let rows = |instance: &'static str| {
+        let p = p.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {}.orchestrator_queue WHERE instance_id = $1",
+                quote_ident(p.schema())
+            ))
+            .bind(instance)
+            .fetch_one(p.pool())
+            .await
+            .unwrap();
+            n
+        }
+    };
+    p.enqueue_for_orchestrator(queue_message("ghost"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows("ghost").await,
+        0,
+        "a lone QueueMessage orphan is dropped"
+    );
+    assert_eq!(
+        count(
+            &p,
+            "SELECT count(*) FROM {s}.pending_instances WHERE instance_id = 'ghost'"
+        )
+        .await,
+        0
+    );
+
+    p.enqueue_for_orchestrator(external("early", 1), None)
+        .await
+        .unwrap();
+    p.enqueue_for_orchestrator(queue_message("early"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows("early").await,
+        2,
+        "an event raised before the start waits, with what follows it"
+    );
+
+    p.enqueue_for_orchestrator(start_item("real"), None)
+        .await
+        .unwrap();
+    p.enqueue_for_orchestrator(queue_message("real"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows("real").await,
+        2,
+        "messages for a starting instance are kept"
+    );
+
+    p.enqueue_for_orchestrator(start_item("early"), None)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some((item, token, _)) = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+    {
+        seen.push((item.instance.clone(), item.messages.len()));
+        p.ack_orchestration_item(
+            &token,
+            1,
+            vec![started(&item.instance)],
+            vec![],
+            vec![],
+            metadata(None),
+            vec![],
+        )
+        .await
+        .unwrap();
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![("early".to_string(), 3), ("real".to_string(), 2)]
+    );
+}

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 before=${1:-76d655d}
 secs=${2:-10}
+export PGOPTIONS="-c client_min_messages=warning"
 url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable}
 work=$(mktemp -d)
 trap 'rm -rf "$work"; psql "$url" -Xq -c "DROP SCHEMA IF EXISTS wc_before CASCADE" -c "DROP SCHEMA IF EXISTS wc_after CASCADE" >/dev/null 2>&1 || true' EXIT

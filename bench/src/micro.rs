@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use duroxide::providers::{
     DispatcherCapabilityFilter, ExecutionMetadata, Provider, TagFilter, WorkItem,
 };
-use futures::StreamExt;
 use duroxide::{Event, EventKind};
+use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
@@ -569,7 +569,10 @@ async fn backlog_blocked(
             enqueue_concurrently(&p, items).await?;
         }
     }
-    eprintln!("    seeded the blockers in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "    seeded the blockers in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let filter = DispatcherCapabilityFilter::default_for_current_build();
 
     let mut empty_runs = Vec::new();
@@ -586,7 +589,9 @@ async fn backlog_blocked(
                     .await?;
                 let d = t.elapsed();
                 if let Some((item, _, _)) = got {
-                    return Err(format!("fetched {} although nothing is runnable", item.instance).into());
+                    return Err(
+                        format!("fetched {} although nothing is runnable", item.instance).into(),
+                    );
                 }
                 Ok(d)
             }
@@ -643,8 +648,16 @@ async fn create_pinned_instance(p: &dyn Provider, instance: &str) -> Result<(), 
         pinned_duroxide_version: Some(semver::Version::new(99, 0, 0)),
         ..metadata()
     };
-    p.ack_orchestration_item(&token, 1, vec![started_event(instance)], vec![], vec![], meta, vec![])
-        .await?;
+    p.ack_orchestration_item(
+        &token,
+        1,
+        vec![started_event(instance)],
+        vec![],
+        vec![],
+        meta,
+        vec![],
+    )
+    .await?;
     Ok(())
 }
 

@@ -112,12 +112,26 @@ BEGIN
     FOR r IN
         SELECT n.instance_id,
                min(n.visible_at_ms) AS visible_at_ms,
-               bool_or(n.kind IN ('StartOrchestration', 'ContinueAsNew')) AS starts
+               bool_or(n.kind IN ('StartOrchestration', 'ContinueAsNew')) AS starts,
+               bool_and(n.kind = 'QueueMessage') AS only_queue_messages
         FROM new_rows n
         GROUP BY n.instance_id
         ORDER BY n.instance_id
     LOOP
         PERFORM pending_note_messages(r.instance_id, r.visible_at_ms, r.starts);
+        -- The contract's orphan rule: QueueMessages for an instance that does not exist
+        -- (and has nothing else queued) are dropped, as a claim of them would drop them.
+        -- Other messages (events raised before the start, completions) wait for it.
+        IF r.only_queue_messages
+           AND NOT EXISTS (SELECT 1 FROM pending_instances p
+                           WHERE p.instance_id = r.instance_id AND p.runnable)
+           AND NOT EXISTS (SELECT 1 FROM orchestrator_queue q
+                           WHERE q.instance_id = r.instance_id AND q.kind <> 'QueueMessage') THEN
+            DELETE FROM orchestrator_queue q
+            WHERE q.instance_id = r.instance_id
+              AND q.id IN (SELECT n.id FROM new_rows n WHERE n.instance_id = r.instance_id);
+            PERFORM pending_refresh(r.instance_id);
+        END IF;
     END LOOP;
     RETURN NULL;
 END;
