@@ -7,7 +7,8 @@
 //!
 //! Asserted: every orchestration (started before and after the change) completes with
 //! the right output; the hook was asked again after the change; the LISTEN connection
-//! and other provider connections were opened after the change; the old password is
+//! and other provider connections were opened after the change, and the server refused
+//! no connection attempt after the cut (none used the old secret); the old password is
 //! refused; the application pool's connect options carry the new secret; `Debug` shows
 //! neither secret.
 //!
@@ -181,6 +182,8 @@ async fn password_rotates_while_a_runtime_runs() {
         !terminated.is_empty(),
         "the provider had no idle connection to cut"
     );
+    // From here on no connection attempt may use the old secret.
+    let log_mark = cluster.server_log().len();
 
     for i in 0..8 {
         let id = format!("after-{i}");
@@ -235,6 +238,11 @@ async fn password_rotates_while_a_runtime_runs() {
         opened_after >= 2,
         "only {opened_after} connection(s) opened after the change"
     );
+
+    let refused = cluster.server_log()[log_mark..]
+        .matches("password authentication failed")
+        .count();
+    assert_eq!(refused, 0, "connections were attempted with the old secret");
 
     // The old secret is refused: the new connections above used the new one.
     let e = PgConnection::connect(&format!(
