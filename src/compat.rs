@@ -18,19 +18,20 @@
 //! * [`MigrationPolicy::ApplyAll`] (default) migrates at start-up,
 //!   [`MigrationPolicy::VerifyOnly`] runs no DDL and fails unless the schema is current;
 //! * pool size `DUROXIDE_PG_POOL_MAX` (default 10), acquire timeout 30 s; Entra: the
-//!   values of [`EntraAuthOptions`](crate::entra::EntraAuthOptions), TLS `verify-full`;
+//!   values of `EntraAuthOptions` (feature `entra`), TLS `verify-full`;
 //! * every fallible call returns `anyhow::Result` (the error inside is this crate's
-//!   [`ProviderError`](duroxide::providers::ProviderError) or
-//!   [`ConfigError`](crate::ConfigError), reachable with `downcast_ref`);
+//!   [`ProviderError`] or [`ConfigError`], reachable with `downcast_ref`);
 //! * [`cleanup_schema`](PostgresProvider::cleanup_schema) drops a custom schema, and in
 //!   `public` drops only this crate's objects, never the schema.
 //!
 //! Everything else is this crate's behaviour (long polling, its own table layout). A
 //! schema that holds duroxide-pg's tables is recognised and refused with a message
-//! (see `incumbent.rs`): taking over live duroxide-pg data is not supported yet.
+//! ([`incumbent`](crate::incumbent)): taking over live duroxide-pg data is not supported yet.
 //!
 //! Not provided: duroxide-pg's `migrations::MigrationRunner` (use
-//! [`schema::migrate`](crate::schema::migrate) / [`schema::verify`](crate::schema::verify)).
+//! [`schema::migrate`] / [`schema::verify`]).
+//!
+//! [`ProviderError`]: duroxide::providers::ProviderError
 
 use std::fmt;
 use std::time::Duration;

@@ -184,8 +184,7 @@ async fn duroxide_pg_constructors_put_data_where_duroxide_pg_does() {
     config.migration_policy = MigrationPolicy::VerifyOnly;
     let e = PostgresProvider::new_with_config(config)
         .await
-        .err()
-        .expect("VerifyOnly on an empty schema");
+        .expect_err("VerifyOnly on an empty schema");
     let msg = format!("{e:#}");
     assert!(msg.contains("fresh_b") && msg.contains("pending"), "{msg}");
     let provider_error = e
@@ -261,8 +260,7 @@ async fn a_duroxide_pg_schema_is_recognised_and_refused() {
     // duroxide-pg's own constructor name says the same through anyhow.
     let e = PostgresProvider::new_with_schema(&url, Some(&at_38))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(e.to_string().contains("duroxide-pg 0.1.38"), "{e}");
     // Nothing of ours was created, the incumbent's tables are untouched.
     let ours = scalar_i64(

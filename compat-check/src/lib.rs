@@ -133,8 +133,7 @@ mod tests {
         // message says why, and which downcasts to this crate's error.
         let e = PostgresProvider::new_with_schema("postgres://127.0.0.1:1/db", Some("a;b"))
             .await
-            .err()
-            .expect("invalid schema name");
+            .expect_err("invalid schema name");
         assert!(e.to_string().contains("schema name"), "{e}");
         let with_context =
             anyhow::Context::context(Err::<(), _>(e), "starting the worker").unwrap_err();
