@@ -111,7 +111,9 @@ impl PostgresProvider {
 
     /// Wraps an existing pool. Migrations run on it and [`pool`](Self::pool) returns it;
     /// provider calls use a pool of their own (`max_connections`, `acquire_timeout` from
-    /// the options) built from the same connect options (host, TLS, credentials).
+    /// the options) built from the same connect options (host, TLS, credentials). With
+    /// [`ProviderOptions::password_source`], the source's password replaces the pool's,
+    /// in `pool`'s connect options too (now and while the provider lives).
     ///
     /// # Errors
     /// Invalid options, failed migration or schema verification.
