@@ -131,8 +131,8 @@ async fn listen_loop(
                 continue;
             }
         };
-        // Reconnect on our next try_recv, after the password source was asked again (an
-        // eager reconnect inside try_recv would use the previous password).
+        // No reconnect inside try_recv: it would use the previous password and wake
+        // nobody after re-LISTENing. A lost connection returns Ok(None) and we start over.
         listener.eager_reconnect(false);
         if let Err(e) = listener
             .listen_all([orch_ch.as_str(), work_ch.as_str()])
@@ -180,10 +180,11 @@ async fn listen_loop(
                     }
                 }
                 Ok(None) => {
-                    // Connection lost; try_recv reconnects (and re-LISTENs) on the next call.
+                    // Connection lost. Reconnect from the top (password asked again, LISTEN
+                    // again, then every waiter polls once) rather than inside try_recv.
                     tracing::debug!(target: TRACING_TARGET, "LISTEN connection lost; reconnecting");
                     n.wake_all();
-                    let _ = credentials.refresh(&pool).await;
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(target: TRACING_TARGET, error = %e, "LISTEN connection failed; reconnecting");
