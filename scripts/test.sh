@@ -3,7 +3,9 @@
 # unit tests, integration tests, the conformance suite for both fetch paths, long
 # polling, round trips, mixed fleet, faults, TLS, CLI) against a PostgreSQL found or
 # started by scripts/with-postgres.sh; then the tests that depend on the default fetch
-# path again, built with the `full-procedure` feature.
+# path again, built with the `full-procedure` feature; then the duroxide-pg API compile
+# test (`compat-check/`). The features that pull in the Azure SDK (`entra`,
+# `duroxide-pg-tests`) are checked by scripts/test-entra.sh (a cold build takes ~3 min).
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh hybrid::        # extra arguments go to the test harness (filters etc.)
@@ -19,6 +21,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude duroxide-pg
 exec scripts/with-postgres.sh bash -c '
   cargo test --release --doc -p duroxide-pg-hybrid &&
   cargo test --release --all-targets -- --test-threads="$0" "$@" &&
+  cargo test --release -p duroxide-pg-compat-check &&
   echo "== with --features full-procedure (procedure path as the default)" &&
   cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
     -- --test-threads="$0" "$@"' "$threads" "$@"

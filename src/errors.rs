@@ -11,6 +11,7 @@
 //! | class `08` connection exception          | connection lost or refused       | retryable  |
 //! | class `53` insufficient resources (`53300` too many connections, disk, memory) | retryable |
 //! | `0A000` feature_not_supported            | cached plan invalidated by a concurrent migration | retryable |
+//! | `28000`/`28P01` invalid authorization / password | a new connection was refused: the secret rotated (or a token expired) between asking the password source and connecting | retryable |
 //! | `DX001` (ours) invalid lock token        | unknown / acked / stolen token   | permanent  |
 //! | `DX002` (ours) instance lock expired     | lease ran out before the ack     | permanent  |
 //! | class `23` integrity (`23505` duplicate event id, ...) | contract violation  | permanent  |
@@ -64,7 +65,16 @@ impl From<ConfigError> for ProviderError {
 pub fn sqlstate_is_retryable(code: &str) -> bool {
     matches!(
         code,
-        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "0A000"
+        "40001"
+            | "40P01"
+            | "55P03"
+            | "57014"
+            | "57P01"
+            | "57P02"
+            | "57P03"
+            | "0A000"
+            | "28000"
+            | "28P01"
     ) || code.starts_with("08")
         || code.starts_with("53")
 }
@@ -148,6 +158,8 @@ mod tests {
             ("53300", true),
             ("53100", true),
             ("0A000", true),
+            ("28000", true),
+            ("28P01", true),
             ("23505", false),
             ("23503", false),
             ("22P02", false),

@@ -31,16 +31,21 @@ macro_rules! on_conn {
 
 mod admin;
 mod codec;
+pub mod compat;
 mod contract;
+pub mod credentials;
+#[cfg(feature = "entra")]
+pub mod entra;
 pub mod errors;
 mod history;
+pub mod incumbent;
 pub mod inspect;
 mod kv;
 mod notify;
 pub mod options;
 mod poll;
 mod pool;
-mod provider;
+pub mod provider;
 mod queue;
 pub mod schema;
 #[doc(hidden)]
@@ -48,6 +53,10 @@ pub mod sql_fn;
 mod turn;
 mod worker;
 
+pub use compat::{ConnectionConfig, MigrationPolicy, ProviderConfig};
+pub use credentials::PasswordSource;
+#[cfg(feature = "entra")]
+pub use entra::EntraAuthOptions;
 pub use errors::ConfigError;
 pub use options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};

@@ -12,6 +12,8 @@
 //!   ([`WakeGuard`]), so dropping fetch futures at shutdown never strands work.
 //! * Reconnects: while the listener is down nothing is delivered, so after every
 //!   (re)connect all waiters are woken to poll once.
+//! * Credentials: with a password source, every (re)connect of the LISTEN connection
+//!   uses the source's current password (`credentials.rs`).
 //! * Lazy: the LISTEN connection is opened by the first fetch that actually waits, so a
 //!   provider that only short-polls (tests, tools) never opens it.
 
@@ -22,6 +24,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::{Notify, OnceCell};
 
+use crate::credentials::Credentials;
 use crate::provider::TRACING_TARGET;
 
 /// The two queues a fetch can wait on.
@@ -45,14 +48,16 @@ pub(crate) struct Notifier {
     orchestrator: Notify,
     worker: Notify,
     listener: OnceCell<()>,
+    credentials: Arc<Credentials>,
 }
 
 impl Notifier {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(credentials: Arc<Credentials>) -> Self {
         Self {
             orchestrator: Notify::new(),
             worker: Notify::new(),
             listener: OnceCell::new(),
+            credentials,
         }
     }
 
@@ -76,8 +81,11 @@ impl Notifier {
     /// the waits still end at the fallback interval, so fetches degrade to polling.
     pub(crate) async fn ensure_listening(self: &Arc<Self>, pool: &PgPool, schema_q: &str) {
         let me = Arc::downgrade(self);
+        let credentials = self.credentials.clone();
         self.listener
             .get_or_init(|| async move {
+                // Failure is logged; the query below then reports what it means.
+                let _ = credentials.refresh(pool).await;
                 let channels = match sqlx::query_as::<_, (String, String)>(&format!(
                     "SELECT {schema_q}.notify_channel('orchestrator'), {schema_q}.notify_channel('worker')"
                 ))
@@ -97,15 +105,21 @@ impl Notifier {
                     .max_lifetime(None)
                     .idle_timeout(None)
                     .connect_lazy_with((*pool.connect_options()).clone());
-                tokio::spawn(listen_loop(me, listen_pool, channels));
+                tokio::spawn(listen_loop(me, listen_pool, credentials, channels));
             })
             .await;
     }
 }
 
-async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, (orch_ch, work_ch): (String, String)) {
+async fn listen_loop(
+    notifier: Weak<Notifier>,
+    pool: PgPool,
+    credentials: Arc<Credentials>,
+    (orch_ch, work_ch): (String, String),
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let _ = credentials.refresh(&pool).await;
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
@@ -117,6 +131,9 @@ async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, (orch_ch, work_ch):
                 continue;
             }
         };
+        // No reconnect inside try_recv: it would use the previous password and wake
+        // nobody after re-LISTENing. A lost connection returns Ok(None) and we start over.
+        listener.eager_reconnect(false);
         if let Err(e) = listener
             .listen_all([orch_ch.as_str(), work_ch.as_str()])
             .await
@@ -163,9 +180,11 @@ async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, (orch_ch, work_ch):
                     }
                 }
                 Ok(None) => {
-                    // Connection lost; try_recv reconnects (and re-LISTENs) on the next call.
+                    // Connection lost. Reconnect from the top (password asked again, LISTEN
+                    // again, then every waiter polls once) rather than inside try_recv.
                     tracing::debug!(target: TRACING_TARGET, "LISTEN connection lost; reconnecting");
                     n.wake_all();
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(target: TRACING_TARGET, error = %e, "LISTEN connection failed; reconnecting");

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::credentials::PasswordSource;
 use crate::errors::ConfigError;
 use crate::schema::validate_schema_name;
 
@@ -113,6 +114,10 @@ pub struct ProviderOptions {
     /// notification or timer is due: a safety net for notifications lost outside the
     /// listener's reconnect handling. Idle cost: one claim per dispatcher per interval.
     pub fallback_poll_interval: Duration,
+    /// Asked for the password of every new connection (rotating secrets, cloud access
+    /// tokens such as Microsoft Entra ID with the `entra` feature); replaces the URL's
+    /// password. `None` (default): the URL's password. See [`PasswordSource`].
+    pub password_source: Option<PasswordSource>,
 }
 
 impl Default for ProviderOptions {
@@ -129,6 +134,7 @@ impl Default for ProviderOptions {
             application_name: "duroxide-pg-hybrid".to_string(),
             long_poll: true,
             fallback_poll_interval: Duration::from_secs(10),
+            password_source: None,
         }
     }
 }
@@ -147,6 +153,7 @@ impl fmt::Debug for ProviderOptions {
             .field("application_name", &self.application_name)
             .field("long_poll", &self.long_poll)
             .field("fallback_poll_interval", &self.fallback_poll_interval)
+            .field("password_source", &self.password_source)
             .finish()
     }
 }

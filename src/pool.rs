@@ -18,16 +18,18 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
+use sqlx::{Connection, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::credentials::Credentials;
 
 pub(crate) struct ConnPool {
     inner: Arc<PoolInner>,
 }
 
 struct PoolInner {
-    connect: PgConnectOptions,
+    /// Asks the password source (if any) for every new connection.
+    connect: Arc<Credentials>,
     idle: Mutex<Vec<PgConnection>>,
     permits: Arc<Semaphore>,
     acquire_timeout: Duration,
@@ -43,7 +45,7 @@ pub(crate) struct Conn {
 
 impl ConnPool {
     pub(crate) fn new(
-        connect: PgConnectOptions,
+        connect: Arc<Credentials>,
         max_connections: u32,
         acquire_timeout: Duration,
     ) -> Self {

@@ -1,4 +1,5 @@
 //! The provider handle: connection pool, schema, fetch path, and construction.
+//! (duroxide-pg's constructor names live in `compat.rs`.)
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,11 +9,15 @@ use duroxide::providers::ProviderError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
+use crate::credentials::Credentials;
 use crate::errors::db_error;
 use crate::notify::Notifier;
-use crate::options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
+use crate::options::{FetchPath, ProviderOptions};
 use crate::pool::ConnPool;
 use crate::schema::{self, quote_ident};
+
+// duroxide-pg's paths `duroxide_pg::provider::{ProviderConfig, ...}` keep working.
+pub use crate::compat::{ConnectionConfig, MigrationPolicy, ProviderConfig};
 
 /// Target of every `tracing` event the provider emits.
 pub const TRACING_TARGET: &str = "duroxide::providers::postgres";
@@ -37,6 +42,8 @@ pub(crate) struct Inner {
     pub(crate) long_poll: bool,
     pub(crate) fallback_poll_interval: Duration,
     pub(crate) notifier: Arc<Notifier>,
+    /// Connect options plus the password source (if any) of every connection we open.
+    pub(crate) credentials: Arc<Credentials>,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -66,17 +73,27 @@ impl PostgresProvider {
     /// migration or schema verification.
     pub async fn connect_with(url: &str, options: ProviderOptions) -> Result<Self, ProviderError> {
         options.validate()?;
-        let connect = url
-            .parse::<PgConnectOptions>()
-            .map_err(|e| {
-                ProviderError::permanent(
-                    "connect",
-                    format!(
-                        "invalid database URL {}: {e}",
-                        crate::options::redact_url(url)
-                    ),
-                )
-            })?
+        let connect = url.parse::<PgConnectOptions>().map_err(|e| {
+            ProviderError::permanent(
+                "connect",
+                format!(
+                    "invalid database URL {}: {e}",
+                    crate::options::redact_url(url)
+                ),
+            )
+        })?;
+        Self::connect_with_options(connect, options).await
+    }
+
+    /// Connects with connect options built by the caller (host, user, TLS; e.g. for
+    /// Microsoft Entra ID, where there is no URL and the password comes from
+    /// [`ProviderOptions::password_source`]).
+    pub(crate) async fn connect_with_options(
+        connect: PgConnectOptions,
+        options: ProviderOptions,
+    ) -> Result<Self, ProviderError> {
+        options.validate()?;
+        let connect = connect
             .application_name(&options.application_name)
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
@@ -94,7 +111,9 @@ impl PostgresProvider {
 
     /// Wraps an existing pool. Migrations run on it and [`pool`](Self::pool) returns it;
     /// provider calls use a pool of their own (`max_connections`, `acquire_timeout` from
-    /// the options) built from the same connect options (host, TLS, credentials).
+    /// the options) built from the same connect options (host, TLS, credentials). With
+    /// [`ProviderOptions::password_source`], the source's password replaces the pool's,
+    /// in `pool`'s connect options too (now and while the provider lives).
     ///
     /// # Errors
     /// Invalid options, failed migration or schema verification.
@@ -102,6 +121,14 @@ impl PostgresProvider {
         options.validate()?;
         let fetch_path = options.resolved_fetch_path()?;
         let schema = options.schema.clone();
+        let credentials = Arc::new(Credentials::new(
+            (*pool.connect_options()).clone(),
+            options.password_source.clone(),
+        ));
+        credentials
+            .refresh(&pool)
+            .await
+            .map_err(|e| db_error("connect", None, e))?;
         if options.auto_migrate {
             schema::migrate(&pool, &schema)
                 .await
@@ -114,7 +141,7 @@ impl PostgresProvider {
                 .map_err(|e| with_schema_context(e, &schema))?;
         }
         let conns = ConnPool::new(
-            (*pool.connect_options()).clone(),
+            credentials.clone(),
             options.max_connections,
             options.acquire_timeout,
         );
@@ -131,38 +158,21 @@ impl PostgresProvider {
             long_poll = options.long_poll,
             "duroxide-pg-hybrid provider ready"
         );
-        Ok(Self {
-            inner: Arc::new(Inner {
-                conns,
-                schema_q: quote_ident(&schema),
-                schema,
-                pool,
-                fetch_path,
-                long_poll: options.long_poll,
-                fallback_poll_interval: options.fallback_poll_interval,
-                notifier: Arc::new(Notifier::new()),
-            }),
-        })
-    }
-
-    /// duroxide-pg compatible constructor: default schema `duroxide`.
-    ///
-    /// # Errors
-    /// As [`connect`](Self::connect).
-    pub async fn new(url: &str) -> Result<Self, ProviderError> {
-        Self::connect(url).await
-    }
-
-    /// duroxide-pg compatible constructor: `None` selects the default schema.
-    ///
-    /// # Errors
-    /// As [`connect_with`](Self::connect_with).
-    pub async fn new_with_schema(url: &str, schema: Option<&str>) -> Result<Self, ProviderError> {
-        let options = ProviderOptions {
-            schema: schema.unwrap_or(DEFAULT_SCHEMA).to_string(),
-            ..ProviderOptions::default()
-        };
-        Self::connect_with(url, options).await
+        let inner = Arc::new(Inner {
+            conns,
+            schema_q: quote_ident(&schema),
+            schema,
+            pool: pool.clone(),
+            fetch_path,
+            long_poll: options.long_poll,
+            fallback_poll_interval: options.fallback_poll_interval,
+            notifier: Arc::new(Notifier::new(credentials.clone())),
+            credentials: credentials.clone(),
+        });
+        // The application-facing pool cannot ask the source per connection: keep its
+        // options fresh while the provider lives.
+        credentials.keep_refreshed(pool, Arc::downgrade(&inner));
+        Ok(Self { inner })
     }
 
     /// Connects using [`ProviderOptions::from_env`] (`DATABASE_URL`, `DUROXIDE_PG_*`).
@@ -200,6 +210,7 @@ impl PostgresProvider {
     /// # Errors
     /// Database errors (e.g. missing privileges).
     pub async fn drop_schema(&self) -> Result<(), ProviderError> {
+        self.refresh_pool_credentials().await?;
         sqlx::query(&format!(
             "DROP SCHEMA IF EXISTS {} CASCADE",
             self.inner.schema_q
@@ -214,6 +225,16 @@ impl PostgresProvider {
     pub async fn close(&self) {
         self.inner.conns.close().await;
         self.inner.pool.close().await;
+    }
+
+    /// Puts the password source's current answer into [`pool`](Self::pool)'s connect
+    /// options (no-op without a password source; also done periodically).
+    pub(crate) async fn refresh_pool_credentials(&self) -> Result<(), ProviderError> {
+        self.inner
+            .credentials
+            .refresh(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("connect", None, e))
     }
 
     /// A query template with `{s}` replaced by the quoted schema.

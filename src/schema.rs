@@ -284,6 +284,8 @@ fn function_file_pending(file: &FunctionFile, ledger: &[LedgerRow]) -> bool {
 /// Database errors; a schema without a ledger reports every migration as pending.
 pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::Error> {
     validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
+    // A duroxide-pg schema: refuse clearly instead of failing inside CREATE TABLE.
+    crate::incumbent::refuse_if_present(pool, schema).await?;
     let ledger_exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = '_sqlx_migrations')",
     )

@@ -12,6 +12,9 @@
 //!
 //! `cargo test --release --test cli`
 
+#[path = "common/incumbent.rs"]
+mod incumbent_skeleton;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -597,6 +600,70 @@ fn fetch_path_resolution_needs_no_database() {
         .fails(1)
         .one_error_line();
     assert!(bad.stderr.contains("turbo"), "{bad:#?}");
+}
+
+/// Issue 12, item 4: a schema holding duroxide-pg's ledger is named as such by `migrate
+/// status`, `verify`, `migrate up` and the inspection commands, which all refuse it and
+/// change nothing.
+#[test]
+fn a_duroxide_pg_schema_is_named_and_refused() {
+    let url = database_url();
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let _guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &schema, 26).await;
+        conn.close().await.unwrap();
+    });
+    let base = ["--database-url", url.as_str(), "--schema", schema.as_str()];
+    for command in [
+        &["migrate", "status"][..],
+        &["verify"],
+        &["migrate", "up"],
+        &["stats"],
+    ] {
+        let args: Vec<&str> = base.iter().chain(command).copied().collect();
+        let r = cli(&args, &[]).fails(1).one_error_line();
+        for needle in [
+            schema.as_str(),
+            "duroxide-pg 0.1.38",
+            "migration 26 (0026_serialize_orchestration_lock_mutations.sql)",
+            "not supported yet",
+        ] {
+            assert!(
+                r.stderr.contains(needle),
+                "{command:?}: {needle:?} missing: {r:#?}"
+            );
+        }
+        let mut json_args = args.clone();
+        json_args.push("--json");
+        let j = cli(&json_args, &[]).fails(1).json();
+        assert!(
+            j["error"].as_str().unwrap().contains("duroxide-pg 0.1.38"),
+            "{command:?}: {j}"
+        );
+    }
+    // `migrate up` created nothing of ours.
+    let ours: i64 = rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = '_sqlx_migrations'",
+        )
+        .bind(&schema)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    });
+    assert_eq!(ours, 0);
 }
 
 #[test]

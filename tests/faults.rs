@@ -1353,10 +1353,15 @@ async fn schema_names_rejected_before_any_sql() {
             "{bad:?}: not the validation error: {e}"
         );
         assert!(options.validate().is_err());
+        // duroxide-pg's rule allows upper case (PostgreSQL folds its unquoted names), so
+        // its `new_with_schema` takes "Tenant" as "tenant" (tests/compat.rs).
+        if matches!(bad, "Tenant" | "UPPER") {
+            continue;
+        }
         let e = PostgresProvider::new_with_schema(closed, Some(bad))
             .await
             .expect_err(bad);
-        assert!(e.message.contains("schema name"), "{bad:?}: {e}");
+        assert!(e.to_string().contains("schema name"), "{bad:?}: {e}");
     }
     // A valid name against the closed port fails on the connection instead (proves the
     // errors above came from validation).

@@ -10,6 +10,10 @@
 //! Inspection commands (`stats`, `instances`, `instance`) never migrate. They work on a
 //! plain pool: a schema without any migration is an error (run `migrate up`), a schema
 //! behind or ahead of this binary is inspected anyway with a warning on stderr.
+//!
+//! A schema holding duroxide-pg's tables (its `_duroxide_migrations` ledger) is named as
+//! such, with the duroxide-pg release and migration found, and refused by every command
+//! that reads the schema (`migrate up|status`, `verify`, inspection).
 
 mod output;
 
