@@ -11,7 +11,7 @@ use sqlx::{ConnectOptions, PgPool};
 use crate::errors::db_error;
 use crate::notify::Notifier;
 use crate::options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
-use crate::pool::ConnPool;
+use crate::pool::{ConnPool, PoolLimits};
 use crate::schema::{self, quote_ident};
 
 /// Target of every `tracing` event the provider emits.
@@ -116,7 +116,11 @@ impl PostgresProvider {
         let conns = ConnPool::new(
             (*pool.connect_options()).clone(),
             options.max_connections,
-            options.acquire_timeout,
+            PoolLimits {
+                acquire_timeout: options.acquire_timeout,
+                idle_timeout: options.idle_timeout,
+                max_lifetime: options.max_lifetime,
+            },
         );
         if options.min_connections > 0 {
             conns
