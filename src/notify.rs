@@ -169,6 +169,9 @@ pub(crate) struct Notifier {
     /// lease from that claim lasts. A session item wakes its owner's waiter only.
     sessions: Mutex<HashMap<String, (String, Instant)>>,
     listener_started: AtomicBool,
+    /// Set by `PostgresProvider::close`: the listener task stops.
+    shut_down: AtomicBool,
+    shut_down_signal: Notify,
 }
 
 impl Notifier {
@@ -178,7 +181,19 @@ impl Notifier {
             next_id: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             listener_started: AtomicBool::new(false),
+            shut_down: AtomicBool::new(false),
+            shut_down_signal: Notify::new(),
         }
+    }
+
+    /// Stops the listener task (the provider is closing).
+    pub(crate) fn shut_down(&self) {
+        self.shut_down.store(true, Ordering::SeqCst);
+        self.shut_down_signal.notify_one();
+    }
+
+    fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
     }
 
     /// Registers a waiting fetch; it stays registered (and can be woken, also while it
@@ -324,6 +339,7 @@ impl Notifier {
             .listener_started
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
+            || self.is_shut_down()
         {
             return;
         }
@@ -435,11 +451,12 @@ impl Drop for HandOn<'_> {
     }
 }
 
-/// Sleeps `backoff` (then doubles it, at most 5 s); false when the provider is gone.
+/// Sleeps `backoff` (then doubles it, at most 5 s); false when the provider is gone or
+/// closed.
 async fn back_off(notifier: &Weak<Notifier>, backoff: &mut Duration) -> bool {
     tokio::time::sleep(*backoff).await;
     *backoff = (*backoff * 2).min(Duration::from_secs(5));
-    notifier.strong_count() > 0
+    notifier.upgrade().is_some_and(|n| !n.is_shut_down())
 }
 
 async fn resolve_channels(pool: &PgPool, schema_q: &str) -> Result<(String, String), sqlx::Error> {
@@ -492,13 +509,24 @@ async fn listen_loop(notifier: Weak<Notifier>, pool: PgPool, schema_q: String) {
             Some(n) => n.wake_all(),
             None => return,
         }
+        let Some(strong) = notifier.upgrade() else {
+            return;
+        };
+        let stop = async move {
+            strong.shut_down_signal.notified().await;
+        };
+        tokio::pin!(stop);
         loop {
             let received = tokio::select! {
                 r = listener.try_recv() => r,
+                () = &mut stop => {
+                    pool.close().await;
+                    return;
+                }
                 // Re-check regularly whether the provider is gone, so the task and its
                 // connection do not outlive it.
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    if notifier.strong_count() == 0 { return; }
+                    if notifier.strong_count() <= 1 { return; }
                     continue;
                 }
             };

@@ -151,19 +151,21 @@ impl ConnPool {
         Ok(())
     }
 
-    /// Closes idle connections and refuses new checkouts.
-    pub(crate) async fn close(&self) {
+    /// Refuses new checkouts (they fail with `PoolClosed`) and hands back the idle
+    /// connections for the caller to close; connections in use are closed when they
+    /// come back.
+    pub(crate) fn shut(&self) -> Vec<PgConnection> {
         self.inner.permits.close();
-        let idle = std::mem::take(
+        std::mem::take(
             &mut *self
                 .inner
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
-        );
-        for c in idle {
-            let _ = c.conn.close().await;
-        }
+        )
+        .into_iter()
+        .map(|c| c.conn)
+        .collect()
     }
 }
 
@@ -264,7 +266,7 @@ impl Conn {
             .max_lifetime
             .is_some_and(|t| self.opened.elapsed() >= t);
         if let Some(c) = self.conn.take() {
-            if reusable && !too_old {
+            if reusable && !too_old && !self.pool.permits.is_closed() {
                 self.pool
                     .idle
                     .lock()

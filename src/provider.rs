@@ -215,9 +215,23 @@ impl PostgresProvider {
     }
 
     /// Closes the provider's connections and the pool.
-    pub async fn close(&self) {
-        self.inner.conns.close().await;
-        self.inner.pool.close().await;
+    ///
+    /// Like `sqlx::PgPool::close`, everything is marked closed when this is CALLED
+    /// (later calls fail with a permanent "pool closed" error, the LISTEN task stops);
+    /// awaiting the future waits for the connections to finish closing. So a `Drop`
+    /// impl can call it without awaiting.
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let idle = self.inner.conns.shut();
+        self.inner.notifier.shut_down();
+        let pool = self.inner.pool.clone();
+        // sqlx marks the pool closed when `close` is called, before the future runs.
+        drop(pool.close());
+        async move {
+            for c in idle {
+                let _ = sqlx::Connection::close(c).await;
+            }
+            pool.close().await;
+        }
     }
 
     /// A query template with `{s}` replaced by the quoted schema.
