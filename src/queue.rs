@@ -25,8 +25,8 @@ fresh AS (
 pruned AS (
     DELETE FROM {s}.enqueue_ledger l
     WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
-                           WHERE o.created_at_ms < (SELECT now FROM clock) - 3600000
-                           ORDER BY o.created_at_ms LIMIT 8)
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
 ),
 queued AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)

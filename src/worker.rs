@@ -73,7 +73,11 @@ SELECT l.work_item, l.attempt_count, l.instance_id, l.execution_id, l.activity_i
 FROM clock LEFT JOIN leased l ON true";
 
 /// Deletes the leased item if its lease is live, touches its session, and enqueues the
-/// completion for the orchestration, atomically.
+/// completion for the orchestration, atomically. Records `ack:<call id>` ($5, one per
+/// call, reused by its resends) in the enqueue ledger, so a resend of an ack that
+/// committed (its reply was lost) is recognised and answered as done instead of "lock
+/// not held"; a second, separate ack of the token still fails. Returns (rows acked
+/// now, this call acked before).
 const ACK: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
 done AS (
@@ -91,9 +95,21 @@ completion AS (
     SELECT $2::TEXT, $3::TEXT, $4::TEXT, clock.now, clock.now FROM clock
     WHERE $4::TEXT IS NOT NULL AND EXISTS (SELECT 1 FROM done)
     RETURNING 1
+),
+recorded AS (
+    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+    SELECT 'ack:' || $5::TEXT, clock.now FROM clock WHERE EXISTS (SELECT 1 FROM done)
+    ON CONFLICT (enqueue_id) DO NOTHING
+),
+pruned AS (
+    DELETE FROM {s}.enqueue_ledger l
+    WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
 )
-SELECT (SELECT count(*) FROM done)
-FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion))";
+SELECT (SELECT count(*) FROM done) AS acked,
+       EXISTS (SELECT 1 FROM {s}.enqueue_ledger l WHERE l.enqueue_id = 'ack:' || $5::TEXT) AS acked_before
+FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion)) AS n";
 
 const RENEW: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -143,8 +159,8 @@ fresh AS (
 pruned AS (
     DELETE FROM {s}.enqueue_ledger l
     WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
-                           WHERE o.created_at_ms < (SELECT now FROM clock) - 3600000
-                           ORDER BY o.created_at_ms LIMIT 8)
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
 ),
 queued AS (
     INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
@@ -356,17 +372,21 @@ impl PostgresProvider {
                 ));
             }
         };
-        let acked: i64 = on_conn!(
-            self,
+        // Idempotent through the ledger: resent also when the outcome is unknown, so a
+        // lost reply never makes duroxide abandon (and re-run) a completed activity.
+        let call_id = uuid::Uuid::new_v4().to_string();
+        let (acked, acked_before): (i64, bool) = on_conn!(
+            idempotent: self,
             fetch_one,
-            sqlx::query_scalar(&self.sql(ACK))
+            sqlx::query_as(&self.sql(ACK))
                 .bind(token)
                 .bind(instance)
                 .bind(kind)
                 .bind(&json)
+                .bind(&call_id)
         )
         .map_err(|e| db_error(OP, instance, e))?;
-        if acked == 0 {
+        if acked == 0 && !acked_before {
             return Err(ProviderError::permanent(
                 OP,
                 format!(
