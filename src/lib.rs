@@ -65,3 +65,4 @@ mod worker;
 pub use errors::ConfigError;
 pub use options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};
+pub use worker::UNDECODABLE_ACTIVITY;
