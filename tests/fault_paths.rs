@@ -15,11 +15,15 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{activity_item, database_url, new_provider, new_provider_with, start_item, test_options};
+use common::{
+    activity_item, database_url, new_provider, new_provider_with, start_item, test_options,
+};
 use duroxide::providers::{InstanceFilter, Provider, ProviderAdmin, TagFilter, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions, UnregisteredBackoffConfig};
-use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 use duroxide_pg_hybrid::errors::db_error;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
@@ -54,9 +58,15 @@ async fn scalar(p: &PostgresProvider, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-fn ok_or_retryable<T: std::fmt::Debug>(what: &str, r: &Result<T, duroxide::providers::ProviderError>) {
+fn ok_or_retryable<T: std::fmt::Debug>(
+    what: &str,
+    r: &Result<T, duroxide::providers::ProviderError>,
+) {
     if let Err(e) = r {
-        assert!(e.is_retryable(), "{what}: must succeed or fail retryable: {e}");
+        assert!(
+            e.is_retryable(),
+            "{what}: must succeed or fail retryable: {e}"
+        );
     }
 }
 
@@ -72,7 +82,11 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
     assert!(!proxy.faults().armed(), "the fault fired");
     ok_or_retryable("enqueue_for_orchestrator", &r);
     assert_eq!(
-        scalar(&p, "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-o'").await,
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-o'"
+        )
+        .await,
         1,
         "a resent enqueue delivered the message twice"
     );
@@ -82,7 +96,11 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
     assert!(!proxy.faults().armed());
     ok_or_retryable("enqueue_for_worker", &r);
     assert_eq!(
-        scalar(&p, "SELECT count(*) FROM {s}.worker_queue WHERE instance_id = 'once-w'").await,
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.worker_queue WHERE instance_id = 'once-w'"
+        )
+        .await,
         1,
         "a resent enqueue queued the activity twice"
     );
@@ -93,7 +111,11 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
         .await;
     ok_or_retryable("delayed enqueue", &r);
     assert_eq!(
-        scalar(&p, "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-d'").await,
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-d'"
+        )
+        .await,
         1
     );
     p.close().await;
@@ -119,7 +141,10 @@ async fn lost_reply_to_a_claim_is_not_sent_again() {
     let e = r.expect_err("a claim whose outcome is unknown must not look like an empty queue");
     assert!(e.is_retryable(), "{e}");
     // The claim ran once: one lease, one attempt.
-    assert_eq!(scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await, 1);
+    assert_eq!(
+        scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await,
+        1
+    );
     assert_eq!(
         scalar(&p, "SELECT max(attempt_count)::BIGINT FROM {s}.orchestrator_queue WHERE instance_id = 'claim-o'").await,
         1
@@ -132,7 +157,11 @@ async fn lost_reply_to_a_claim_is_not_sent_again() {
     let e = r.expect_err("a worker claim whose outcome is unknown is not resent");
     assert!(e.is_retryable(), "{e}");
     assert_eq!(
-        scalar(&p, "SELECT attempt_count::BIGINT FROM {s}.worker_queue WHERE instance_id = 'claim-w'").await,
+        scalar(
+            &p,
+            "SELECT attempt_count::BIGINT FROM {s}.worker_queue WHERE instance_id = 'claim-w'"
+        )
+        .await,
         1
     );
     p.close().await;
@@ -164,7 +193,11 @@ async fn lost_reply_to_a_committed_worker_ack_reports_success() {
     assert!(!proxy.faults().armed());
     assert_eq!(scalar(&p, "SELECT count(*) FROM {s}.worker_queue").await, 0);
     assert_eq!(
-        scalar(&p, "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'ack-w'").await,
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'ack-w'"
+        )
+        .await,
         1,
         "the completion is delivered once"
     );
@@ -186,7 +219,12 @@ async fn request_that_never_reached_the_server_is_sent_again() {
         .await
         .unwrap();
     let (_, token, _) = p
-        .fetch_work_item(Duration::from_secs(5), Duration::ZERO, None, &TagFilter::Any)
+        .fetch_work_item(
+            Duration::from_secs(5),
+            Duration::ZERO,
+            None,
+            &TagFilter::Any,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -233,10 +271,16 @@ async fn connection_dropped_by_a_load_balancer_while_idle_costs_no_failed_call()
             .is_none()
     );
     // The "load balancer" drops flows idle for 1.2 s without telling either end.
-    proxy.faults().set_idle_cut(Some(Duration::from_millis(1200)));
+    proxy
+        .faults()
+        .set_idle_cut(Some(Duration::from_millis(1200)));
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert!(
-        proxy.faults().fired.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        proxy
+            .faults()
+            .fired
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
         "the idle cut dropped the pooled connection"
     );
     proxy.faults().set_idle_cut(None);
@@ -250,7 +294,11 @@ async fn connection_dropped_by_a_load_balancer_while_idle_costs_no_failed_call()
     .expect("the first call after the idle period must not fail")
     .expect("the queued item");
     assert_eq!(claimed.0.instance, "idle-o");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     p.close().await;
 }
 
@@ -310,7 +358,10 @@ async fn full_lock_table_is_permanent_for_deletes_and_retryable_for_runtime_call
         .expect_err("raised")
     };
     let e = db_error("delete_instance_bulk", None, raise().await);
-    assert!(!e.is_retryable(), "the same delete fails the same way every time: {e}");
+    assert!(
+        !e.is_retryable(),
+        "the same delete fails the same way every time: {e}"
+    );
     assert!(e.message.contains("max_locks_per_transaction"), "{e}");
     assert!(e.message.contains("fewer instances"), "{e}");
     let e = db_error("delete_instances_atomic", None, raise().await);
@@ -328,15 +379,20 @@ async fn undecodable_worker_row_is_poisoned_after_max_attempts() {
     let q = quote_ident(guard.schema());
     let orchestrations = || {
         OrchestrationRegistry::builder()
-            .register("Risky", |ctx: OrchestrationContext, _in: String| async move {
-                let v = ctx.schedule_activity("Work", "x").await?;
-                Ok(format!("ran: {v}"))
-            })
+            .register(
+                "Risky",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    let v = ctx.schedule_activity("Work", "x").await?;
+                    Ok(format!("ran: {v}"))
+                },
+            )
             .build()
     };
     let activities = || {
         ActivityRegistry::builder()
-            .register("Work", |_ctx: ActivityContext, input: String| async move { Ok(input) })
+            .register("Work", |_ctx: ActivityContext, input: String| async move {
+                Ok(input)
+            })
             .build()
     };
     // Orchestrations only: the activity row waits in the queue.
@@ -351,7 +407,10 @@ async fn undecodable_worker_row_is_poisoned_after_max_attempts() {
     )
     .await;
     let client = Client::new(p.clone());
-    client.start_orchestration("poison-w", "Risky", "").await.unwrap();
+    client
+        .start_orchestration("poison-w", "Risky", "")
+        .await
+        .unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let n: i64 = sqlx::query_scalar(&format!(

@@ -47,8 +47,8 @@ use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use sqlx::{Connection, PgConnection};
 use support::{CleanupSql, Recording, connect_retry, count, terminate_sql};
 use workload::{
-    Job, Ledger, activities, assert_drained, check_ledger, check_ledger_with, expect_completed, job,
-    orchestrations, signal_job, wait_terminal,
+    Job, Ledger, activities, assert_drained, check_ledger, check_ledger_with, expect_completed,
+    job, orchestrations, signal_job, wait_terminal,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -265,7 +265,9 @@ async fn chaos(path: FetchPath) {
     let mut jobs: Vec<Job> = (0..CHAOS_ORCHESTRATIONS)
         .map(|i| job(&format!("{path}-"), i))
         .collect();
-    let signals: Vec<Job> = (0..20).map(|i| signal_job(&format!("{path}-"), i)).collect();
+    let signals: Vec<Job> = (0..20)
+        .map(|i| signal_job(&format!("{path}-"), i))
+        .collect();
     let ledger = Ledger::default();
     let recording = Arc::new(Recording::new(provider.clone()));
     let recorded = recording.recorded.clone();
@@ -1367,7 +1369,9 @@ async fn killed_idle_connection_costs_at_most_one_failed_call() {
                 assert!(e.is_retryable(), "{path}: {e}");
                 p.fetch_work_item(LONG, NOW, None, &TagFilter::Any)
                     .await
-                    .unwrap_or_else(|e| panic!("{path}: second call after the kill failed too: {e}"))
+                    .unwrap_or_else(|e| {
+                        panic!("{path}: second call after the kill failed too: {e}")
+                    })
                     .unwrap_or_else(|| panic!("{path}: the queued item is gone"))
             }
         };

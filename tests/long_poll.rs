@@ -13,7 +13,9 @@ use common::{
 use duroxide::providers::{Provider, SessionFetchConfig, TagFilter, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
-use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
 
@@ -355,7 +357,11 @@ async fn dropped_waiter_strands_nothing() {
         .unwrap()
         .unwrap();
     assert_eq!(item.instance, "lp-drop");
-    assert_eq!(leases(&p).await, 1, "only the waiter that got the item holds a lease");
+    assert_eq!(
+        leases(&p).await,
+        1,
+        "only the waiter that got the item holds a lease"
+    );
     p.abandon_orchestration_item(&token, None, true)
         .await
         .unwrap();
@@ -383,10 +389,7 @@ async fn dropped_chosen_waiter_hands_its_wake_up_on() {
         .unwrap();
     let a = {
         let p = p.clone();
-        side.spawn(async move {
-            p.fetch_work_item(LOCK, LONG, None, &TagFilter::Any)
-                .await
-        })
+        side.spawn(async move { p.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await })
     };
     let side_thread = std::thread::spawn(move || {
         side.block_on(async {
@@ -412,7 +415,10 @@ async fn dropped_chosen_waiter_hands_its_wake_up_on() {
     // The side runtime is blocked now; A is woken but cannot run. Abort it: it is dropped
     // (with its wake-up) once the runtime runs again, and the wake-up goes to B.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!b.is_finished(), "B must not have been chosen (A registered first)");
+    assert!(
+        !b.is_finished(),
+        "B must not have been chosen (A registered first)"
+    );
     a.abort();
     let a_cancelled = tokio::task::spawn_blocking(move || {
         let side = side_thread.join().unwrap();
@@ -502,14 +508,19 @@ async fn completed_within(client: &Client, instance: &str, limit: Duration) -> D
             OrchestrationStatus::Failed { details, .. } => panic!("{instance} failed: {details:?}"),
             _ => {}
         }
-        assert!(t.elapsed() < limit, "{instance} did not complete within {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "{instance} did not complete within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn echo_activities() -> ActivityRegistry {
     ActivityRegistry::builder()
-        .register("Echo", |_ctx: ActivityContext, input: String| async move { Ok(input) })
+        .register("Echo", |_ctx: ActivityContext, input: String| async move {
+            Ok(input)
+        })
         .build()
 }
 
@@ -521,11 +532,16 @@ fn echo_activities() -> ActivityRegistry {
 async fn session_activities_in_a_row_complete_within_a_second() {
     let (p, _guard) = new_provider(FetchPath::Hybrid).await;
     let orchestrations = OrchestrationRegistry::builder()
-        .register("TwoOnSession", |ctx: OrchestrationContext, _in: String| async move {
-            ctx.schedule_activity_on_session("Echo", "one", "sess-1").await?;
-            ctx.schedule_activity_on_session("Echo", "two", "sess-1").await?;
-            Ok("done".to_string())
-        })
+        .register(
+            "TwoOnSession",
+            |ctx: OrchestrationContext, _in: String| async move {
+                ctx.schedule_activity_on_session("Echo", "one", "sess-1")
+                    .await?;
+                ctx.schedule_activity_on_session("Echo", "two", "sess-1")
+                    .await?;
+                Ok("done".to_string())
+            },
+        )
         .build();
     let rt = Runtime::start_with_options(
         p.clone(),
@@ -543,7 +559,10 @@ async fn session_activities_in_a_row_complete_within_a_second() {
         .unwrap();
     let took = completed_within(&client, "lp-session", Duration::from_secs(15)).await;
     rt.shutdown(None).await;
-    assert!(took < Duration::from_secs(1), "two session activities took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "two session activities took {took:?}"
+    );
 }
 
 /// Runtime A (orchestrations + untagged worker) and runtime B (no orchestrations, worker
@@ -554,11 +573,14 @@ async fn tagged_activity_wakes_the_runtime_that_takes_the_tag() {
     let (p, _guard) = new_provider(FetchPath::Hybrid).await;
     let orchestrations = || {
         OrchestrationRegistry::builder()
-            .register("PlainThenGpu", |ctx: OrchestrationContext, _in: String| async move {
-                ctx.schedule_activity("Echo", "cpu").await?;
-                ctx.schedule_activity("Echo", "gpu").with_tag("gpu").await?;
-                Ok("done".to_string())
-            })
+            .register(
+                "PlainThenGpu",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    ctx.schedule_activity("Echo", "cpu").await?;
+                    ctx.schedule_activity("Echo", "gpu").with_tag("gpu").await?;
+                    Ok("done".to_string())
+                },
+            )
             .build()
     };
     let a = Runtime::start_with_options(
@@ -588,7 +610,10 @@ async fn tagged_activity_wakes_the_runtime_that_takes_the_tag() {
     let took = completed_within(&client, "lp-tags", Duration::from_secs(15)).await;
     a.shutdown(None).await;
     b.shutdown(None).await;
-    assert!(took < Duration::from_secs(1), "untagged then gpu activity took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "untagged then gpu activity took {took:?}"
+    );
 }
 
 /// A session item wakes the waiter of the session's owner even when others wait first.
@@ -611,7 +636,12 @@ async fn session_item_wakes_its_owner() {
     };
     other.enqueue_for_worker(session_item(1)).await.unwrap();
     let (_, token, _) = p
-        .fetch_work_item(LOCK, Duration::ZERO, Some(&owner("owner-b")), &TagFilter::Any)
+        .fetch_work_item(
+            LOCK,
+            Duration::ZERO,
+            Some(&owner("owner-b")),
+            &TagFilter::Any,
+        )
         .await
         .unwrap()
         .expect("owner-b claims the session");
@@ -630,7 +660,10 @@ async fn session_item_wakes_its_owner() {
     let b = {
         let p = p.clone();
         let cfg = owner("owner-b");
-        tokio::spawn(async move { p.fetch_work_item(LOCK, LONG, Some(&cfg), &TagFilter::Any).await })
+        tokio::spawn(async move {
+            p.fetch_work_item(LOCK, LONG, Some(&cfg), &TagFilter::Any)
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let enqueued = Instant::now();
@@ -641,7 +674,11 @@ async fn session_item_wakes_its_owner() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(enqueued.elapsed() < Duration::from_secs(1), "{:?}", enqueued.elapsed());
+    assert!(
+        enqueued.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        enqueued.elapsed()
+    );
     assert_eq!(item, session_item(2));
     for o in others {
         assert!(o.await.unwrap().unwrap().is_none());
@@ -670,8 +707,14 @@ async fn delayed_enqueue_by_another_provider_wakes_a_waiting_fetch() {
         .unwrap();
     let took = enqueued.elapsed();
     assert_eq!(item.instance, "lp-delayed");
-    assert!(took >= Duration::from_millis(950), "claimed before it was visible: {took:?}");
-    assert!(took < Duration::from_millis(1100), "claimed {took:?} after a 1 s delay");
+    assert!(
+        took >= Duration::from_millis(950),
+        "claimed before it was visible: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1100),
+        "claimed {took:?} after a 1 s delay"
+    );
 }
 
 /// The same for a delayed abandon: the waiting fetch's database wake-up time was the
@@ -708,7 +751,10 @@ async fn delayed_abandon_by_another_provider_wakes_a_waiting_fetch() {
     assert_eq!(item, activity_item("lp-abandon", 1));
     assert_eq!(attempts, 2);
     assert!(took >= Duration::from_millis(950), "{took:?}");
-    assert!(took < Duration::from_millis(1100), "claimed {took:?} after a 1 s delay");
+    assert!(
+        took < Duration::from_millis(1100),
+        "claimed {took:?} after a 1 s delay"
+    );
 }
 
 /// Connections are refused while the first long poll starts (the LISTEN set-up fails);
@@ -755,7 +801,10 @@ async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
         if listening > 0 {
             break;
         }
-        assert!(Instant::now() < until, "the provider never started listening");
+        assert!(
+            Instant::now() < until,
+            "the provider never started listening"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let w = proxied.clone();

@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU8;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use std::sync::Mutex;
-use std::sync::atomic::AtomicU8;
 
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
