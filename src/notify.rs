@@ -133,13 +133,12 @@ impl Waiter {
         &self.notify
     }
 
-    /// The earliest delayed-visibility time still ahead, if any.
+    /// The earliest delayed-visibility time still ahead, if any (one that has passed is
+    /// forgotten: the claim that follows it sees the item).
     pub(crate) fn wake_at(&self) -> Option<Instant> {
         let mut at = lock(&self.wake_at);
         if at.is_some_and(|t| t <= Instant::now()) {
-            // Reached: the claim that follows sees the item; forget it.
             *at = None;
-            return Some(Instant::now());
         }
         *at
     }

@@ -86,6 +86,8 @@ impl PostgresProvider {
 
             // Acting on the wake-up now; handed on if this future is dropped mid-claim.
             let hand_on = registration.hand_on_guard(waiter.take_pending());
+            // A delayed-work time that has passed is served by this claim.
+            let _ = waiter.wake_at();
             let outcome = attempt().await;
             hand_on.disarm();
             let wake_in = match outcome? {

@@ -827,3 +827,70 @@ async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
     proxied.close().await;
     let _ = p;
 }
+
+/// A fetch waits; another provider's ack writes a timer due in 1 s; the timer's turn
+/// starts within 1.1 s (not at the fallback poll). Needs `ack_orchestration_item` to
+/// announce its delayed items with `notify_delayed('orchestrator', <earliest visible_at>)`
+/// (the lead's migration; see the issue 11 report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ack_orchestration_item to call notify_delayed (issue 11, lead's ack function)"]
+async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    other
+        .enqueue_for_orchestrator(start_item("lp-ack-timer"), None)
+        .await
+        .unwrap();
+    let (_, token, _) = other
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let w = p.clone();
+    let fetch = tokio::spawn(async move { w.fetch_orchestration_item(LOCK, LONG, None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let acked = Instant::now();
+    let timer = WorkItem::TimerFired {
+        instance: "lp-ack-timer".to_string(),
+        execution_id: 1,
+        id: 2,
+        fire_at_ms: now_ms + 1000,
+    };
+    let metadata = duroxide::providers::ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        ..Default::default()
+    };
+    other
+        .ack_orchestration_item(
+            &token,
+            1,
+            vec![],
+            vec![],
+            vec![timer.clone()],
+            metadata,
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (item, _, _) = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .expect("the timer's turn must start long before the fallback poll")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let took = acked.elapsed();
+    assert_eq!(item.messages, vec![timer]);
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(
+        took < Duration::from_millis(1100),
+        "the timer's turn started after {took:?}"
+    );
+}
