@@ -9,6 +9,18 @@
 //! delete is ordered against in-flight claims and acks so a deleted instance cannot be
 //! recreated by a turn that was already running.
 //!
+//! Exception: `delete_instance_bulk` reads the matching trees (one round trip), then
+//! deletes them in transactions of at most [`DELETE_BATCH_IDS`] instances each. A delete
+//! takes one advisory lock per instance until it commits, in the server's shared lock
+//! table (`max_locks_per_transaction` x (`max_connections` + `max_prepared_transactions`)
+//! slots, 64 x 100 at the defaults, shared by every session of the cluster); one
+//! transaction for 1,000 trees of 11 would fill it (`53200 out of shared memory`) and
+//! starve every other session meanwhile. A tree is never split across transactions, so a
+//! single tree larger than the batch is deleted alone. `delete_instances_atomic` stays
+//! one transaction (all or nothing is its contract): it takes as many locks as ids, and
+//! callers should keep it to a few thousand; beyond the lock table it fails with a
+//! permanent error that says so.
+//!
 //! The trait's default `get_instance_tree` and `delete_instance` are overridden: their
 //! defaults cost one round trip per tree node (and three calls for a delete); here a
 //! recursive CTE does the walk inside the database.
@@ -29,6 +41,29 @@ use crate::provider::{PostgresProvider, TRACING_TARGET};
 
 /// `InstanceFilter::limit` when the caller gives none (the trait's documented default).
 const DEFAULT_BULK_LIMIT: u32 = 1000;
+
+/// Most instances deleted in one transaction by `delete_instance_bulk` (one advisory
+/// lock each until commit; see the module docs).
+pub const DELETE_BATCH_IDS: usize = 256;
+
+/// Terminal roots matching the bulk filter, oldest first, each with its whole tree (the
+/// same selection `admin_delete_instance_bulk` makes).
+const BULK_DELETE_TREES: &str = "\
+WITH roots AS (
+    SELECT i.instance_id, i.created_at_ms
+    FROM {s}.instances i
+    JOIN {s}.executions e
+      ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+    WHERE i.parent_instance_id IS NULL
+      AND e.status IN ('Completed', 'Failed', 'ContinuedAsNew')
+      AND ($1::TEXT[] IS NULL OR i.instance_id = ANY ($1))
+      AND ($2::BIGINT IS NULL OR e.completed_at_ms < $2)
+    ORDER BY i.created_at_ms, i.instance_id
+    LIMIT $3
+)
+SELECT ARRAY(SELECT t.o_instance_id FROM {s}.admin_instance_tree(r.instance_id) t) AS tree
+FROM roots r
+ORDER BY r.created_at_ms, r.instance_id";
 
 const LIST_INSTANCES: &str = "\
 SELECT i.instance_id FROM {s}.instances i
@@ -109,10 +144,6 @@ FROM {s}.admin_delete_instances($1, $2) d";
 const DELETE_INSTANCE: &str = "\
 SELECT d.o_instances_deleted, d.o_executions_deleted, d.o_events_deleted, d.o_queue_messages_deleted
 FROM {s}.admin_delete_instance($1, $2) d";
-
-const DELETE_INSTANCE_BULK: &str = "\
-SELECT d.o_instances_deleted, d.o_executions_deleted, d.o_events_deleted, d.o_queue_messages_deleted
-FROM {s}.admin_delete_instance_bulk($1, $2, $3) d";
 
 const PRUNE_EXECUTIONS: &str = "\
 SELECT p.o_instances_processed, p.o_executions_deleted, p.o_events_deleted
@@ -198,6 +229,31 @@ fn prune_result(
     })
 }
 
+/// Groups whole trees into batches of at most `max_ids` distinct ids (a larger tree is
+/// a batch of its own), keeping their order.
+fn delete_batches(trees: Vec<Vec<String>>, max_ids: usize) -> Vec<Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    for tree in trees {
+        let tree: Vec<String> = tree
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
+        if tree.is_empty() {
+            continue;
+        }
+        if !current.is_empty() && current.len() + tree.len() > max_ids {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.extend(tree);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
 /// `Some(ids)` filters by ids (an empty list selects nothing and is answered without a
 /// query); `None` means no id filter, which the SQL functions take as a NULL array.
 fn filter_ids(filter: &InstanceFilter) -> Option<&[String]> {
@@ -209,7 +265,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn list_instances(&self) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances";
         on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(LIST_INSTANCES))
         )
@@ -219,7 +275,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn list_instances_by_status(&self, status: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances_by_status";
         on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(LIST_INSTANCES_BY_STATUS)).bind(status)
         )
@@ -229,7 +285,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn list_executions(&self, instance: &str) -> Result<Vec<u64>, ProviderError> {
         const OP: &str = "list_executions";
         let ids: Vec<i64> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(LIST_EXECUTIONS)).bind(instance)
         )
@@ -253,7 +309,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn read_history(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read_history";
         let rows: Vec<String> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(READ_LATEST_HISTORY)).bind(instance)
         )
@@ -264,7 +320,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn latest_execution_id(&self, instance: &str) -> Result<u64, ProviderError> {
         const OP: &str = "latest_execution_id";
         let id: i64 = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_scalar(&self.sql(LATEST_EXECUTION_ID)).bind(instance)
         )
@@ -275,7 +331,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn get_instance_info(&self, instance: &str) -> Result<InstanceInfo, ProviderError> {
         const OP: &str = "get_instance_info";
         let row: Option<InstanceInfoRow> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_as(&self.sql(INSTANCE_INFO)).bind(instance)
         )
@@ -312,7 +368,7 @@ impl ProviderAdmin for PostgresProvider {
         const OP: &str = "get_execution_info";
         let exec = bound_i64(OP, Some(instance), "execution_id", execution_id)?;
         let row: Option<ExecutionInfoRow> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_as(&self.sql(EXECUTION_INFO))
                 .bind(instance)
@@ -340,8 +396,9 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_system_metrics(&self) -> Result<SystemMetrics, ProviderError> {
         const OP: &str = "get_system_metrics";
-        let row: MetricsRow = on_conn!(self, fetch_one, sqlx::query_as(&self.sql(SYSTEM_METRICS)))
-            .map_err(|e| db_error(OP, None, e))?;
+        let row: MetricsRow =
+            on_conn!(idempotent: self, fetch_one, sqlx::query_as(&self.sql(SYSTEM_METRICS)))
+                .map_err(|e| db_error(OP, None, e))?;
         Ok(SystemMetrics {
             total_instances: to_u64(OP, None, "total_instances", row.total_instances)?,
             total_executions: to_u64(OP, None, "total_executions", row.total_executions)?,
@@ -355,7 +412,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn get_queue_depths(&self) -> Result<QueueDepths, ProviderError> {
         const OP: &str = "get_queue_depths";
         let (orch, worker): (i64, i64) =
-            on_conn!(self, fetch_one, sqlx::query_as(&self.sql(QUEUE_DEPTHS)))
+            on_conn!(idempotent: self, fetch_one, sqlx::query_as(&self.sql(QUEUE_DEPTHS)))
                 .map_err(|e| db_error(OP, None, e))?;
         Ok(QueueDepths {
             orchestrator_queue: to_usize(OP, "orchestrator_queue", orch)?,
@@ -367,7 +424,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn list_children(&self, instance_id: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_children";
         on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(LIST_CHILDREN)).bind(instance_id)
         )
@@ -377,7 +434,7 @@ impl ProviderAdmin for PostgresProvider {
     async fn get_parent_id(&self, instance_id: &str) -> Result<Option<String>, ProviderError> {
         const OP: &str = "get_parent_id";
         let row: Option<Option<String>> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_scalar(&self.sql(PARENT_ID)).bind(instance_id)
         )
@@ -390,7 +447,7 @@ impl ProviderAdmin for PostgresProvider {
         // Root first, then descendants by depth. Like the default method, an unknown id
         // yields a tree of just that id.
         let all_ids: Vec<String> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(INSTANCE_TREE)).bind(instance_id)
         )
@@ -480,15 +537,33 @@ impl ProviderAdmin for PostgresProvider {
             .map(|t| bound_i64(OP, None, "completed_before", t))
             .transpose()?;
         let limit = i64::from(filter.limit.unwrap_or(DEFAULT_BULK_LIMIT));
-        let row: DeleteRow = on_conn!(
-            self,
-            fetch_one,
-            sqlx::query_as(&self.sql(DELETE_INSTANCE_BULK))
+        let trees: Vec<Vec<String>> = on_conn!(
+            idempotent: self,
+            fetch_all,
+            sqlx::query_scalar(&self.sql(BULK_DELETE_TREES))
                 .bind(ids)
                 .bind(completed_before)
                 .bind(limit)
         )
         .map_err(|e| db_error(OP, None, e))?;
+        let mut row: DeleteRow = (0, 0, 0, 0);
+        for batch in delete_batches(trees, DELETE_BATCH_IDS) {
+            // force: the roots are terminal, and descendants go whatever their status.
+            let done: DeleteRow = on_conn!(
+                self,
+                fetch_one,
+                sqlx::query_as(&self.sql(DELETE_INSTANCES))
+                    .bind(&batch)
+                    .bind(true)
+            )
+            .map_err(|e| db_error(OP, batch.first().map(String::as_str), e))?;
+            row = (
+                row.0 + done.0,
+                row.1 + done.1,
+                row.2 + done.2,
+                row.3 + done.3,
+            );
+        }
         let result = delete_result(OP, None, row)?;
         tracing::debug!(
             target: TRACING_TARGET,
@@ -575,5 +650,33 @@ impl ProviderAdmin for PostgresProvider {
             "bulk-pruned executions"
         );
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &str, children: usize) -> Vec<String> {
+        std::iter::once(root.to_string())
+            .chain((0..children).map(|i| format!("{root}-c{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn delete_batches_keep_trees_whole_and_bounded() {
+        let trees: Vec<Vec<String>> = (0..100).map(|i| tree(&format!("r{i}"), 10)).collect();
+        let batches = delete_batches(trees, 256);
+        assert!(batches.iter().all(|b| b.len() <= 256));
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 1100);
+        // 23 trees of 11 fit in 256.
+        assert_eq!(batches[0].len(), 253);
+        assert_eq!(batches[0][0], "r0");
+        assert_eq!(batches[0][11], "r1");
+        // A tree larger than the batch goes alone; duplicates are dropped.
+        let batches = delete_batches(vec![tree("a", 1), tree("big", 300), tree("a", 1)], 256);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0], tree("a", 1));
+        assert_eq!(batches[1].len(), 301);
     }
 }

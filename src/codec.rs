@@ -116,21 +116,26 @@ pub(crate) fn decode_history(rows: &[String]) -> Result<Vec<Event>, String> {
         .collect()
 }
 
-/// Decodes a batch of queued messages. A row that does not decode is left out (it stays
-/// tagged and is deleted by the ack, like the reference provider) and reported.
-pub(crate) fn decode_messages(instance: &str, rows: &[String]) -> Vec<WorkItem> {
+/// Decodes a batch of queued messages, failing on the first row that does not decode
+/// (message names the instance and the row's position). For the fetch assembly: a
+/// failure goes to duroxide as `history_error` with an empty history, so the runtime
+/// abandons the turn with back-off and poisons the instance after `max_attempts`,
+/// instead of a message being dropped silently.
+#[allow(dead_code)] // wired by the fetch assembly (src/fetch/mod.rs), see ROADMAP
+pub(crate) fn decode_messages_strict(
+    instance: &str,
+    rows: &[String],
+) -> Result<Vec<WorkItem>, String> {
     rows.iter()
-        .filter_map(|row| match serde_json::from_str::<WorkItem>(row) {
-            Ok(item) => Some(item),
-            Err(e) => {
-                tracing::warn!(
-                    target: "duroxide::providers::postgres",
-                    instance = %instance,
-                    error = %e,
-                    "dropping undecodable orchestrator message"
-                );
-                None
-            }
+        .enumerate()
+        .map(|(i, row)| {
+            serde_json::from_str::<WorkItem>(row).map_err(|e| {
+                format!(
+                    "instance {instance:?}: queued message {} of {} does not decode as a WorkItem: {e}",
+                    i + 1,
+                    rows.len()
+                )
+            })
         })
         .collect()
 }
@@ -148,6 +153,24 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_message_decoding_reports_the_bad_row() {
+        let good = serde_json::to_string(&WorkItem::QueueMessage {
+            instance: "i".into(),
+            name: "n".into(),
+            data: "d".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            decode_messages_strict("i", std::slice::from_ref(&good))
+                .unwrap()
+                .len(),
+            1
+        );
+        let e = decode_messages_strict("i", &[good, "{\"Nope\":1}".into()]).unwrap_err();
+        assert!(e.contains("\"i\"") && e.contains("message 2 of 2"), "{e}");
+    }
 
     #[test]
     fn finds_event_type_not_fooled_by_payloads() {

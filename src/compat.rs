@@ -439,9 +439,33 @@ async fn drop_own_objects(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(&format!("DROP TABLE IF EXISTS {q}._sqlx_migrations"))
-        .execute(&mut *tx)
+    sqlx::query(&format!(
+        "DROP TABLE IF EXISTS {q}.{}",
+        quote_ident(schema::LEDGER_TABLE)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // A pre-0.2.0 release's ledger is sqlx's default table: dropped only when every row
+    // in it is one of our migrations (an application's own sqlx ledger stays).
+    let legacy = format!("{q}.{}", quote_ident(schema::LEGACY_LEDGER_TABLE));
+    let legacy_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&legacy)
+        .fetch_one(&mut *tx)
         .await?;
+    if legacy_exists {
+        let ours: Vec<i64> = schema::MIGRATOR.iter().map(|m| m.version).collect();
+        let foreign: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {legacy} WHERE NOT (version = ANY($1))"
+        ))
+        .bind(&ours)
+        .fetch_one(&mut *tx)
+        .await?;
+        if foreign == 0 {
+            sqlx::query(&format!("DROP TABLE {legacy}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     tx.commit().await
 }
 

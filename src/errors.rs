@@ -9,7 +9,8 @@
 //! | `57014` query_canceled                   | `statement_timeout` / cancel     | retryable  |
 //! | `57P01`/`57P02`/`57P03` shutdown, crash, cannot connect now | server restarting | retryable |
 //! | class `08` connection exception          | connection lost or refused       | retryable  |
-//! | class `53` insufficient resources (`53300` too many connections, disk, memory) | retryable |
+//! | class `53` insufficient resources (`53300` too many connections, `53100` disk full) | retryable |
+//! | `53200` out of shared memory (the lock table is full) | see below | retryable / permanent |
 //! | `0A000` feature_not_supported            | cached plan invalidated by a concurrent migration | retryable |
 //! | `28000`/`28P01` invalid authorization / password | a new connection was refused: the secret rotated (or a token expired) between asking the password source and connecting | retryable |
 //! | `DX001` (ours) invalid lock token        | unknown / acked / stolen token   | permanent  |
@@ -19,8 +20,21 @@
 //! | class `42` syntax / privilege (`42501`)  | missing privilege or schema      | permanent  |
 //! | anything else from the server            | unknown                          | permanent  |
 //! | pool timed out, I/O, TLS, protocol error | transient transport trouble      | retryable  |
+//! | TLS certificate verification failed      | wrong `sslmode`/`sslrootcert`, or an impostor | permanent |
 //! | pool closed                              | provider shut down               | permanent  |
 //! | row decode / serde error                 | corrupt or foreign data          | permanent  |
+//!
+//! `53200` comes from the shared lock table (`max_locks_per_transaction` x connections)
+//! being full. For the statements that take a lock per instance they touch (instance
+//! deletes and prunes, [`LOCK_HEAVY_OPERATIONS`]) it is their own size that fills it, so
+//! the same call fails again every time: permanent, with a message that says to delete
+//! fewer instances per call or raise `max_locks_per_transaction` (bulk deletes are
+//! batched so they never get there). For any other call another session caused it, and
+//! it clears when that session's transaction ends: retryable, which duroxide bounds (an
+//! ack is retried 5 times, then the orchestration fails; fetches back off).
+//!
+//! A TLS error is transport trouble, except a failed certificate verification, which
+//! fails the same way on every attempt: permanent, naming `sslmode` and `sslrootcert`.
 //!
 //! Retryable matters most on ack: duroxide retries a retryable ack, while a permanent one
 //! fails the orchestration, so a transient database error must never be permanent.
@@ -79,11 +93,44 @@ pub fn sqlstate_is_retryable(code: &str) -> bool {
         || code.starts_with("53")
 }
 
+/// Operations for which `53200` (lock table full) is permanent: they take one lock per
+/// instance they touch, so retrying the same call fails the same way.
+pub const LOCK_HEAVY_OPERATIONS: &[&str] = &[
+    "delete_instances_atomic",
+    "delete_instance",
+    "delete_instance_bulk",
+    "prune_executions",
+    "prune_executions_bulk",
+];
+
+/// A TLS error that says the server's certificate was rejected (unknown CA, self-signed,
+/// wrong host name, expired): it fails the same way on every attempt.
+pub fn is_tls_verification_failure(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Tls(e) = err else {
+        return false;
+    };
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let text = text.to_lowercase();
+    text.contains("certificate verify failed")
+        || text.contains("unable to get local issuer certificate")
+        || text.contains("self-signed certificate")
+        || text.contains("self signed certificate")
+        || text.contains("hostname mismatch")
+        || text.contains("certificate has expired")
+        || text.contains("unknown ca")
+}
+
 /// Retry class of any sqlx error.
 pub fn is_retryable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| sqlstate_is_retryable(&c)),
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Tls(_) => !is_tls_verification_failure(err),
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         _ => false,
     }
@@ -100,8 +147,22 @@ pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
 /// Converts a sqlx error into a `ProviderError` naming the operation and, when given,
 /// the instance.
 pub fn db_error(operation: &str, instance: Option<&str>, err: sqlx::Error) -> ProviderError {
-    let retryable = is_retryable(&err);
+    let mut retryable = is_retryable(&err);
     let detail = match &err {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("53200") => {
+            retryable = !LOCK_HEAVY_OPERATIONS.contains(&operation);
+            format!(
+                "{} (SQLSTATE 53200): the server's shared lock table is full. Delete or prune \
+                 fewer instances per call, or raise max_locks_per_transaction on the server",
+                db.message()
+            )
+        }
+        sqlx::Error::Tls(e) if is_tls_verification_failure(&err) => format!(
+            "TLS certificate verification failed: {e}. Check sslmode (verify-ca and \
+             verify-full check the server certificate against the root certificate named \
+             by sslrootcert, verify-full also checks the host name) and that sslrootcert \
+             is the CA that signed the server's certificate"
+        ),
         sqlx::Error::Database(db) => {
             format!(
                 "{} (SQLSTATE {})",
@@ -187,5 +248,23 @@ mod tests {
         assert!(e.is_retryable());
         assert!(e.message.contains("\"i-1\""), "{e}");
         assert_eq!(e.operation, "ack_orchestration_item");
+    }
+
+    #[test]
+    fn tls_verification_failures_are_permanent_and_name_the_settings() {
+        let verify: Box<dyn std::error::Error + Send + Sync> = "error:0A000086:SSL routines:\
+            tls_post_process_server_certificate:certificate verify failed:ssl/statem/statem_clnt.c:1889: \
+            (self-signed certificate in certificate chain)"
+            .into();
+        let err = sqlx::Error::Tls(verify);
+        assert!(!is_retryable(&err));
+        let e = db_error("migrate", None, err);
+        assert!(!e.is_retryable());
+        assert!(
+            e.message.contains("sslmode") && e.message.contains("sslrootcert"),
+            "{e}"
+        );
+        let reset: Box<dyn std::error::Error + Send + Sync> = "connection reset by peer".into();
+        assert!(is_retryable(&sqlx::Error::Tls(reset)));
     }
 }

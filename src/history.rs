@@ -36,7 +36,7 @@ impl PostgresProvider {
     ) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read";
         let rows: Vec<String> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(READ_LATEST)).bind(instance)
         )
@@ -53,7 +53,7 @@ impl PostgresProvider {
         let exec = to_i64("execution_id", execution_id)
             .map_err(|m| decode_error(operation, Some(instance), m))?;
         let rows: Vec<String> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_scalar(&self.sql(READ_EXECUTION))
                 .bind(instance)

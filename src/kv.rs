@@ -65,7 +65,7 @@ impl PostgresProvider {
         key: &str,
     ) -> Result<Option<String>, ProviderError> {
         let v: Option<Option<String>> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_scalar(&self.sql(KV_ONE))
                 .bind(instance)
@@ -80,7 +80,7 @@ impl PostgresProvider {
         instance: &str,
     ) -> Result<HashMap<String, String>, ProviderError> {
         let rows: Vec<(String, Option<String>)> = on_conn!(
-            self,
+            idempotent: self,
             fetch_all,
             sqlx::query_as(&self.sql(KV_MERGED)).bind(instance)
         )
@@ -97,7 +97,7 @@ impl PostgresProvider {
         last_seen_version: u64,
     ) -> Result<Option<(Option<String>, u64)>, ProviderError> {
         let row: Option<(Option<String>, i64)> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_as(&self.sql(CUSTOM_STATUS))
                 .bind(instance)
@@ -112,7 +112,7 @@ impl PostgresProvider {
         instance: &str,
     ) -> Result<Option<SystemStats>, ProviderError> {
         let row: Option<StatsRow> = on_conn!(
-            self,
+            idempotent: self,
             fetch_optional,
             sqlx::query_as(&self.sql(STATS)).bind(instance)
         )

@@ -3,30 +3,45 @@
 
 /// Runs one query on a connection of the provider's own pool (see `pool.rs`) and
 /// returns the connection afterwards: `on_conn!(provider, fetch_one, query)` evaluates
-/// to the query's `Result<_, sqlx::Error>`. A statement the server certainly did not run
-/// (the connection was already terminated: 57P0x, class 08) is retried on a fresh
-/// connection, twice at most: after a restart or a mass kill, the first calls would
-/// otherwise all fail on connections that died while idle.
+/// to the query's `Result<_, sqlx::Error>`.
+///
+/// A failed call is sent again on a fresh connection (twice at most) only when that
+/// cannot run it twice (see [`pool::Failed::may_resend`]): the checkout failed (nothing
+/// was sent), or the server reported that it ended the session without running or
+/// committing the statement (57P01, 57P03, 57P05). `on_conn!(idempotent: ...)` marks a
+/// statement that is harmless to run twice (reads, lease renewals, enqueues carrying a
+/// client id): it is also resent when the outcome is unknown (I/O error, class 08 such
+/// as PgBouncer's `08P01`, `57P02`). Anything else comes back as a retryable error and
+/// the caller decides.
 macro_rules! on_conn {
-    ($provider:expr, $method:ident, $query:expr) => {{
-        let mut attempt = 0u64;
+    (@run $provider:expr, $method:ident, $query:expr, $idempotent:expr) => {{
+        let mut resends = 0u64;
         loop {
-            let result = match $provider.conns().acquire().await {
+            let failed = match $provider.conns().acquire().await {
                 Ok(mut conn) => {
                     let result = $query.$method(&mut *conn).await;
-                    conn.finish(result)
+                    match conn.finish(result) {
+                        Ok(v) => break Ok(v),
+                        Err(e) => $crate::pool::Failed::Statement(e),
+                    }
                 }
-                Err(e) => Err(e),
+                Err(e) => $crate::pool::Failed::Checkout(e),
             };
-            match result {
-                Err(e) if attempt < 2 && $crate::pool::not_run_by_server(&e) => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(10 * attempt)).await;
-                }
-                other => break other,
+            if resends < 2 && failed.may_resend($idempotent) {
+                resends += 1;
+                metrics::counter!("duroxide_pg_resends_total").increment(1);
+                tokio::time::sleep(std::time::Duration::from_millis(10 * resends)).await;
+            } else {
+                break Err(failed.into_error());
             }
         }
     }};
+    (idempotent: $provider:expr, $method:ident, $query:expr) => {
+        on_conn!(@run $provider, $method, $query, true)
+    };
+    ($provider:expr, $method:ident, $query:expr) => {
+        on_conn!(@run $provider, $method, $query, false)
+    };
 }
 
 mod admin;
@@ -60,3 +75,4 @@ pub use entra::EntraAuthOptions;
 pub use errors::ConfigError;
 pub use options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};
+pub use worker::UNDECODABLE_ACTIVITY;

@@ -118,6 +118,16 @@ pub struct ProviderOptions {
     /// tokens such as Microsoft Entra ID with the `entra` feature); replaces the URL's
     /// password. `None` (default): the URL's password. See [`PasswordSource`].
     pub password_source: Option<PasswordSource>,
+    /// A pooled connection idle longer than this is closed instead of reused (`None` =
+    /// kept forever). Load balancers and NAT gateways drop idle flows without telling
+    /// either end, and a call on such a connection hangs until TCP gives up. The default,
+    /// 5 minutes, is below AWS's 350 s cut; behind a shorter one (Azure Load Balancer's
+    /// default is 4 minutes) set it lower. Checked when a connection is checked out.
+    pub idle_timeout: Option<Duration>,
+    /// A pooled connection older than this is closed when it comes back to the pool
+    /// (`None` = no limit): spreads connections across servers after a failover or a
+    /// scale-out behind a pooler, and bounds per-backend memory growth. Default 30 min.
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Default for ProviderOptions {
@@ -135,6 +145,8 @@ impl Default for ProviderOptions {
             long_poll: true,
             fallback_poll_interval: Duration::from_secs(10),
             password_source: None,
+            idle_timeout: Some(Duration::from_secs(5 * 60)),
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
         }
     }
 }
@@ -154,6 +166,8 @@ impl fmt::Debug for ProviderOptions {
             .field("long_poll", &self.long_poll)
             .field("fallback_poll_interval", &self.fallback_poll_interval)
             .field("password_source", &self.password_source)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }
@@ -178,6 +192,10 @@ pub mod env {
     pub const LONG_POLL: &str = "DUROXIDE_PG_LONG_POLL";
     /// Fallback poll interval of long polling, in milliseconds.
     pub const FALLBACK_POLL_MS: &str = "DUROXIDE_PG_FALLBACK_POLL_MS";
+    /// Pool idle timeout in milliseconds (`0` = keep idle connections forever).
+    pub const IDLE_TIMEOUT_MS: &str = "DUROXIDE_PG_IDLE_TIMEOUT_MS";
+    /// Pool connection max lifetime in milliseconds (`0` = no limit).
+    pub const MAX_LIFETIME_MS: &str = "DUROXIDE_PG_MAX_LIFETIME_MS";
 }
 
 impl ProviderOptions {
@@ -227,6 +245,14 @@ impl ProviderOptions {
             self.fallback_poll_interval =
                 Duration::from_millis(parse_env(env::FALLBACK_POLL_MS, &v)?);
         }
+        if let Some(v) = read_env(env::IDLE_TIMEOUT_MS) {
+            let ms: u64 = parse_env(env::IDLE_TIMEOUT_MS, &v)?;
+            self.idle_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(v) = read_env(env::MAX_LIFETIME_MS) {
+            let ms: u64 = parse_env(env::MAX_LIFETIME_MS, &v)?;
+            self.max_lifetime = (ms > 0).then(|| Duration::from_millis(ms));
+        }
         self.validate()?;
         Ok(self)
     }
@@ -243,6 +269,16 @@ impl ProviderOptions {
         if self.fallback_poll_interval.is_zero() {
             return Err(ConfigError::new(
                 "fallback_poll_interval must be greater than zero",
+            ));
+        }
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new(
+                "idle_timeout must be greater than zero (use None to keep idle connections)",
+            ));
+        }
+        if self.max_lifetime.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new(
+                "max_lifetime must be greater than zero (use None for no limit)",
             ));
         }
         if self.min_connections > self.max_connections {
@@ -376,5 +412,33 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+        let bad = ProviderOptions {
+            idle_timeout: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("idle_timeout")
+        );
+        let bad = ProviderOptions {
+            max_lifetime: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_lifetime")
+        );
+    }
+
+    #[test]
+    fn pool_lifetimes_default_below_load_balancer_idle_cuts() {
+        let o = ProviderOptions::default();
+        assert_eq!(o.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(o.max_lifetime, Some(Duration::from_secs(1800)));
+        assert!(o.validate().is_ok());
     }
 }

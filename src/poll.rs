@@ -7,7 +7,7 @@ use std::time::Duration;
 use duroxide::providers::ProviderError;
 use tokio::time::Instant;
 
-use crate::notify::{Queue, WakeGuard};
+use crate::notify::{Interest, Queue};
 use crate::provider::PostgresProvider;
 
 /// Outcome of one claim attempt.
@@ -29,9 +29,26 @@ pub(crate) fn wake_in(now_ms: i64, next_wake_ms: Option<i64>) -> Option<Duration
 }
 
 impl PostgresProvider {
+    /// Claims until something is claimed or `poll_timeout` ends; any waiter of `queue`.
     pub(crate) async fn poll_until<T, F, Fut>(
         &self,
         queue: Queue,
+        poll_timeout: Duration,
+        attempt: F,
+    ) -> Result<Option<T>, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Attempt<T>, ProviderError>>,
+    {
+        self.poll_for(Interest::any(queue), poll_timeout, attempt)
+            .await
+    }
+
+    /// Claims until something is claimed or `poll_timeout` ends, waking for items that
+    /// `interest` admits (see `notify.rs`).
+    pub(crate) async fn poll_for<T, F, Fut>(
+        &self,
+        interest: Interest,
         poll_timeout: Duration,
         mut attempt: F,
     ) -> Result<Option<T>, ProviderError>
@@ -39,6 +56,7 @@ impl PostgresProvider {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Attempt<T>, ProviderError>>,
     {
+        let queue = interest.queue;
         let long = self.inner.long_poll && !poll_timeout.is_zero();
         if !long {
             let claimed = match attempt().await? {
@@ -56,21 +74,22 @@ impl PostgresProvider {
         let deadline = Instant::now() + poll_timeout;
         self.inner
             .notifier
-            .ensure_listening(self.pool_ref(), &self.inner.schema_q)
-            .await;
-        let notify = self.inner.notifier.queue(queue);
-        let mut woken: Option<WakeGuard<'_>> = None;
+            .ensure_listening(self.pool_ref(), &self.inner.schema_q);
+        // Registered before the first claim and for the whole call, so a notification
+        // sent while a claim runs is not missed.
+        let registration = self.inner.notifier.register(interest);
+        let waiter = registration.waiter();
         loop {
-            // Registered before the claim, so a notification sent while the claim runs
-            // is not missed.
-            let notified = notify.notified();
+            let notified = waiter.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
 
+            // Acting on the wake-up now; handed on if this future is dropped mid-claim.
+            let hand_on = registration.hand_on_guard(waiter.take_pending());
+            // A delayed-work time that has passed is served by this claim.
+            let _ = waiter.wake_at();
             let outcome = attempt().await;
-            if let Some(guard) = woken.take() {
-                guard.disarm();
-            }
+            hand_on.disarm();
             let wake_in = match outcome? {
                 Attempt::Claimed(t) => {
                     metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "claimed")
@@ -91,16 +110,26 @@ impl PostgresProvider {
             if let Some(w) = wake_in {
                 until = until.min(now + w);
             }
-            tokio::select! {
-                _ = &mut notified => {
-                    metrics::counter!("duroxide_pg_long_poll_wakeups_total", "queue" => queue.sql_name(), "reason" => "notify").increment(1);
-                    woken = Some(WakeGuard::new(notify));
-                }
-                _ = tokio::time::sleep_until(until) => {
-                    if Instant::now() >= deadline {
-                        return Ok(None);
+            loop {
+                // Delayed work announced by `at:` notifications shortens the sleep.
+                let sleep_to = waiter.wake_at().map_or(until, |t| t.min(until));
+                tokio::select! {
+                    _ = &mut notified => {
+                        if waiter.has_pending() {
+                            metrics::counter!("duroxide_pg_long_poll_wakeups_total", "queue" => queue.sql_name(), "reason" => "notify").increment(1);
+                            break;
+                        }
+                        // Only a new wake-up time: sleep again, to it.
+                        notified.set(waiter.notify().notified());
+                        notified.as_mut().enable();
                     }
-                    metrics::counter!("duroxide_pg_long_poll_wakeups_total", "queue" => queue.sql_name(), "reason" => "timer").increment(1);
+                    _ = tokio::time::sleep_until(sleep_to) => {
+                        if Instant::now() >= deadline {
+                            return Ok(None);
+                        }
+                        metrics::counter!("duroxide_pg_long_poll_wakeups_total", "queue" => queue.sql_name(), "reason" => "timer").increment(1);
+                        break;
+                    }
                 }
             }
         }

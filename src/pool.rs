@@ -11,6 +11,10 @@
 //! loses its connection (I/O error, FATAL such as `57P01`) also discards the idle
 //! connections, which the same restart or kill has most likely closed.
 //!
+//! Idle connections older than `idle_timeout` (or any older than `max_lifetime`) are
+//! closed at checkout instead of used: a load balancer or NAT gateway that silently
+//! dropped the flow would otherwise make the call hang until TCP gives up.
+//!
 //! The `PgPool` a provider is built from stays in use for migrations and is what
 //! [`PostgresProvider::pool`](crate::PostgresProvider::pool) returns to applications.
 
@@ -30,31 +34,58 @@ pub(crate) struct ConnPool {
 struct PoolInner {
     /// Asks the password source (if any) for every new connection.
     connect: Arc<Credentials>,
-    idle: Mutex<Vec<PgConnection>>,
+    idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
     acquire_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_lifetime: Option<Duration>,
+}
+
+/// A connection with the ages the pool's limits are checked against.
+struct Pooled {
+    conn: PgConnection,
+    opened: Instant,
+    idle_since: Instant,
+}
+
+impl Pooled {
+    fn expired(&self, inner: &PoolInner) -> bool {
+        inner
+            .idle_timeout
+            .is_some_and(|t| self.idle_since.elapsed() >= t)
+            || inner
+                .max_lifetime
+                .is_some_and(|t| self.opened.elapsed() >= t)
+    }
+}
+
+/// Pool limits beyond the size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolLimits {
+    pub acquire_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
 }
 
 /// A checked-out connection. Call [`finish`](Conn::finish) with the query's result to
 /// give it back; dropping it unfinished closes it.
 pub(crate) struct Conn {
     conn: Option<PgConnection>,
+    opened: Instant,
     pool: Arc<PoolInner>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl ConnPool {
-    pub(crate) fn new(
-        connect: Arc<Credentials>,
-        max_connections: u32,
-        acquire_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(connect: Arc<Credentials>, max_connections: u32, limits: PoolLimits) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 connect,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(max_connections as usize)),
-                acquire_timeout,
+                acquire_timeout: limits.acquire_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_lifetime: limits.max_lifetime,
             }),
         }
     }
@@ -70,25 +101,41 @@ impl ConnPool {
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)?
         .map_err(|_| sqlx::Error::PoolClosed)?;
-        let idle = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let conn = match idle {
-            Some(c) => c,
+        let (idle, expired) = {
+            let mut idle = self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let expired: Vec<Pooled> = {
+                let (keep, gone): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|c| !c.expired(&self.inner));
+                *idle = keep;
+                gone
+            };
+            (idle.pop(), expired)
+        };
+        if !expired.is_empty() {
+            metrics::counter!("duroxide_pg_pool_expired_connections_total")
+                .increment(expired.len() as u64);
+            close_in_background(expired.into_iter().map(|c| c.conn).collect());
+        }
+        let (conn, opened) = match idle {
+            Some(c) => (c.conn, c.opened),
             None => {
                 let remaining = self.inner.acquire_timeout.saturating_sub(started.elapsed());
-                tokio::time::timeout(remaining, self.inner.connect.connect())
+                let conn = tokio::time::timeout(remaining, self.inner.connect.connect())
                     .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)??
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                (conn, Instant::now())
             }
         };
         metrics::histogram!("duroxide_pg_pool_wait_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(Conn {
             conn: Some(conn),
+            opened,
             pool: self.inner.clone(),
             _permit: permit,
         })
@@ -106,27 +153,86 @@ impl ConnPool {
         Ok(())
     }
 
-    /// Closes idle connections and refuses new checkouts.
-    pub(crate) async fn close(&self) {
+    /// Refuses new checkouts (they fail with `PoolClosed`) and hands back the idle
+    /// connections for the caller to close; connections in use are closed when they
+    /// come back.
+    pub(crate) fn shut(&self) -> Vec<PgConnection> {
         self.inner.permits.close();
-        let idle = std::mem::take(
+        std::mem::take(
             &mut *self
                 .inner
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
-        );
-        for c in idle {
-            let _ = c.close().await;
+        )
+        .into_iter()
+        .map(|c| c.conn)
+        .collect()
+    }
+}
+
+/// Closes connections politely (Terminate message) without making the caller wait.
+fn close_in_background(conns: Vec<PgConnection>) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            for c in conns {
+                let _ = c.close().await;
+            }
+        });
+    }
+}
+
+/// A failed call, by how far it got.
+pub(crate) enum Failed {
+    /// No connection: nothing was sent.
+    Checkout(sqlx::Error),
+    /// The statement was (or may have been) sent.
+    Statement(sqlx::Error),
+}
+
+impl Failed {
+    /// Whether sending the statement again on a fresh connection cannot run it twice.
+    ///
+    /// * Checkout failures: nothing was sent. Resent when retryable, except a pool
+    ///   timeout (the caller already waited `acquire_timeout`).
+    /// * `57P01` (terminated by an administrator or a fast shutdown), `57P03` (cannot
+    ///   connect now), `57P05` (idle-session timeout): PostgreSQL ended the session before
+    ///   the statement ran or rolled it back. (A termination while a commit waits for a
+    ///   synchronous standby is reported as a WARNING and a closed socket, not 57P01, so
+    ///   it lands below.)
+    /// * Anything else is an unknown outcome (I/O error, class 08 such as PgBouncer's
+    ///   `08P01 server conn crashed?` which can follow the commit, `08007`, `57P02`
+    ///   crash): resent only for `idempotent` statements.
+    pub(crate) fn may_resend(&self, idempotent: bool) -> bool {
+        match self {
+            Failed::Checkout(e) => {
+                !matches!(e, sqlx::Error::PoolTimedOut) && crate::errors::is_retryable(e)
+            }
+            Failed::Statement(e) => ended_before_commit(e) || (idempotent && outcome_unknown(e)),
+        }
+    }
+
+    pub(crate) fn into_error(self) -> sqlx::Error {
+        match self {
+            Failed::Checkout(e) | Failed::Statement(e) => e,
         }
     }
 }
 
-/// The server reported that the session ended before or instead of running the statement
-/// (terminated by an administrator, shutting down, connection failure): nothing of it was
-/// applied, so it is safe to send again on another connection.
-pub(crate) fn not_run_by_server(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+/// The server ended the session without running or committing the statement.
+fn ended_before_commit(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| matches!(&*c, "57P01" | "57P03" | "57P05")))
+}
+
+/// The connection failed while the statement was in flight: it may or may not have run.
+fn outcome_unknown(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
 }
 
 impl Conn {
@@ -157,12 +263,24 @@ impl Conn {
         // Every checkout runs exactly one statement: this counts the provider's round trips.
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("duroxide_pg_round_trips_total", "outcome" => outcome).increment(1);
-        if reusable && let Some(c) = self.conn.take() {
-            self.pool
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(c);
+        let too_old = self
+            .pool
+            .max_lifetime
+            .is_some_and(|t| self.opened.elapsed() >= t);
+        if let Some(c) = self.conn.take() {
+            if reusable && !too_old && !self.pool.permits.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Pooled {
+                        conn: c,
+                        opened: self.opened,
+                        idle_since: Instant::now(),
+                    });
+            } else if reusable {
+                close_in_background(vec![c]);
+            }
         }
         result
     }

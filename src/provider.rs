@@ -13,7 +13,7 @@ use crate::credentials::Credentials;
 use crate::errors::db_error;
 use crate::notify::Notifier;
 use crate::options::{FetchPath, ProviderOptions};
-use crate::pool::ConnPool;
+use crate::pool::{ConnPool, PoolLimits};
 use crate::schema::{self, quote_ident};
 
 // duroxide-pg's paths `duroxide_pg::provider::{ProviderConfig, ...}` keep working.
@@ -143,7 +143,11 @@ impl PostgresProvider {
         let conns = ConnPool::new(
             credentials.clone(),
             options.max_connections,
-            options.acquire_timeout,
+            PoolLimits {
+                acquire_timeout: options.acquire_timeout,
+                idle_timeout: options.idle_timeout,
+                max_lifetime: options.max_lifetime,
+            },
         );
         if options.min_connections > 0 {
             conns
@@ -166,7 +170,7 @@ impl PostgresProvider {
             fetch_path,
             long_poll: options.long_poll,
             fallback_poll_interval: options.fallback_poll_interval,
-            notifier: Arc::new(Notifier::new(credentials.clone())),
+            notifier: Arc::new(Notifier::with_credentials(Some(credentials.clone()))),
             credentials: credentials.clone(),
         });
         // The application-facing pool cannot ask the source per connection: keep its
@@ -222,9 +226,23 @@ impl PostgresProvider {
     }
 
     /// Closes the provider's connections and the pool.
-    pub async fn close(&self) {
-        self.inner.conns.close().await;
-        self.inner.pool.close().await;
+    ///
+    /// Like `sqlx::PgPool::close`, everything is marked closed when this is CALLED
+    /// (later calls fail with a permanent "pool closed" error, the LISTEN task stops);
+    /// awaiting the future waits for the connections to finish closing. So a `Drop`
+    /// impl can call it without awaiting.
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let idle = self.inner.conns.shut();
+        self.inner.notifier.shut_down();
+        let pool = self.inner.pool.clone();
+        // sqlx marks the pool closed when `close` is called, before the future runs.
+        drop(pool.close());
+        async move {
+            for c in idle {
+                let _ = sqlx::Connection::close(c).await;
+            }
+            pool.close().await;
+        }
     }
 
     /// Puts the password source's current answer into [`pool`](Self::pool)'s connect

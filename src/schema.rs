@@ -1,5 +1,7 @@
-//! Schema management: identifier validation and quoting, migrations (sqlx `migrate!`,
-//! run inside the provider's own schema with its own `_sqlx_migrations` ledger), function
+//! Schema management: identifier validation and quoting, migrations (embedded with sqlx
+//! `migrate!`, applied inside the provider's own schema and recorded in the crate's own
+//! ledger `_duroxide_pg_hybrid_migrations`, so an application's sqlx ledger can share the
+//! schema), function
 //! files (`migrations/functions/*.sql`, re-applied when their revision changes, ledger
 //! `_function_files`), and verification when auto-migration is off.
 //!
@@ -58,6 +60,16 @@ pub static FUNCTION_FILES: &[FunctionFile] = &[
     function_file!("07_admin.sql"),
 ];
 
+/// This crate's migration ledger, in the provider's schema. Not sqlx's `_sqlx_migrations`:
+/// `new(url)` uses `public` (as duroxide-pg does), where an application's own sqlx
+/// migrations may keep that table.
+pub const LEDGER_TABLE: &str = "_duroxide_pg_hybrid_migrations";
+
+/// The ledger releases before 0.2.0 kept (sqlx's default). Rows of our migrations found
+/// there (same version and checksum) are taken over into [`LEDGER_TABLE`]; the table is
+/// left as it is, so a process of such a release still starts on the schema.
+pub const LEGACY_LEDGER_TABLE: &str = "_sqlx_migrations";
+
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
@@ -107,7 +119,7 @@ pub fn expected_version() -> i64 {
 /// State of a schema's migration ledger compared with this binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchemaStatus {
-    /// Versions recorded in the schema's `_sqlx_migrations`, ascending.
+    /// Versions recorded in the schema's ledger ([`LEDGER_TABLE`]), ascending.
     pub applied: Vec<i64>,
     /// Versions this binary would apply, ascending.
     pub pending: Vec<i64>,
@@ -191,18 +203,94 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
         }
         conn.execute(format!("SET search_path TO {}, pg_temp", quote_ident(schema)).as_str())
             .await?;
-        // sqlx's own (database-wide) migration lock is taken too; it is redundant with
-        // ours but harmless, and keeps the static migrator untouched.
-        MIGRATOR
-            .run_direct(&mut conn)
-            .await
-            .map_err(sqlx::Error::from)?;
+        apply_migrations(&mut conn).await?;
         apply_function_files(&mut conn).await
     }
     .await;
     // Closing the detached connection also releases the advisory lock.
     let _ = conn.close().await;
     result
+}
+
+/// Creates the ledger (taking over a pre-0.2.0 release's rows) and applies every pending
+/// migration, each in its own transaction with its ledger row. Runs under the migration
+/// lock with `search_path` set to the schema.
+async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    conn.execute(
+        format!(
+            "CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), \
+             success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)"
+        )
+        .as_str(),
+    )
+    .await?;
+    let legacy: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = $1)",
+    )
+    .bind(LEGACY_LEDGER_TABLE)
+    .fetch_one(&mut *conn)
+    .await?;
+    if legacy {
+        let (versions, checksums): (Vec<i64>, Vec<Vec<u8>>) = MIGRATOR
+            .iter()
+            .map(|m| (m.version, m.checksum.to_vec()))
+            .unzip();
+        sqlx::query(&format!(
+            "INSERT INTO {LEDGER_TABLE} (version, description, installed_on, success, checksum, execution_time) \
+             SELECT l.version, l.description, l.installed_on, l.success, l.checksum, l.execution_time \
+             FROM {LEGACY_LEDGER_TABLE} l \
+             JOIN unnest($1::BIGINT[], $2::BYTEA[]) AS ours(version, checksum) \
+               ON ours.version = l.version AND ours.checksum = l.checksum \
+             WHERE l.success \
+             ON CONFLICT (version) DO NOTHING"
+        ))
+        .bind(&versions)
+        .bind(&checksums)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(&format!(
+        "SELECT version, checksum FROM {LEDGER_TABLE} WHERE success"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    for m in MIGRATOR.iter() {
+        match applied.iter().find(|(v, _)| *v == m.version) {
+            Some((_, sum)) if sum.as_slice() == &*m.checksum => continue,
+            Some(_) => {
+                return Err(sqlx::Error::Configuration(
+                    format!(
+                        "migration {} ({}) was applied with different contents than this binary's",
+                        m.version, m.description
+                    )
+                    .into(),
+                ));
+            }
+            None => {}
+        }
+        let started = std::time::Instant::now();
+        let mut tx = conn.begin().await?;
+        tx.execute(&*m.sql).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {LEDGER_TABLE} (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, TRUE, $3, $4)"
+        ))
+        .bind(m.version)
+        .bind(&*m.description)
+        .bind(&*m.checksum)
+        .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(
+            target: crate::provider::TRACING_TARGET,
+            version = m.version,
+            description = %m.description,
+            "applied migration"
+        );
+    }
+    Ok(())
 }
 
 /// Applies the function files whose revision is newer than the ledger's (or whose text
@@ -278,6 +366,41 @@ fn function_file_pending(file: &FunctionFile, ledger: &[LedgerRow]) -> bool {
     }
 }
 
+/// Applied migrations (version, checksum) of `schema`: this crate's ledger, else the rows
+/// of our migrations in a pre-0.2.0 release's sqlx ledger, else none.
+async fn read_migration_ledger(
+    pool: &PgPool,
+    schema: &str,
+) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::TEXT FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2)",
+    )
+    .bind(schema)
+    .bind([LEDGER_TABLE, LEGACY_LEDGER_TABLE])
+    .fetch_all(pool)
+    .await?;
+    let q = quote_ident(schema);
+    if tables.iter().any(|t| t == LEDGER_TABLE) {
+        return sqlx::query_as(&format!(
+            "SELECT version, checksum FROM {q}.{LEDGER_TABLE} WHERE success ORDER BY version"
+        ))
+        .fetch_all(pool)
+        .await;
+    }
+    if tables.iter().any(|t| t == LEGACY_LEDGER_TABLE) {
+        // Only our own rows: an application's sqlx ledger may share the schema.
+        let ours: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        return sqlx::query_as(&format!(
+            "SELECT version, checksum FROM {q}.{LEGACY_LEDGER_TABLE} \
+             WHERE success AND version = ANY($1) ORDER BY version"
+        ))
+        .bind(&ours)
+        .fetch_all(pool)
+        .await;
+    }
+    Ok(Vec::new())
+}
+
 /// Reads the schema's ledger and compares it with the embedded migrations.
 ///
 /// # Errors
@@ -286,22 +409,7 @@ pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::E
     validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
     // A duroxide-pg schema: refuse clearly instead of failing inside CREATE TABLE.
     crate::incumbent::refuse_if_present(pool, schema).await?;
-    let ledger_exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = '_sqlx_migrations')",
-    )
-    .bind(schema)
-    .fetch_one(pool)
-    .await?;
-    let rows: Vec<(i64, Vec<u8>)> = if ledger_exists {
-        sqlx::query_as(&format!(
-            "SELECT version, checksum FROM {}._sqlx_migrations WHERE success ORDER BY version",
-            quote_ident(schema)
-        ))
-        .fetch_all(pool)
-        .await?
-    } else {
-        Vec::new()
-    };
+    let rows = read_migration_ledger(pool, schema).await?;
     let function_ledger_exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = '_function_files')",
     )
@@ -398,14 +506,14 @@ pub fn migration_sql(schema: &str) -> Result<String, ConfigError> {
     let mut out = format!(
         "-- duroxide-pg-hybrid migrations for schema {schema}\nCREATE SCHEMA IF NOT EXISTS {q};\n\
          SET search_path TO {q}, pg_temp;\n\
-         CREATE TABLE IF NOT EXISTS _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
          installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, \
          execution_time BIGINT NOT NULL);\n"
     );
     for m in MIGRATOR.iter() {
         let hex: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
         out.push_str(&format!(
-            "\n-- migration {} {}\nBEGIN;\n{}\nINSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+            "\n-- migration {} {}\nBEGIN;\n{}\nINSERT INTO {LEDGER_TABLE} (version, description, success, checksum, execution_time) \
              VALUES ({}, '{}', TRUE, '\\x{}', -1);\nCOMMIT;\n",
             m.version,
             m.description,

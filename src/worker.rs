@@ -8,7 +8,7 @@ use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem
 
 use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
-use crate::notify::Queue;
+use crate::notify::{Interest, Queue};
 use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 
@@ -55,9 +55,11 @@ leased AS (
     SET lock_token = $1, locked_until_ms = clock.now + $2, attempt_count = w.attempt_count + 1
     FROM cand, clock
     WHERE w.id = cand.id AND (cand.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
-    RETURNING w.work_item, w.attempt_count, w.instance_id
+    RETURNING w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
+              w.session_id, w.tag
 )
-SELECT l.work_item, l.attempt_count, l.instance_id, clock.now AS now_ms,
+SELECT l.work_item, l.attempt_count, l.instance_id, l.execution_id, l.activity_id,
+       l.session_id, l.tag, clock.now AS now_ms,
        CASE
            WHEN l.work_item IS NOT NULL THEN NULL
            -- Lost a session race for a candidate: look again at once.
@@ -71,7 +73,11 @@ SELECT l.work_item, l.attempt_count, l.instance_id, clock.now AS now_ms,
 FROM clock LEFT JOIN leased l ON true";
 
 /// Deletes the leased item if its lease is live, touches its session, and enqueues the
-/// completion for the orchestration, atomically.
+/// completion for the orchestration, atomically. Records `ack:<call id>` ($5, one per
+/// call, reused by its resends) in the enqueue ledger, so a resend of an ack that
+/// committed (its reply was lost) is recognised and answered as done instead of "lock
+/// not held"; a second, separate ack of the token still fails. Returns (rows acked
+/// now, this call acked before).
 const ACK: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
 done AS (
@@ -89,9 +95,21 @@ completion AS (
     SELECT $2::TEXT, $3::TEXT, $4::TEXT, clock.now, clock.now FROM clock
     WHERE $4::TEXT IS NOT NULL AND EXISTS (SELECT 1 FROM done)
     RETURNING 1
+),
+recorded AS (
+    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+    SELECT 'ack:' || $5::TEXT, clock.now FROM clock WHERE EXISTS (SELECT 1 FROM done)
+    ON CONFLICT (enqueue_id) DO NOTHING
+),
+pruned AS (
+    DELETE FROM {s}.enqueue_ledger l
+    WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
 )
-SELECT (SELECT count(*) FROM done)
-FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion))";
+SELECT (SELECT count(*) FROM done) AS acked,
+       EXISTS (SELECT 1 FROM {s}.enqueue_ledger l WHERE l.enqueue_id = 'ack:' || $5::TEXT) AS acked_before
+FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion)) AS n";
 
 const RENEW: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -108,28 +126,52 @@ touched AS (
 )
 SELECT count(*) FROM renewed";
 
-/// $2 delay ms (NULL = visible now), $3 ignore attempt.
+/// $2 delay ms (NULL = visible now), $3 ignore attempt. Wakes a waiter that can take
+/// the item now, or tells waiters when it becomes visible.
 const ABANDON: &str = "\
-WITH released AS (
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+released AS (
     UPDATE {s}.worker_queue w
     SET lock_token = NULL, locked_until_ms = NULL,
-        visible_at_ms = CASE WHEN $2::BIGINT IS NULL THEN w.visible_at_ms ELSE {s}.now_ms() + $2 END,
+        visible_at_ms = CASE WHEN $2::BIGINT IS NULL THEN w.visible_at_ms ELSE clock.now + $2 END,
         attempt_count = CASE WHEN $3 THEN greatest(0, w.attempt_count - 1) ELSE w.attempt_count END
+    FROM clock
     WHERE w.lock_token = $1
-    RETURNING w.instance_id
+    RETURNING w.instance_id, w.tag, w.session_id, w.visible_at_ms, clock.now
 )
-SELECT r.instance_id
-FROM released r, {s}.notify_work_available('worker', CASE WHEN $2::BIGINT IS NULL THEN 1 ELSE 0 END)";
+SELECT (SELECT r.instance_id FROM released r)
+FROM {s}.notify_worker_items(
+         (SELECT array_agg(r.tag) FROM released r WHERE r.visible_at_ms <= r.now),
+         (SELECT array_agg(r.session_id) FROM released r WHERE r.visible_at_ms <= r.now)) AS n1,
+     {s}.notify_delayed('worker',
+         (SELECT min(r.visible_at_ms) FROM released r WHERE r.visible_at_ms > r.now)) AS n2";
 
+/// $7 client enqueue id: the item is queued only if the id is new (see
+/// `enqueue_ledger`), so a resent statement cannot queue it twice.
 const ENQUEUE: &str = "\
-WITH queued AS (
+WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+fresh AS (
+    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+    SELECT $7::TEXT, clock.now FROM clock
+    ON CONFLICT (enqueue_id) DO NOTHING
+    RETURNING 1
+),
+pruned AS (
+    DELETE FROM {s}.enqueue_ledger l
+    WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
+),
+queued AS (
     INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
                                   visible_at_ms, created_at_ms)
-    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, c.now, c.now
-    FROM (SELECT {s}.now_ms() AS now) c
-    RETURNING 1
+    SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, clock.now, clock.now
+    FROM clock WHERE EXISTS (SELECT 1 FROM fresh)
+    RETURNING tag, session_id
 )
-SELECT count(*) FROM queued, {s}.notify_work_available('worker', 1)";
+SELECT (SELECT count(*) FROM queued)
+FROM {s}.notify_worker_items((SELECT array_agg(q.tag) FROM queued q),
+                             (SELECT array_agg(q.session_id) FROM queued q)) AS n";
 
 const RENEW_SESSIONS: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -171,9 +213,19 @@ struct LeaseRow {
     work_item: Option<String>,
     attempt_count: Option<i32>,
     instance_id: Option<String>,
+    execution_id: Option<i64>,
+    activity_id: Option<i64>,
+    session_id: Option<String>,
+    tag: Option<String>,
     now_ms: i64,
     next_wake_ms: Option<i64>,
 }
+
+/// Activity name of a worker row whose JSON does not decode. No worker registers it, so
+/// duroxide treats the item as an unregistered activity: abandoned with back-off (a node
+/// running a newer release may decode it meanwhile) and poisoned after `max_attempts`,
+/// which fails the activity in its orchestration. Never executed.
+pub const UNDECODABLE_ACTIVITY: &str = "duroxide-pg-hybrid: undecodable work item";
 
 impl PostgresProvider {
     pub(crate) async fn fetch_work(
@@ -186,10 +238,37 @@ impl PostgresProvider {
         let Some((tag_mode, tags)) = tag_args(tag_filter) else {
             return Ok(None);
         };
-        self.poll_until(Queue::Worker, poll_timeout, || {
-            self.lease_work(lock_timeout, session, tag_mode, &tags)
-        })
-        .await
+        let interest = Interest {
+            queue: Queue::Worker,
+            tag_mode,
+            tags: tags.clone(),
+            session_owner: session.map(|s| s.owner_id.clone()),
+        };
+        let claimed = self
+            .poll_for(interest, poll_timeout, || {
+                self.lease_work(lock_timeout, session, tag_mode, &tags)
+            })
+            .await?;
+        if let (
+            Some((
+                WorkItem::ActivityExecute {
+                    session_id: Some(sid),
+                    ..
+                },
+                _,
+                _,
+            )),
+            Some(cfg),
+        ) = (&claimed, session)
+        {
+            // This owner's waiter is the one to wake for the session's next item.
+            self.inner.notifier.note_session_owner(
+                sid,
+                &cfg.owner_id,
+                tokio::time::Instant::now() + cfg.lock_timeout,
+            );
+        }
+        Ok(claimed)
     }
 
     async fn lease_work(
@@ -220,15 +299,35 @@ impl PostgresProvider {
             });
         };
         let attempts = row.attempt_count.unwrap_or(1);
-        let item: WorkItem = serde_json::from_str(&json).map_err(|e| {
-            // The lease is left to expire: the attempt count keeps rising, so the row
-            // ends up visible to operators as a poison candidate instead of spinning.
-            decode_error(
-                OP,
-                Some(&instance),
-                format!("worker item does not decode: {e}"),
-            )
-        })?;
+        let item: WorkItem = match serde_json::from_str(&json) {
+            Ok(item @ WorkItem::ActivityExecute { .. }) => item,
+            decoded => {
+                let error = match decoded {
+                    Ok(other) => format!("not an ActivityExecute but {}", work_item_kind(&other)),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(
+                    target: TRACING_TARGET,
+                    operation = OP,
+                    instance = %instance,
+                    attempt = attempts,
+                    error = %error,
+                    "worker item does not decode; handing it to duroxide as an unregistered \
+                     activity so it is retried with back-off and poisoned after max_attempts"
+                );
+                // The identity columns locate the activity in its orchestration, so
+                // the poison failure reaches the right instance, execution and id.
+                WorkItem::ActivityExecute {
+                    instance: instance.clone(),
+                    execution_id: u64::try_from(row.execution_id.unwrap_or(1)).unwrap_or(1),
+                    id: u64::try_from(row.activity_id.unwrap_or(0)).unwrap_or(0),
+                    name: UNDECODABLE_ACTIVITY.to_string(),
+                    input: format!("worker item does not decode ({error}): {json}"),
+                    session_id: row.session_id,
+                    tag: row.tag,
+                }
+            }
+        };
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,
@@ -273,17 +372,21 @@ impl PostgresProvider {
                 ));
             }
         };
-        let acked: i64 = on_conn!(
-            self,
+        // Idempotent through the ledger: resent also when the outcome is unknown, so a
+        // lost reply never makes duroxide abandon (and re-run) a completed activity.
+        let call_id = uuid::Uuid::new_v4().to_string();
+        let (acked, acked_before): (i64, bool) = on_conn!(
+            idempotent: self,
             fetch_one,
-            sqlx::query_scalar(&self.sql(ACK))
+            sqlx::query_as(&self.sql(ACK))
                 .bind(token)
                 .bind(instance)
                 .bind(kind)
                 .bind(&json)
+                .bind(&call_id)
         )
         .map_err(|e| db_error(OP, instance, e))?;
-        if acked == 0 {
+        if acked == 0 && !acked_before {
             return Err(ProviderError::permanent(
                 OP,
                 format!(
@@ -301,8 +404,9 @@ impl PostgresProvider {
         extend_for: Duration,
     ) -> Result<(), ProviderError> {
         const OP: &str = "renew_work_item_lock";
+        // Idempotent (extends to now + extend_for): resent also after a lost reply.
         let renewed: i64 = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_scalar(&self.sql(RENEW))
                 .bind(token)
@@ -327,7 +431,7 @@ impl PostgresProvider {
         const OP: &str = "abandon_work_item";
         let row: Option<String> = on_conn!(
             self,
-            fetch_optional,
+            fetch_one,
             sqlx::query_scalar(&self.sql(ABANDON))
                 .bind(token)
                 .bind(delay.map(millis))
@@ -364,8 +468,10 @@ impl PostgresProvider {
         };
         let bad = |m: String| decode_error(OP, Some(instance), m);
         let json = serde_json::to_string(&item).map_err(|e| bad(e.to_string()))?;
+        // One id per call, reused by resends: the statement is idempotent.
+        let enqueue_id = uuid::Uuid::new_v4().to_string();
         on_conn!(
-            self,
+            idempotent: self,
             execute,
             sqlx::query(&self.sql(ENQUEUE))
                 .bind(&json)
@@ -374,6 +480,7 @@ impl PostgresProvider {
                 .bind(to_i64("activity id", *id).map_err(bad)?)
                 .bind(session_id)
                 .bind(tag)
+                .bind(&enqueue_id)
         )
         .map_err(|e| db_error(OP, Some(instance), e))?;
         Ok(())
@@ -389,7 +496,7 @@ impl PostgresProvider {
             return Ok(0);
         }
         let n: i64 = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_scalar(&self.sql(RENEW_SESSIONS))
                 .bind(owner_ids)
@@ -402,7 +509,7 @@ impl PostgresProvider {
 
     pub(crate) async fn cleanup_sessions(&self) -> Result<usize, ProviderError> {
         let n: i64 = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_scalar(&self.sql(CLEANUP_SESSIONS))
         )

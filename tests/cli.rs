@@ -552,7 +552,7 @@ fn every_subcommand_against_a_fresh_schema() {
     rt.block_on(async {
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
         sqlx::query(&format!(
-            "DELETE FROM {}._sqlx_migrations WHERE version = $1",
+            "DELETE FROM {}._duroxide_pg_hybrid_migrations WHERE version = $1",
             quote_ident(&schema)
         ))
         .bind(last)
@@ -656,7 +656,7 @@ fn a_duroxide_pg_schema_is_named_and_refused() {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
         sqlx::query_scalar(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = '_sqlx_migrations'",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')",
         )
         .bind(&schema)
         .fetch_one(&mut conn)

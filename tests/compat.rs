@@ -265,7 +265,7 @@ async fn a_duroxide_pg_schema_is_recognised_and_refused() {
     // Nothing of ours was created, the incumbent's tables are untouched.
     let ours = scalar_i64(
         &mut conn,
-        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = '_sqlx_migrations'",
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')",
         &at_38,
     )
     .await;

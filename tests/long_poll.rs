@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 use common::{
     activity_item, database_url, new_provider, new_provider_with, start_item, test_options,
 };
-use duroxide::providers::{Provider, TagFilter, WorkItem};
+use duroxide::providers::{Provider, SessionFetchConfig, TagFilter, WorkItem};
+use duroxide::runtime::registry::ActivityRegistry;
+use duroxide::runtime::{Runtime, RuntimeOptions};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
 
 const LOCK: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(30);
@@ -310,6 +316,18 @@ fn one_item_wakes_one_waiter() {
     });
 }
 
+/// Leases held in the schema (orchestration and worker).
+async fn leases(p: &PostgresProvider) -> i64 {
+    let q = duroxide_pg_hybrid::schema::quote_ident(p.schema());
+    sqlx::query_scalar(&format!(
+        "SELECT (SELECT count(*) FROM {q}.instance_locks) + \
+                (SELECT count(*) FROM {q}.worker_queue WHERE lock_token IS NOT NULL)"
+    ))
+    .fetch_one(p.pool())
+    .await
+    .unwrap()
+}
+
 /// A waiter dropped while waiting (runtime shutdown) leaves nothing behind: another
 /// waiter still gets the next item, and no lease is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,17 +345,105 @@ async fn dropped_waiter_strands_nothing() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     a.abort();
     assert!(a.await.unwrap_err().is_cancelled());
+    assert_eq!(leases(&p).await, 0, "a dropped waiter holds no lease");
     other
         .enqueue_for_orchestrator(start_item("lp-drop"), None)
         .await
         .unwrap();
-    let (item, _, _) = tokio::time::timeout(Duration::from_secs(2), b)
+    let (item, token, _) = tokio::time::timeout(Duration::from_secs(2), b)
         .await
         .expect("the remaining waiter must be woken")
         .unwrap()
         .unwrap()
         .unwrap();
     assert_eq!(item.instance, "lp-drop");
+    assert_eq!(
+        leases(&p).await,
+        1,
+        "only the waiter that got the item holds a lease"
+    );
+    p.abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+    assert_eq!(leases(&p).await, 0);
+}
+
+/// The hand-on path: the waiter a notification chose is dropped before it could claim
+/// (its runtime is busy, then shuts the task down). Its wake-up goes to the other
+/// waiter, which gets the item long before the 10 s fallback poll, and no lease is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_chosen_waiter_hands_its_wake_up_on() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    // Start the listener from this runtime, then wait for it to listen.
+    assert!(
+        p.fetch_work_item(LOCK, Duration::from_millis(300), None, &TagFilter::Any)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Waiter A lives on a runtime of its own, so the test can keep it from running.
+    let side = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = {
+        let p = p.clone();
+        side.spawn(async move { p.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await })
+    };
+    let side_thread = std::thread::spawn(move || {
+        side.block_on(async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // A is registered first, so the notification below chooses it; block the
+            // runtime so A cannot act on it.
+            std::thread::sleep(Duration::from_millis(1500));
+        });
+        side
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B registers after A.
+    let b = {
+        let p = p.clone();
+        tokio::spawn(async move { p.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let enqueued = Instant::now();
+    other
+        .enqueue_for_worker(activity_item("lp-handon", 1))
+        .await
+        .unwrap();
+    // The side runtime is blocked now; A is woken but cannot run. Abort it: it is dropped
+    // (with its wake-up) once the runtime runs again, and the wake-up goes to B.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !b.is_finished(),
+        "B must not have been chosen (A registered first)"
+    );
+    a.abort();
+    let a_cancelled = tokio::task::spawn_blocking(move || {
+        let side = side_thread.join().unwrap();
+        let a = side.block_on(a);
+        drop(side);
+        a.unwrap_err().is_cancelled()
+    })
+    .await
+    .unwrap();
+    assert!(a_cancelled, "A was dropped before it claimed");
+    let (item, token, _) = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .expect("B must get the handed-on wake-up, not wait for the fallback poll")
+        .unwrap()
+        .unwrap()
+        .expect("B gets the item");
+    assert_eq!(item, activity_item("lp-handon", 1));
+    assert!(
+        enqueued.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        enqueued.elapsed()
+    );
+    assert_eq!(leases(&p).await, 1, "only B's lease");
+    p.ack_work_item(&token, None).await.unwrap();
+    assert_eq!(leases(&p).await, 0);
 }
 
 /// The LISTEN connection is killed; the provider reconnects, re-polls, and a waiter still
@@ -386,4 +492,404 @@ async fn listener_reconnects_after_connection_loss() {
         enqueued.elapsed()
     );
     let _ = Arc::strong_count(&p);
+}
+
+// ---- targeted wake-ups, delayed work, listener set-up ------------------------------------
+
+/// Polls the instance status every 20 ms until it is terminal; returns when it was seen.
+async fn completed_within(client: &Client, instance: &str, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        match client.get_orchestration_status(instance).await.unwrap() {
+            OrchestrationStatus::Completed { output, .. } => {
+                assert_eq!(output, "done", "{instance}");
+                return t.elapsed();
+            }
+            OrchestrationStatus::Failed { details, .. } => panic!("{instance} failed: {details:?}"),
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{instance} did not complete within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn echo_activities() -> ActivityRegistry {
+    ActivityRegistry::builder()
+        .register("Echo", |_ctx: ActivityContext, input: String| async move {
+            Ok(input)
+        })
+        .build()
+}
+
+/// Two activities in a row on one session, one default runtime: the second one is
+/// claimable only by the worker slot that owns the session, so its notification must
+/// wake that slot (it used to wake some other slot, and the owner slept for the 10 s
+/// fallback poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_activities_in_a_row_complete_within_a_second() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    let orchestrations = OrchestrationRegistry::builder()
+        .register(
+            "TwoOnSession",
+            |ctx: OrchestrationContext, _in: String| async move {
+                ctx.schedule_activity_on_session("Echo", "one", "sess-1")
+                    .await?;
+                ctx.schedule_activity_on_session("Echo", "two", "sess-1")
+                    .await?;
+                Ok("done".to_string())
+            },
+        )
+        .build();
+    let rt = Runtime::start_with_options(
+        p.clone(),
+        echo_activities(),
+        orchestrations,
+        RuntimeOptions::default(),
+    )
+    .await;
+    let client = Client::new(p.clone());
+    // Let every dispatcher reach its long poll first (the situation of a running system).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client
+        .start_orchestration("lp-session", "TwoOnSession", "")
+        .await
+        .unwrap();
+    let took = completed_within(&client, "lp-session", Duration::from_secs(15)).await;
+    rt.shutdown(None).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "two session activities took {took:?}"
+    );
+}
+
+/// Runtime A (orchestrations + untagged worker) and runtime B (no orchestrations, worker
+/// for tag "gpu") on one provider: the gpu activity must wake B's worker, not one of A's
+/// (which cannot take it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tagged_activity_wakes_the_runtime_that_takes_the_tag() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    let orchestrations = || {
+        OrchestrationRegistry::builder()
+            .register(
+                "PlainThenGpu",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    ctx.schedule_activity("Echo", "cpu").await?;
+                    ctx.schedule_activity("Echo", "gpu").with_tag("gpu").await?;
+                    Ok("done".to_string())
+                },
+            )
+            .build()
+    };
+    let a = Runtime::start_with_options(
+        p.clone(),
+        echo_activities(),
+        orchestrations(),
+        RuntimeOptions::default(),
+    )
+    .await;
+    let b = Runtime::start_with_options(
+        p.clone(),
+        echo_activities(),
+        orchestrations(),
+        RuntimeOptions {
+            orchestration_concurrency: 0,
+            worker_tag_filter: TagFilter::tags(["gpu"]),
+            ..RuntimeOptions::default()
+        },
+    )
+    .await;
+    let client = Client::new(p.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client
+        .start_orchestration("lp-tags", "PlainThenGpu", "")
+        .await
+        .unwrap();
+    let took = completed_within(&client, "lp-tags", Duration::from_secs(15)).await;
+    a.shutdown(None).await;
+    b.shutdown(None).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "untagged then gpu activity took {took:?}"
+    );
+}
+
+/// A session item wakes the waiter of the session's owner even when others wait first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_item_wakes_its_owner() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    let owner = |id: &str| SessionFetchConfig {
+        owner_id: id.to_string(),
+        lock_timeout: Duration::from_secs(30),
+    };
+    let session_item = |id: u64| WorkItem::ActivityExecute {
+        instance: "lp-sess".to_string(),
+        execution_id: 1,
+        id,
+        name: "A".to_string(),
+        input: "in".to_string(),
+        session_id: Some("s-1".to_string()),
+        tag: None,
+    };
+    other.enqueue_for_worker(session_item(1)).await.unwrap();
+    let (_, token, _) = p
+        .fetch_work_item(
+            LOCK,
+            Duration::ZERO,
+            Some(&owner("owner-b")),
+            &TagFilter::Any,
+        )
+        .await
+        .unwrap()
+        .expect("owner-b claims the session");
+    p.ack_work_item(&token, None).await.unwrap();
+    // Three non-owners wait first, then the owner.
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let p = p.clone();
+        let cfg = owner(&format!("owner-x{i}"));
+        others.push(tokio::spawn(async move {
+            p.fetch_work_item(LOCK, Duration::from_secs(3), Some(&cfg), &TagFilter::Any)
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = {
+        let p = p.clone();
+        let cfg = owner("owner-b");
+        tokio::spawn(async move {
+            p.fetch_work_item(LOCK, LONG, Some(&cfg), &TagFilter::Any)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let enqueued = Instant::now();
+    other.enqueue_for_worker(session_item(2)).await.unwrap();
+    let (item, _, _) = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .expect("the owner must be woken")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        enqueued.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        enqueued.elapsed()
+    );
+    assert_eq!(item, session_item(2));
+    for o in others {
+        assert!(o.await.unwrap().unwrap().is_none());
+    }
+}
+
+/// A fetch already waiting (nothing queued, so no database wake-up time) learns about a
+/// delayed item another provider enqueues, and claims it when it becomes visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_enqueue_by_another_provider_wakes_a_waiting_fetch() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    let w = p.clone();
+    let fetch = tokio::spawn(async move { w.fetch_orchestration_item(LOCK, LONG, None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let enqueued = Instant::now();
+    other
+        .enqueue_for_orchestrator(start_item("lp-delayed"), Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let (item, _, _) = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .expect("the delayed item must be claimed long before the fallback poll")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let took = enqueued.elapsed();
+    assert_eq!(item.instance, "lp-delayed");
+    assert!(
+        took >= Duration::from_millis(950),
+        "claimed before it was visible: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1100),
+        "claimed {took:?} after a 1 s delay"
+    );
+}
+
+/// The same for a delayed abandon: the waiting fetch's database wake-up time was the
+/// lease's expiry (30 s away); the abandon makes the item visible in 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_abandon_by_another_provider_wakes_a_waiting_fetch() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    other
+        .enqueue_for_worker(activity_item("lp-abandon", 1))
+        .await
+        .unwrap();
+    let (_, token, _) = other
+        .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+        .await
+        .unwrap()
+        .unwrap();
+    let w = p.clone();
+    let fetch =
+        tokio::spawn(async move { w.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let abandoned = Instant::now();
+    other
+        .abandon_work_item(&token, Some(Duration::from_secs(1)), false)
+        .await
+        .unwrap();
+    let (item, _, attempts) = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .expect("the abandoned item must be claimed long before the fallback poll")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let took = abandoned.elapsed();
+    assert_eq!(item, activity_item("lp-abandon", 1));
+    assert_eq!(attempts, 2);
+    assert!(took >= Duration::from_millis(950), "{took:?}");
+    assert!(
+        took < Duration::from_millis(1100),
+        "claimed {took:?} after a 1 s delay"
+    );
+}
+
+/// Connections are refused while the first long poll starts (the LISTEN set-up fails);
+/// once the server is reachable again the provider listens after all, and a new item is
+/// picked up within a second instead of at the fallback poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    let proxy = Proxy::start(
+        rewrite_url(&database_url(), "127.0.0.1:1".parse().unwrap())
+            .unwrap()
+            .1,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let (url, _) = rewrite_url(&database_url(), proxy.addr()).unwrap();
+    let tag = format!("dpgh-lp-proxy {}", guard.schema());
+    let mut options = test_options(guard.schema(), FetchPath::Hybrid);
+    options.application_name = tag.clone();
+    options.min_connections = 0;
+    let proxied = PostgresProvider::connect_with(&url, options).await.unwrap();
+    proxy.faults().set_refusing(true);
+    proxy.faults().sever_all();
+    let first = proxied
+        .fetch_work_item(LOCK, Duration::from_millis(300), None, &TagFilter::Any)
+        .await;
+    assert!(
+        matches!(&first, Err(e) if e.is_retryable()),
+        "the first fetch must fail (retryable) while connections are refused: {first:?}"
+    );
+    proxy.faults().set_refusing(false);
+    // The listener comes up on its own (no further fetch needed to trigger it).
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+        )
+        .bind(&tag)
+        .fetch_one(other.pool())
+        .await
+        .unwrap();
+        if listening > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the provider never started listening"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = proxied.clone();
+    let fetch =
+        tokio::spawn(async move { w.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let enqueued = Instant::now();
+    other
+        .enqueue_for_worker(activity_item("lp-deaf", 1))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(15), fetch)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(got.is_some());
+    let took = enqueued.elapsed();
+    assert!(took < Duration::from_secs(1), "picked up after {took:?}");
+    proxied.close().await;
+    let _ = p;
+}
+
+/// A fetch waits; another provider's ack writes a timer due in 1 s; the timer's turn
+/// starts within 1.1 s (not at the fallback poll). Needs `ack_orchestration_item` to
+/// announce its delayed items with `notify_delayed('orchestrator', <earliest visible_at>)`
+/// (the lead's migration; see the issue 11 report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
+    let (p, guard) = new_provider(FetchPath::Hybrid).await;
+    let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+    other
+        .enqueue_for_orchestrator(start_item("lp-ack-timer"), None)
+        .await
+        .unwrap();
+    let (_, token, _) = other
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let w = p.clone();
+    let fetch = tokio::spawn(async move { w.fetch_orchestration_item(LOCK, LONG, None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let acked = Instant::now();
+    let timer = WorkItem::TimerFired {
+        instance: "lp-ack-timer".to_string(),
+        execution_id: 1,
+        id: 2,
+        fire_at_ms: now_ms + 1000,
+    };
+    let metadata = duroxide::providers::ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        ..Default::default()
+    };
+    other
+        .ack_orchestration_item(
+            &token,
+            1,
+            vec![],
+            vec![],
+            vec![timer.clone()],
+            metadata,
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (item, _, _) = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .expect("the timer's turn must start long before the fallback poll")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let took = acked.elapsed();
+    assert_eq!(item.messages, vec![timer]);
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(
+        took < Duration::from_millis(1100),
+        "the timer's turn started after {took:?}"
+    );
 }

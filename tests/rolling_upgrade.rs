@@ -208,7 +208,7 @@ async fn a_binary_starts_on_a_schema_a_newer_release_migrated() {
     // A newer release: one more migration, and a newer revision of the claim's file whose
     // definitions this binary must leave alone (marked by a comment on the function).
     sqlx::query(&format!(
-        "INSERT INTO {s}._sqlx_migrations (version, description, success, checksum, execution_time) \
+        "INSERT INTO {s}._duroxide_pg_hybrid_migrations (version, description, success, checksum, execution_time) \
          VALUES (29991231000000, 'from the future', TRUE, '\\x00', 0)"
     ))
     .execute(p.pool())
@@ -263,4 +263,104 @@ async fn a_binary_starts_on_a_schema_a_newer_release_migrated() {
         .unwrap();
     assert!(st.is_newer_compatible(), "{st:?}");
     assert_eq!(st.functions_newer, vec!["03_claim.sql".to_string()]);
+}
+
+/// The crate keeps its own migration ledger: a schema a pre-0.2.0 release migrated
+/// (ledger in sqlx's `_sqlx_migrations`, here shared with an application's own sqlx
+/// migration) is taken over without re-running anything, the newer migrations are
+/// applied, and the old ledger is left as it was (for that release's processes, and for
+/// the application).
+#[tokio::test]
+async fn own_ledger_takes_over_a_previous_release_schema_next_to_an_application_ledger() {
+    use duroxide_pg_hybrid::schema::{LEDGER_TABLE, MIGRATOR};
+    use sqlx::{Connection, Executor, PgConnection};
+    const PREVIOUS_RELEASE_MIGRATIONS: usize = 5;
+    let (p, guard) = new_provider_with(FetchPath::Hybrid, short_polling).await;
+    p.close().await;
+    let s = quote_ident(guard.schema());
+
+    // The schema as 0.1.0 left it: its five migrations, recorded in _sqlx_migrations,
+    // beside a row of the application's own.
+    let mut db = PgConnection::connect(&database_url()).await.unwrap();
+    db.execute(
+        format!("DROP SCHEMA {s} CASCADE; CREATE SCHEMA {s}; SET search_path TO {s}").as_str(),
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)",
+    )
+    .await
+    .unwrap();
+    for m in MIGRATOR.iter().take(PREVIOUS_RELEASE_MIGRATIONS) {
+        db.execute(&*m.sql).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES ($1, $2, TRUE, $3, 0)",
+        )
+        .bind(m.version)
+        .bind(&*m.description)
+        .bind(&*m.checksum)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (20200101000000, 'the application''s own', TRUE, '\\x01', 0)",
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms) \
+         SELECT 'queued-before', 'StartOrchestration', $1, now_ms(), now_ms()",
+    )
+    .bind(serde_json::to_string(&start_item("queued-before")).unwrap())
+    .execute(&mut db)
+    .await
+    .unwrap();
+    db.execute("RESET search_path").await.unwrap();
+
+    let st = duroxide_pg_hybrid::schema::status(
+        &sqlx::PgPool::connect(&database_url()).await.unwrap(),
+        guard.schema(),
+    )
+    .await
+    .unwrap();
+    let previous: Vec<i64> = MIGRATOR
+        .iter()
+        .take(PREVIOUS_RELEASE_MIGRATIONS)
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(st.applied, previous, "the application's row is not ours");
+    assert!(st.unknown.is_empty() && !st.pending.is_empty(), "{st:?}");
+
+    let mut options = test_options(guard.schema(), FetchPath::Hybrid);
+    short_polling(&mut options);
+    let upgraded = PostgresProvider::connect_with(&database_url(), options)
+        .await
+        .expect("starts on the previous release's schema");
+    let ours: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT version FROM {s}.{LEDGER_TABLE} ORDER BY version"
+    ))
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(ours, MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>());
+    let old_ledger: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {s}._sqlx_migrations"))
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(
+        old_ledger,
+        PREVIOUS_RELEASE_MIGRATIONS as i64 + 1,
+        "the old ledger is left as it was"
+    );
+    // A message queued before the upgrade got its claim state and is claimable.
+    let (item, _, _) = upgraded
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .expect("the message queued before the upgrade is claimable");
+    assert_eq!(item.instance, "queued-before");
+    upgraded.close().await;
 }

@@ -235,6 +235,15 @@ async fn tls_chosen_by_url_require_verify_full_and_wrong_root() {
         lower.contains("certificate") || lower.contains("tls"),
         "unclear TLS error: {e}"
     );
+    // It fails the same way on every attempt: permanent, and it says what to check.
+    assert!(
+        !e.is_retryable(),
+        "a failed certificate verification must not be retried: {e}"
+    );
+    assert!(
+        e.message.contains("sslmode") && e.message.contains("sslrootcert"),
+        "the message must name sslmode and the root certificate: {e}"
+    );
     assert!(
         took < Duration::from_secs(15),
         "the failing TLS connect took {took:?}"

@@ -162,7 +162,9 @@ BEGIN
     -- Wake long-pollers for what this turn made runnable: new activities, messages
     -- visible now (other instances, or this one, which is unlocked from here on, with
     -- anything that arrived while it was locked).
-    PERFORM notify_work_available('worker', cardinality(p_worker_items));
+    PERFORM notify_worker_items(p_worker_tags, p_worker_sessions);
+    PERFORM notify_delayed('orchestrator',
+        (SELECT min(v.at) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at > v_now));
     PERFORM notify_work_available('orchestrator',
         (SELECT count(*) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at IS NULL OR v.at <= v_now)
         + CASE WHEN EXISTS (SELECT 1 FROM orchestrator_queue q

@@ -34,7 +34,13 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM notify_work_available('orchestrator', CASE WHEN p_delay_ms IS NULL THEN 1 ELSE 0 END);
+    IF p_delay_ms IS NULL THEN
+        PERFORM notify_work_available('orchestrator', 1);
+    ELSE
+        -- Waiting fetches shorten their sleep to when the batch is visible again.
+        PERFORM notify_delayed('orchestrator',
+            (SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.instance_id = v_instance));
+    END IF;
     RETURN v_instance;
 END;
 $fn$;

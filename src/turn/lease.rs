@@ -92,8 +92,9 @@ impl PostgresProvider {
                 .bind("p_extend_ms", millis(extend_for))
                 .finish(OP)
         };
+        // Idempotent (extends to now + extend_for): resent also after a lost reply.
         let renewed: Option<String> = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_scalar_with::<_, Option<String>, _>(&sql, args()?)
         )

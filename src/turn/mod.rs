@@ -36,7 +36,7 @@ use duroxide::providers::{
 
 use sqlx::postgres::PgArguments;
 
-use crate::codec::{decode_history, decode_messages};
+use crate::codec::{decode_history, decode_messages_strict};
 use crate::notify::Queue;
 use crate::options::FetchPath;
 use crate::poll::Attempt;
@@ -199,8 +199,24 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
         kv,
     } = rows;
     let instance = claim.instance;
-    let messages: Vec<WorkItem> = decode_messages(&instance, &messages);
+    // A message that does not decode is never dropped: the turn goes to duroxide with
+    // history_error, which retries it and poisons the instance after max attempts, the
+    // way it treats history it cannot read.
+    let (messages, message_error) = match decode_messages_strict(&instance, &messages) {
+        Ok(m) => (m, None),
+        Err(e) => {
+            tracing::warn!(
+                target: TRACING_TARGET,
+                operation = OP,
+                instance = %instance,
+                error = %e,
+                "queued message does not decode; handing the turn to duroxide with history_error"
+            );
+            (Vec::new(), Some(e))
+        }
+    };
     let (history, history_error) = match decode_history(&history) {
+        Ok(_) if message_error.is_some() => (Vec::new(), message_error),
         Ok(h) => (h, None),
         Err(e) => {
             tracing::warn!(

@@ -58,10 +58,11 @@ impl PostgresProvider {
                 .bind("p_execution_id", claim.execution_id)
                 .finish(OP)
         };
+        // Reads: safe to send again after an unknown outcome.
         let (messages, meta, history, kv) = tokio::join!(
             async {
                 on_conn!(
-                    self,
+                    idempotent: self,
                     fetch_all,
                     sqlx::query_scalar_with::<_, String, _>(&messages_sql, by_token()?)
                 )
@@ -69,7 +70,7 @@ impl PostgresProvider {
             },
             async {
                 on_conn!(
-                    self,
+                    idempotent: self,
                     fetch_optional,
                     sqlx::query_as_with::<_, (String, Option<String>), _>(
                         &meta_sql,
@@ -80,7 +81,7 @@ impl PostgresProvider {
             },
             async {
                 on_conn!(
-                    self,
+                    idempotent: self,
                     fetch_all,
                     sqlx::query_scalar_with::<_, String, _>(&history_sql, history_args()?)
                 )
@@ -88,7 +89,7 @@ impl PostgresProvider {
             },
             async {
                 on_conn!(
-                    self,
+                    idempotent: self,
                     fetch_all,
                     sqlx::query_as_with::<_, (String, String, i64), _>(
                         &kv_sql,

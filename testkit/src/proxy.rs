@@ -7,6 +7,12 @@
 //! never stops the reader, so pipelined requests stay pipelined (the delay is a latency,
 //! not a bandwidth limit).
 //!
+//! Faults (for the reliability tests), see [`ProxyFaults`]: refuse connections, sever
+//! every open connection, swallow the reply to the next statement and answer like
+//! PgBouncer does when its server connection dies (`FATAL 08P01 server conn crashed?`),
+//! drop the next statement before it reaches the server, and silently black-hole
+//! connections idle longer than a limit (a load balancer's idle cut).
+//!
 //! Counters (shared by all connections):
 //! - bytes in each direction;
 //! - request bursts: a client→server chunk that arrives after the server sent something
@@ -21,10 +27,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU8;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+
+use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -83,12 +92,72 @@ impl ProxyStats {
     }
 }
 
+/// What to do to the next client chunk that carries a statement (`Execute` / `Query`).
+const ARM_NONE: u8 = 0;
+const ARM_SWALLOW_REPLY_08P01: u8 = 1;
+const ARM_DROP_REQUEST: u8 = 2;
+
+/// Fault switches shared by every connection of one proxy.
+#[derive(Default)]
+pub struct ProxyFaults {
+    refusing: AtomicBool,
+    armed: AtomicU8,
+    /// Milliseconds of silence after which a connection is black-holed (0 = never).
+    idle_cut_ms: AtomicU64,
+    /// Faults that fired (armed faults consumed, connections black-holed).
+    pub fired: AtomicU64,
+    connections: Mutex<Vec<std::sync::Weak<Notify>>>,
+}
+
+impl ProxyFaults {
+    /// While `true`, new connections are accepted and closed at once (the client sees
+    /// the server hang up before the startup reply).
+    pub fn set_refusing(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Closes every open connection (both sides).
+    pub fn sever_all(&self) {
+        let conns = std::mem::take(&mut *self.connections.lock().unwrap());
+        for c in conns.iter().filter_map(std::sync::Weak::upgrade) {
+            c.notify_one();
+        }
+    }
+
+    /// The next statement a client sends reaches the server and runs (and commits);
+    /// its reply is swallowed, and the client gets `FATAL 08P01 server conn crashed?`
+    /// and a closed connection instead, as from PgBouncer whose server connection died.
+    pub fn swallow_next_reply_with_08p01(&self) {
+        self.armed.store(ARM_SWALLOW_REPLY_08P01, Ordering::SeqCst);
+    }
+
+    /// The next statement a client sends never reaches the server: the connection is
+    /// closed instead of forwarding it.
+    pub fn drop_next_request(&self) {
+        self.armed.store(ARM_DROP_REQUEST, Ordering::SeqCst);
+    }
+
+    /// Whether an armed fault is still waiting for its statement.
+    pub fn armed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst) != ARM_NONE
+    }
+
+    /// Connections silent for `cut` stop forwarding in both directions without closing
+    /// the client side (no FIN, no RST), like a load balancer that dropped the flow:
+    /// the client's next call on it waits for a reply that never comes. `None` = off.
+    pub fn set_idle_cut(&self, cut: Option<Duration>) {
+        let ms = cut.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.idle_cut_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
 /// A running proxy. Dropping it (or calling [`Proxy::shutdown`]) stops the listener;
 /// connections already open keep flowing until either end closes them (so a pool that
 /// is closed first shuts down cleanly).
 pub struct Proxy {
     addr: SocketAddr,
     stats: Arc<ProxyStats>,
+    faults: Arc<ProxyFaults>,
     accept: AbortHandle,
 }
 
@@ -99,19 +168,26 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(ProxyStats::default());
+        let faults = Arc::new(ProxyFaults::default());
         let one_way = rtt / 2;
         let accept = {
             let stats = stats.clone();
+            let faults = faults.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
+                    if faults.refusing.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     let stats = stats.clone();
+                    let faults = faults.clone();
                     let upstream = upstream.clone();
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(&upstream).await {
-                            serve(client, server, one_way, stats).await;
+                            serve(client, server, one_way, stats, faults).await;
                         }
                     });
                 }
@@ -120,6 +196,7 @@ impl Proxy {
         Ok(Proxy {
             addr,
             stats,
+            faults,
             accept: accept.abort_handle(),
         })
     }
@@ -127,6 +204,11 @@ impl Proxy {
     /// The loopback address clients should connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Fault switches.
+    pub fn faults(&self) -> &ProxyFaults {
+        &self.faults
     }
 
     /// Current counter values.
@@ -155,47 +237,158 @@ struct ConnState {
     encrypted: AtomicBool,
     /// The first server chunk has been seen.
     server_started: AtomicBool,
+    /// An armed fault this connection took (ARM_*).
+    fault: AtomicU8,
+    /// Stop forwarding in both directions, keep the client socket open.
+    blackholed: AtomicBool,
+    /// Milliseconds since `epoch` of the last byte in either direction.
+    last_traffic_ms: AtomicU64,
+    epoch: Instant,
+    /// Closes the connection (both sides) when notified.
+    kill: Arc<Notify>,
 }
 
-async fn serve(client: TcpStream, server: TcpStream, one_way: Duration, stats: Arc<ProxyStats>) {
+impl ConnState {
+    fn touch(&self) {
+        self.last_traffic_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// `ErrorResponse` FATAL 08P01 "server conn crashed?", as PgBouncer sends it.
+fn fatal_08p01() -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "08P01"),
+        (b'M', "server conn crashed?"),
+    ] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = vec![b'E'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    msg
+}
+
+async fn serve(
+    client: TcpStream,
+    server: TcpStream,
+    one_way: Duration,
+    stats: Arc<ProxyStats>,
+    faults: Arc<ProxyFaults>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     stats.connections.fetch_add(1, Ordering::Relaxed);
+    let kill = Arc::new(Notify::new());
+    faults
+        .connections
+        .lock()
+        .unwrap()
+        .push(Arc::downgrade(&kill));
     let state = Arc::new(ConnState {
         server_spoke: AtomicBool::new(true),
         encrypted: AtomicBool::new(false),
         server_started: AtomicBool::new(false),
+        fault: AtomicU8::new(ARM_NONE),
+        blackholed: AtomicBool::new(false),
+        last_traffic_ms: AtomicU64::new(0),
+        epoch: Instant::now(),
+        kill: kill.clone(),
     });
     let (client_r, client_w) = client.into_split();
     let (server_r, server_w) = server.into_split();
 
     let (c2s_tx, c2s_rx) = mpsc::unbounded_channel();
     let (s2c_tx, s2c_rx) = mpsc::unbounded_channel();
-    let handles = [
-        tokio::spawn(read_client(
-            client_r,
-            c2s_tx,
+    let server_side = vec![
+        tokio::spawn(read_server(
+            server_r,
+            s2c_tx.clone(),
             one_way,
             stats.clone(),
             state.clone(),
         )),
-        tokio::spawn(read_server(server_r, s2c_tx, one_way, stats.clone(), state)),
-        tokio::spawn(write_side(server_w, c2s_rx)),
-        tokio::spawn(write_side(client_w, s2c_rx)),
+        tokio::spawn(write_side(server_w, c2s_rx, state.clone())),
     ];
-    for h in handles {
-        let _ = h.await;
+    let client_side = vec![
+        tokio::spawn(read_client(
+            client_r,
+            c2s_tx,
+            s2c_tx,
+            one_way,
+            stats.clone(),
+            state.clone(),
+            faults.clone(),
+        )),
+        tokio::spawn(write_side(client_w, s2c_rx, state.clone())),
+    ];
+    let watch_idle = {
+        let state = state.clone();
+        let faults = faults.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let cut = faults.idle_cut_ms.load(Ordering::SeqCst);
+                let idle = state.epoch.elapsed().as_millis() as u64
+                    - state.last_traffic_ms.load(Ordering::Relaxed);
+                if cut > 0 && idle >= cut {
+                    state.blackholed.store(true, Ordering::SeqCst);
+                    faults.fired.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        })
+    };
+    let aborts: Vec<AbortHandle> = client_side
+        .iter()
+        .chain(server_side.iter())
+        .map(|h| h.abort_handle())
+        .collect();
+    let server_aborts: Vec<AbortHandle> = server_side.iter().map(|h| h.abort_handle()).collect();
+    let all_done = async move {
+        for h in client_side.into_iter().chain(server_side) {
+            let _ = h.await;
+        }
+    };
+    let blackholed = async {
+        while !state.blackholed.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The server side goes away (the server sees the client vanish); the client side
+        // stays open and silent until the client gives up or the proxy severs it.
+        for h in &server_aborts {
+            h.abort();
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = all_done => {}
+        _ = kill.notified() => {}
+        _ = blackholed => {}
+    }
+    watch_idle.abort();
+    for h in aborts {
+        h.abort();
     }
 }
 
-type Chunk = (Instant, Vec<u8>);
+/// A chunk to write at an instant; `close` shuts the connection down after writing it.
+type Chunk = (Instant, Vec<u8>, bool);
 
 async fn read_client(
     mut r: OwnedReadHalf,
     tx: mpsc::UnboundedSender<Chunk>,
+    to_client: mpsc::UnboundedSender<Chunk>,
     one_way: Duration,
     stats: Arc<ProxyStats>,
     state: Arc<ConnState>,
+    faults: Arc<ProxyFaults>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut parser = FrontendParser::default();
@@ -205,6 +398,11 @@ async fn read_client(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if state.blackholed.load(Ordering::SeqCst) {
+            // Swallowed without a trace, like a dropped flow.
+            continue;
+        }
+        state.touch();
         let release = Instant::now() + one_way;
         stats.bytes_c2s.fetch_add(n as u64, Ordering::Relaxed);
         if state.server_spoke.swap(false, Ordering::AcqRel) {
@@ -219,7 +417,19 @@ async fn read_client(
             unparsed_reported = true;
             stats.unparsed_connections.fetch_add(1, Ordering::Relaxed);
         }
-        if tx.send((release, buf[..n].to_vec())).is_err() {
+        if statements > 0 {
+            let fault = faults.armed.swap(ARM_NONE, Ordering::SeqCst);
+            if fault != ARM_NONE {
+                faults.fired.fetch_add(1, Ordering::Relaxed);
+                state.fault.store(fault, Ordering::SeqCst);
+                if fault == ARM_DROP_REQUEST {
+                    // Never forwarded: close the client side after nothing.
+                    let _ = to_client.send((Instant::now(), Vec::new(), true));
+                    break;
+                }
+            }
+        }
+        if tx.send((release, buf[..n].to_vec(), false)).is_err() {
             break;
         }
     }
@@ -238,6 +448,18 @@ async fn read_server(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        state.touch();
+        if state.fault.load(Ordering::SeqCst) == ARM_SWALLOW_REPLY_08P01 {
+            // The statement ran; swallow its reply up to ReadyForQuery (sent after the
+            // commit), then answer as PgBouncer and hang up.
+            let chunk = &buf[..n];
+            let ready = chunk.len() >= 6 && chunk[chunk.len() - 6] == b'Z';
+            if ready {
+                let _ = tx.send((Instant::now() + one_way, fatal_08p01(), true));
+                break;
+            }
+            continue;
+        }
         let release = Instant::now() + one_way;
         stats.bytes_s2c.fetch_add(n as u64, Ordering::Relaxed);
         if !state.server_started.swap(true, Ordering::AcqRel) && matches!(buf[0], b'S' | b'G') {
@@ -246,22 +468,36 @@ async fn read_server(
             state.encrypted.store(true, Ordering::Release);
         }
         state.server_spoke.store(true, Ordering::Release);
-        if tx.send((release, buf[..n].to_vec())).is_err() {
+        if tx.send((release, buf[..n].to_vec(), false)).is_err() {
             break;
         }
     }
 }
 
-async fn write_side(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Chunk>) {
-    while let Some((release, bytes)) = rx.recv().await {
+async fn write_side(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Chunk>,
+    state: Arc<ConnState>,
+) {
+    while let Some((release, bytes, close)) = rx.recv().await {
         if release > Instant::now() {
             tokio::time::sleep_until(release).await;
         }
-        if w.write_all(&bytes).await.is_err() {
+        if state.blackholed.load(Ordering::SeqCst) {
+            continue;
+        }
+        if !bytes.is_empty() && w.write_all(&bytes).await.is_err() {
+            return;
+        }
+        if close {
+            let _ = w.shutdown().await;
+            state.kill.notify_one();
             return;
         }
     }
-    let _ = w.shutdown().await;
+    if !state.blackholed.load(Ordering::SeqCst) {
+        let _ = w.shutdown().await;
+    }
 }
 
 /// Streaming parser of the client side of the PostgreSQL protocol that counts

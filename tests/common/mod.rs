@@ -166,11 +166,12 @@ impl Drop for SchemaCleanup {
     fn drop(&mut self) {
         let Owned { schemas, providers } =
             std::mem::take(self.owned.get_mut().unwrap_or_else(PoisonError::into_inner));
-        // `close()` marks the pool closed at once (the returned future only waits for the
-        // connections to finish closing, which would need the test's runtime). Tasks a
-        // failed test leaked now get `PoolClosed` instead of new connections.
+        // `close()` marks the provider's own pool, its migration pool and its LISTEN
+        // task closed at once (the returned future only waits for the connections to
+        // finish closing, which would need the test's runtime). Tasks a failed test
+        // leaked now get `PoolClosed` instead of new connections.
         for p in providers.iter().filter_map(Weak::upgrade) {
-            let _closing = p.pool().close();
+            let _closing = p.close();
         }
         drop(providers);
         if schemas.is_empty() || std::env::var_os(KEEP_SCHEMAS_ENV).is_some() {

@@ -139,6 +139,9 @@ pub struct Recorded {
     tokens: Mutex<HashMap<String, String>>,
     /// Activity input -> failed `ack_work_item` calls for it.
     failed_activity_acks: Mutex<HashMap<String, u32>>,
+    /// Activity input -> times it was handed to a worker (each delivery is one lease).
+    deliveries: Mutex<HashMap<String, u32>>,
+    pub work_ack_permanent_errors: AtomicU64,
     pub orchestration_fetch_errors: AtomicU64,
     pub orchestration_ack_errors: AtomicU64,
     pub orchestration_ack_permanent_errors: AtomicU64,
@@ -159,16 +162,26 @@ impl Recorded {
             .clone()
     }
 
+    /// Deliveries (leases) per activity input.
+    pub fn deliveries(&self) -> HashMap<String, u32> {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
             "orchestration fetch errors {}, orchestration ack errors {} ({} permanent), work fetch errors {}, \
-             work ack errors {}, work redeliveries {}, abandon errors {}, renew errors {}, other errors {}",
+             work ack errors {} ({} permanent), work redeliveries {}, abandon errors {}, renew errors {}, \
+             other errors {}",
             g(&self.orchestration_fetch_errors),
             g(&self.orchestration_ack_errors),
             g(&self.orchestration_ack_permanent_errors),
             g(&self.work_fetch_errors),
             g(&self.work_ack_errors),
+            g(&self.work_ack_permanent_errors),
             g(&self.work_redeliveries),
             g(&self.abandon_errors),
             g(&self.renew_errors),
@@ -329,6 +342,13 @@ impl Provider for Recording {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(token.clone(), input.clone());
+            *self
+                .recorded
+                .deliveries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(input.clone())
+                .or_insert(0) += 1;
         }
         r
     }
@@ -339,7 +359,13 @@ impl Provider for Recording {
         completion: Option<WorkItem>,
     ) -> Result<(), ProviderError> {
         let r = self.inner.ack_work_item(token, completion).await;
-        if r.is_err() {
+        if let Err(e) = &r {
+            if !e.is_retryable() {
+                self.recorded
+                    .work_ack_permanent_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                eprintln!("permanent work item ack error: {e}");
+            }
             self.recorded
                 .work_ack_errors
                 .fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,16 @@ pub fn orchestrations(timer: Duration) -> OrchestrationRegistry {
             },
         )
         .register(
+            "Signal",
+            |ctx: OrchestrationContext, id: String| async move {
+                let data = ctx.schedule_wait("Go").await;
+                let done = ctx
+                    .schedule_activity("Work", format!("sig-{id}-{data}"))
+                    .await?;
+                Ok(format!("signal({done})"))
+            },
+        )
+        .register(
             "Looping",
             |ctx: OrchestrationContext, input: String| async move {
                 let (id, round) = input.split_once('#').expect("id#round");
@@ -140,6 +150,20 @@ pub fn job(prefix: &str, i: usize) -> Job {
         input,
         output,
         activities,
+    }
+}
+
+/// A job that waits for the external event "Go" (data "go") before its activity: the
+/// client raises it once the instance runs.
+pub fn signal_job(prefix: &str, i: usize) -> Job {
+    let id = format!("{prefix}sig{i}");
+    let key = format!("sig-{id}-go");
+    Job {
+        instance: format!("job-{id}"),
+        orchestration: "Signal",
+        input: id,
+        output: format!("signal(done({key}))"),
+        activities: vec![key],
     }
 }
 
@@ -253,6 +277,20 @@ pub async fn dump_state(url: &str, schema: &str) -> String {
 /// same activity (duroxide abandons an activity whose ack failed and runs it again:
 /// at-least-once delivery). Returns the number of extra runs.
 pub fn check_ledger(ledger: &Ledger, jobs: &[Job], failed_acks: &HashMap<String, u32>) -> u32 {
+    check_ledger_with(ledger, jobs, failed_acks, None)
+}
+
+/// [`check_ledger`], and with `deliveries` (leases per activity, from the recording
+/// provider) also: no activity ran more often than it was leased, i.e. a lease never
+/// ran an activity twice; a re-run needs a new lease, which the provider hands out only
+/// after the previous one was given up (a failed ack makes duroxide abandon it) or
+/// expired.
+pub fn check_ledger_with(
+    ledger: &Ledger,
+    jobs: &[Job],
+    failed_acks: &HashMap<String, u32>,
+    deliveries: Option<&HashMap<String, u32>>,
+) -> u32 {
     let ledger = ledger.lock().unwrap();
     let mut extra = 0;
     let mut expected = 0;
@@ -260,6 +298,13 @@ pub fn check_ledger(ledger: &Ledger, jobs: &[Job], failed_acks: &HashMap<String,
         expected += 1;
         let runs = ledger.get(key).copied().unwrap_or(0);
         assert!(runs >= 1, "activity {key} never ran");
+        if let Some(d) = deliveries {
+            let leased = d.get(key).copied().unwrap_or(0);
+            assert!(
+                runs <= leased,
+                "activity {key} ran {runs} times on {leased} leases: run twice on one lease"
+            );
+        }
         if runs > 1 {
             let allowed = failed_acks.get(key).copied().unwrap_or(0);
             assert!(

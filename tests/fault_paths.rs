@@ -1,0 +1,484 @@
+//! Fault paths of issue 11 ("nothing run twice, nobody left waiting"), through the testkit
+//! proxy where the fault is on the wire:
+//!
+//! * a reply lost after the commit (PgBouncer's `08P01 server conn crashed?`): an enqueue
+//!   is delivered once, a claim is not sent twice (retryable error instead), a worker ack
+//!   that committed reports success;
+//! * a request that never reached the server is sent again (`renew_work_item_lock`);
+//! * a connection a load balancer silently dropped while idle costs no failed call;
+//! * a bulk delete of 1,000 trees of 11 stays within the server's lock table; a full
+//!   lock table is classified (permanent for deletes, retryable for runtime calls);
+//! * an undecodable worker row is poisoned by the runtime after `max_attempts`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    activity_item, database_url, new_provider, new_provider_with, start_item, test_options,
+};
+use duroxide::providers::{InstanceFilter, Provider, ProviderAdmin, TagFilter, WorkItem};
+use duroxide::runtime::registry::ActivityRegistry;
+use duroxide::runtime::{Runtime, RuntimeOptions, UnregisteredBackoffConfig};
+use duroxide::{
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
+};
+use duroxide_pg_hybrid::errors::db_error;
+use duroxide_pg_hybrid::schema::quote_ident;
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+
+const LOCK: Duration = Duration::from_secs(30);
+
+/// A proxy in front of the test server and a provider on `schema` connected through it
+/// (short polling, so nothing but the calls under test crosses the proxy).
+async fn proxied(
+    schema: &str,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (Proxy, PostgresProvider) {
+    let upstream = rewrite_url(&database_url(), "127.0.0.1:1".parse().unwrap())
+        .unwrap()
+        .1;
+    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
+    let (url, _) = rewrite_url(&database_url(), proxy.addr()).unwrap();
+    let mut options = test_options(schema, FetchPath::Hybrid);
+    options.long_poll = false;
+    options.min_connections = 1;
+    customize(&mut options);
+    let p = PostgresProvider::connect_with(&url, options).await.unwrap();
+    (proxy, p)
+}
+
+async fn scalar(p: &PostgresProvider, sql: &str) -> i64 {
+    let sql = sql.replace("{s}", &quote_ident(p.schema()));
+    sqlx::query_scalar(&sql)
+        .fetch_one(p.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn ok_or_retryable<T: std::fmt::Debug>(
+    what: &str,
+    r: &Result<T, duroxide::providers::ProviderError>,
+) {
+    if let Err(e) = r {
+        assert!(
+            e.is_retryable(),
+            "{what}: must succeed or fail retryable: {e}"
+        );
+    }
+}
+
+// ---- exactly once under resends -------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_a_committed_enqueue_delivers_once() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+
+    proxy.faults().swallow_next_reply_with_08p01();
+    let r = p.enqueue_for_orchestrator(start_item("once-o"), None).await;
+    assert!(!proxy.faults().armed(), "the fault fired");
+    ok_or_retryable("enqueue_for_orchestrator", &r);
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-o'"
+        )
+        .await,
+        1,
+        "a resent enqueue delivered the message twice"
+    );
+
+    proxy.faults().swallow_next_reply_with_08p01();
+    let r = p.enqueue_for_worker(activity_item("once-w", 1)).await;
+    assert!(!proxy.faults().armed());
+    ok_or_retryable("enqueue_for_worker", &r);
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.worker_queue WHERE instance_id = 'once-w'"
+        )
+        .await,
+        1,
+        "a resent enqueue queued the activity twice"
+    );
+    // Delayed enqueues take the same path.
+    proxy.faults().swallow_next_reply_with_08p01();
+    let r = p
+        .enqueue_for_orchestrator(start_item("once-d"), Some(Duration::from_secs(60)))
+        .await;
+    ok_or_retryable("delayed enqueue", &r);
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-d'"
+        )
+        .await,
+        1
+    );
+    p.close().await;
+    let _ = direct;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_a_claim_is_not_sent_again() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+    direct
+        .enqueue_for_orchestrator(start_item("claim-o"), None)
+        .await
+        .unwrap();
+    direct
+        .enqueue_for_worker(activity_item("claim-w", 1))
+        .await
+        .unwrap();
+
+    proxy.faults().swallow_next_reply_with_08p01();
+    let r = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await;
+    assert!(!proxy.faults().armed());
+    let e = r.expect_err("a claim whose outcome is unknown must not look like an empty queue");
+    assert!(e.is_retryable(), "{e}");
+    // The claim ran once: one lease, one attempt.
+    assert_eq!(
+        scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await,
+        1
+    );
+    assert_eq!(
+        scalar(&p, "SELECT max(attempt_count)::BIGINT FROM {s}.orchestrator_queue WHERE instance_id = 'claim-o'").await,
+        1
+    );
+
+    proxy.faults().swallow_next_reply_with_08p01();
+    let r = p
+        .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+        .await;
+    let e = r.expect_err("a worker claim whose outcome is unknown is not resent");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT attempt_count::BIGINT FROM {s}.worker_queue WHERE instance_id = 'claim-w'"
+        )
+        .await,
+        1
+    );
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_a_committed_worker_ack_reports_success() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+    direct
+        .enqueue_for_worker(activity_item("ack-w", 2))
+        .await
+        .unwrap();
+    let (_, token, _) = p
+        .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+        .await
+        .unwrap()
+        .unwrap();
+    let completion = WorkItem::ActivityCompleted {
+        instance: "ack-w".to_string(),
+        execution_id: 1,
+        id: 2,
+        result: "r".to_string(),
+    };
+    proxy.faults().swallow_next_reply_with_08p01();
+    p.ack_work_item(&token, Some(completion.clone()))
+        .await
+        .expect("a resent ack that had committed reports success");
+    assert!(!proxy.faults().armed());
+    assert_eq!(scalar(&p, "SELECT count(*) FROM {s}.worker_queue").await, 0);
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'ack-w'"
+        )
+        .await,
+        1,
+        "the completion is delivered once"
+    );
+    // A second, separate ack of the same token still fails (contract).
+    let e = p
+        .ack_work_item(&token, Some(completion))
+        .await
+        .expect_err("a second ack of one token");
+    assert!(!e.is_retryable(), "{e}");
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_that_never_reached_the_server_is_sent_again() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+    direct
+        .enqueue_for_worker(activity_item("renew-w", 1))
+        .await
+        .unwrap();
+    let (_, token, _) = p
+        .fetch_work_item(
+            Duration::from_secs(5),
+            Duration::ZERO,
+            None,
+            &TagFilter::Any,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    proxy.faults().drop_next_request();
+    p.renew_work_item_lock(&token, Duration::from_secs(60))
+        .await
+        .expect("a renewal whose request never left must not cancel the activity");
+    assert!(!proxy.faults().armed(), "the fault fired");
+    let left = scalar(
+        &p,
+        "SELECT locked_until_ms - {s}.now_ms() FROM {s}.worker_queue WHERE instance_id = 'renew-w'",
+    )
+    .await;
+    assert!(left > 50_000, "the lease was extended: {left} ms left");
+    // A claim whose request never left is also sent again (nothing ran).
+    direct
+        .enqueue_for_orchestrator(start_item("renew-o"), None)
+        .await
+        .unwrap();
+    proxy.faults().drop_next_request();
+    let r = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await;
+    assert!(!proxy.faults().armed());
+    ok_or_retryable("claim after a dropped request", &r);
+    p.close().await;
+}
+
+// ---- the own pool: idle timeout -------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_dropped_by_a_load_balancer_while_idle_costs_no_failed_call() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |o| {
+        o.idle_timeout = Some(Duration::from_millis(800));
+    })
+    .await;
+    direct
+        .enqueue_for_orchestrator(start_item("idle-o"), None)
+        .await
+        .unwrap();
+    assert!(
+        p.fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The "load balancer" drops flows idle for 1.2 s without telling either end.
+    proxy
+        .faults()
+        .set_idle_cut(Some(Duration::from_millis(1200)));
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(
+        proxy
+            .faults()
+            .fired
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
+        "the idle cut dropped the pooled connection"
+    );
+    proxy.faults().set_idle_cut(None);
+    let started = Instant::now();
+    let claimed = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.fetch_orchestration_item(LOCK, Duration::ZERO, None),
+    )
+    .await
+    .expect("a call on a silently dropped connection hangs")
+    .expect("the first call after the idle period must not fail")
+    .expect("the queued item");
+    assert_eq!(claimed.0.instance, "idle-o");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    p.close().await;
+}
+
+// ---- bounded, classified failures -----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_delete_of_1000_trees_of_11_stays_within_the_lock_table() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    let locks_per_tx: String = sqlx::query_scalar("SHOW max_locks_per_transaction")
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(locks_per_tx, "64", "the test assumes the server default");
+    let q = quote_ident(p.schema());
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {q}.instances (instance_id, orchestration_name, orchestration_version,
+                                    parent_instance_id, created_at_ms, updated_at_ms)
+         SELECT 'root-' || r, 'O', '1.0.0', NULL, r, r FROM generate_series(1, 1000) r
+         UNION ALL
+         SELECT 'root-' || r || '-c' || c, 'C', '1.0.0', 'root-' || r, r, r
+         FROM generate_series(1, 1000) r, generate_series(1, 10) c;
+         INSERT INTO {q}.executions (instance_id, execution_id, status, started_at_ms, completed_at_ms)
+         SELECT i.instance_id, 1, 'Completed', 1, 2 FROM {q}.instances i;
+         INSERT INTO {q}.history (instance_id, execution_id, event_id, event_type, event_data, created_at_ms)
+         SELECT i.instance_id, 1, 1, 'OrchestrationStarted', '{{}}', 1 FROM {q}.instances i;"
+    ))
+    .execute(p.pool())
+    .await
+    .unwrap();
+    let result = p
+        .delete_instance_bulk(InstanceFilter {
+            limit: Some(1000),
+            ..InstanceFilter::default()
+        })
+        .await
+        .expect("bulk delete of 1,000 roots x 10 children");
+    assert_eq!(result.instances_deleted, 11_000);
+    assert_eq!(result.executions_deleted, 11_000);
+    assert_eq!(result.events_deleted, 11_000);
+    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {q}.instances"))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lock_table_is_permanent_for_deletes_and_retryable_for_runtime_calls() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    let raise = || async {
+        sqlx::query(
+            "DO $$ BEGIN RAISE EXCEPTION 'out of shared memory' \
+             USING ERRCODE = '53200', HINT = 'You might need to increase max_locks_per_transaction.'; END $$",
+        )
+        .execute(p.pool())
+        .await
+        .expect_err("raised")
+    };
+    let e = db_error("delete_instance_bulk", None, raise().await);
+    assert!(
+        !e.is_retryable(),
+        "the same delete fails the same way every time: {e}"
+    );
+    assert!(e.message.contains("max_locks_per_transaction"), "{e}");
+    assert!(e.message.contains("fewer instances"), "{e}");
+    let e = db_error("delete_instances_atomic", None, raise().await);
+    assert!(!e.is_retryable(), "{e}");
+    // Caused by another session: clears when its transaction ends; duroxide bounds retries.
+    let e = db_error("ack_orchestration_item", Some("i-1"), raise().await);
+    assert!(e.is_retryable(), "{e}");
+}
+
+// ---- undecodable worker rows ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_worker_row_is_poisoned_after_max_attempts() {
+    let (p, guard) = new_provider_with(FetchPath::Hybrid, |_| {}).await;
+    let q = quote_ident(guard.schema());
+    let orchestrations = || {
+        OrchestrationRegistry::builder()
+            .register(
+                "Risky",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    let v = ctx.schedule_activity("Work", "x").await?;
+                    Ok(format!("ran: {v}"))
+                },
+            )
+            .build()
+    };
+    let activities = || {
+        ActivityRegistry::builder()
+            .register("Work", |_ctx: ActivityContext, input: String| async move {
+                Ok(input)
+            })
+            .build()
+    };
+    // Orchestrations only: the activity row waits in the queue.
+    let orchestrator = Runtime::start_with_options(
+        p.clone(),
+        activities(),
+        orchestrations(),
+        RuntimeOptions {
+            worker_concurrency: 0,
+            ..RuntimeOptions::default()
+        },
+    )
+    .await;
+    let client = Client::new(p.clone());
+    client
+        .start_orchestration("poison-w", "Risky", "")
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {q}.worker_queue WHERE instance_id = 'poison-w'"
+        ))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "the activity was never scheduled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query(&format!(
+        "UPDATE {q}.worker_queue SET work_item = 'garbage\u{1}' WHERE instance_id = 'poison-w'"
+    ))
+    .execute(p.pool())
+    .await
+    .unwrap();
+    let worker = Runtime::start_with_options(
+        p.clone(),
+        activities(),
+        orchestrations(),
+        RuntimeOptions {
+            orchestration_concurrency: 0,
+            max_attempts: 2,
+            unregistered_backoff: UnregisteredBackoffConfig {
+                base_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(100),
+            },
+            ..RuntimeOptions::default()
+        },
+    )
+    .await;
+    let status = client
+        .wait_for_orchestration("poison-w", Duration::from_secs(20))
+        .await
+        .unwrap();
+    worker.shutdown(None).await;
+    orchestrator.shutdown(None).await;
+    // duroxide fails the orchestration with the activity's poison details.
+    match status {
+        OrchestrationStatus::Failed {
+            details:
+                duroxide::ErrorDetails::Poison {
+                    attempt_count,
+                    max_attempts,
+                    message_type:
+                        duroxide::PoisonMessageType::Activity {
+                            instance,
+                            activity_id,
+                            ..
+                        },
+                    message,
+                },
+            ..
+        } => {
+            assert_eq!((attempt_count, max_attempts), (3, 2));
+            assert_eq!((instance.as_str(), activity_id), ("poison-w", 2));
+            assert!(message.contains("does not decode"), "{message}");
+        }
+        other => panic!("poison-w must fail as poison: {other:?}"),
+    }
+    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {q}.worker_queue"))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the poisoned row is consumed");
+    let _: Arc<PostgresProvider> = p;
+}
