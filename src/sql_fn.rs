@@ -3,7 +3,7 @@
 //! Every function the provider calls is described once by a [`SqlFunction`]: its name,
 //! its argument names in declaration order, and the columns the call selects. Calls use
 //! PostgreSQL's named notation (`p_lock_token => $1`), and values are bound through
-//! [`Args`], which names each value as it binds it and refuses a value bound under the
+//! `Args`, which names each value as it binds it and refuses a value bound under the
 //! wrong name. So swapping two arguments of the same type cannot pass silently: the
 //! names would have to be swapped too, in plain sight, and `tests/sql_boundary.rs`
 //! checks every description against `pg_proc`.

@@ -46,7 +46,7 @@ async fn proxied(
     options.long_poll = false;
     options.min_connections = 1;
     customize(&mut options);
-    let p = PostgresProvider::connect_with(&url, options).await.unwrap();
+    let p = common::connect_waiting(&url, options).await.unwrap();
     (proxy, p)
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use common::{database_url, new_provider_with, test_options};
 use duroxide::providers::{Provider, WorkItem};
-use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
+use duroxide_pg_hybrid::FetchPath;
 
 #[test]
 fn compiled_default_follows_the_feature() {
@@ -34,10 +34,9 @@ async fn provider_without_an_explicit_path_uses_the_default_and_works() {
     } else {
         FetchPath::Hybrid
     };
-    let explicit =
-        PostgresProvider::connect_with(&database_url(), test_options(guard.schema(), other))
-            .await
-            .unwrap();
+    let explicit = common::connect_waiting(&database_url(), test_options(guard.schema(), other))
+        .await
+        .unwrap();
     assert_eq!(explicit.fetch_path(), other);
     // Both serve the same queue: one enqueues, the other claims.
     let start = WorkItem::StartOrchestration {

@@ -23,7 +23,7 @@ const LOCK: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(30);
 
 async fn second_provider(schema: &str, path: FetchPath) -> PostgresProvider {
-    PostgresProvider::connect_with(&database_url(), test_options(schema, path))
+    common::connect_waiting(&database_url(), test_options(schema, path))
         .await
         .unwrap()
 }
@@ -777,7 +777,7 @@ async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
     let mut options = test_options(guard.schema(), FetchPath::Hybrid);
     options.application_name = tag.clone();
     options.min_connections = 0;
-    let proxied = PostgresProvider::connect_with(&url, options).await.unwrap();
+    let proxied = common::connect_waiting(&url, options).await.unwrap();
     proxy.faults().set_refusing(true);
     proxy.faults().sever_all();
     let first = proxied

@@ -17,7 +17,7 @@ use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
     ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
-use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
+use duroxide_pg_hybrid::FetchPath;
 
 const ORCHESTRATIONS: usize = 210;
 
@@ -147,7 +147,7 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
     let (hybrid, guard) = new_provider(FetchPath::Hybrid).await;
     assert_eq!(hybrid.fetch_path(), FetchPath::Hybrid);
     let procedure = Arc::new(
-        PostgresProvider::connect_with(
+        common::connect_waiting(
             &database_url(),
             test_options(guard.schema(), FetchPath::Procedure),
         )

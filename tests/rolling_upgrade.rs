@@ -231,7 +231,7 @@ async fn a_binary_starts_on_a_schema_a_newer_release_migrated() {
         let mut options = test_options(guard.schema(), FetchPath::Hybrid);
         options.auto_migrate = auto_migrate;
         short_polling(&mut options);
-        let older = PostgresProvider::connect_with(&database_url(), options)
+        let older = common::connect_waiting(&database_url(), options)
             .await
             .unwrap_or_else(|e| panic!("auto_migrate {auto_migrate}: {e}"));
         older
@@ -336,7 +336,7 @@ async fn own_ledger_takes_over_a_previous_release_schema_next_to_an_application_
 
     let mut options = test_options(guard.schema(), FetchPath::Hybrid);
     short_polling(&mut options);
-    let upgraded = PostgresProvider::connect_with(&database_url(), options)
+    let upgraded = common::connect_waiting(&database_url(), options)
         .await
         .expect("starts on the previous release's schema");
     let ours: Vec<i64> = sqlx::query_scalar(&format!(

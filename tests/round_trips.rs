@@ -27,9 +27,7 @@ async fn proxied(schema: &str, path: FetchPath, rtt: Duration) -> (Proxy, Postgr
     let mut options = test_options(schema, path);
     options.max_connections = 4;
     options.min_connections = 4;
-    let provider = PostgresProvider::connect_with(&via_proxy, options)
-        .await
-        .unwrap();
+    let provider = common::connect_waiting(&via_proxy, options).await.unwrap();
     (proxy, provider)
 }
 

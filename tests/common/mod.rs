@@ -58,6 +58,25 @@ pub fn database_url() -> String {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
 }
 
+/// `PostgresProvider::connect_with`, waiting (up to 30 s) for a connection slot while the
+/// server is at `max_connections` (53300): under a full parallel test run that is
+/// transient, and not what the calling test is about.
+pub async fn connect_waiting(
+    url: &str,
+    options: ProviderOptions,
+) -> Result<PostgresProvider, duroxide::providers::ProviderError> {
+    let mut attempt = 0;
+    loop {
+        match PostgresProvider::connect_with(url, options.clone()).await {
+            Err(e) if e.message.contains("53300") && attempt < 60 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A fresh schema name: `t_` + 16 hex characters of a v4 uuid.
 pub fn unique_schema() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
