@@ -131,8 +131,8 @@ pub struct ProviderOptions {
     /// Decoded history events kept in memory, over all cached instances, so that the
     /// next turn of an instance this process ran reads only the events it has not seen
     /// (`0` = no cache: every turn reads the whole execution). Least recently run
-    /// instances are dropped first. An event of ~400 bytes of JSON takes roughly 1 KB
-    /// decoded. Default 50,000.
+    /// instances are dropped first. A decoded event takes about its JSON size plus ~200
+    /// bytes. Default 50,000.
     pub history_cache_events: usize,
 }
 
