@@ -53,6 +53,7 @@ pub mod credentials;
 pub mod entra;
 pub mod errors;
 mod history;
+mod history_cache;
 pub mod incumbent;
 pub mod inspect;
 mod kv;

@@ -128,6 +128,12 @@ pub struct ProviderOptions {
     /// (`None` = no limit): spreads connections across servers after a failover or a
     /// scale-out behind a pooler, and bounds per-backend memory growth. Default 30 min.
     pub max_lifetime: Option<Duration>,
+    /// Decoded history events kept in memory, over all cached instances, so that the
+    /// next turn of an instance this process ran reads only the events it has not seen
+    /// (`0` = no cache: every turn reads the whole execution). Least recently run
+    /// instances are dropped first. A decoded event takes about its JSON size plus ~200
+    /// bytes. Default 50,000.
+    pub history_cache_events: usize,
 }
 
 impl Default for ProviderOptions {
@@ -147,6 +153,7 @@ impl Default for ProviderOptions {
             password_source: None,
             idle_timeout: Some(Duration::from_secs(5 * 60)),
             max_lifetime: Some(Duration::from_secs(30 * 60)),
+            history_cache_events: 50_000,
         }
     }
 }
@@ -168,6 +175,7 @@ impl fmt::Debug for ProviderOptions {
             .field("password_source", &self.password_source)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
+            .field("history_cache_events", &self.history_cache_events)
             .finish()
     }
 }
@@ -196,6 +204,8 @@ pub mod env {
     pub const IDLE_TIMEOUT_MS: &str = "DUROXIDE_PG_IDLE_TIMEOUT_MS";
     /// Pool connection max lifetime in milliseconds (`0` = no limit).
     pub const MAX_LIFETIME_MS: &str = "DUROXIDE_PG_MAX_LIFETIME_MS";
+    /// History cache size in events (`0` = off).
+    pub const HISTORY_CACHE_EVENTS: &str = "DUROXIDE_PG_HISTORY_CACHE_EVENTS";
 }
 
 impl ProviderOptions {
@@ -252,6 +262,9 @@ impl ProviderOptions {
         if let Some(v) = read_env(env::MAX_LIFETIME_MS) {
             let ms: u64 = parse_env(env::MAX_LIFETIME_MS, &v)?;
             self.max_lifetime = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(v) = read_env(env::HISTORY_CACHE_EVENTS) {
+            self.history_cache_events = parse_env(env::HISTORY_CACHE_EVENTS, &v)?;
         }
         self.validate()?;
         Ok(self)

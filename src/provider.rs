@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     pub(crate) notifier: Arc<Notifier>,
     /// Connect options plus the password source (if any) of every connection we open.
     pub(crate) credentials: Arc<Credentials>,
+    /// Decoded histories of instances this provider ran recently (`history_cache.rs`).
+    pub(crate) history_cache: crate::history_cache::HistoryCache,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -172,6 +174,7 @@ impl PostgresProvider {
             fallback_poll_interval: options.fallback_poll_interval,
             notifier: Arc::new(Notifier::with_credentials(Some(credentials.clone()))),
             credentials: credentials.clone(),
+            history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
         });
         // The application-facing pool cannot ask the source per connection: keep its
         // options fresh while the provider lives.

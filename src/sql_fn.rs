@@ -48,6 +48,8 @@ pub fn all() -> Vec<&'static SqlFunction> {
     vec![
         &turn::SP_FETCH_AND_LOCK,
         &turn::FETCH_ORCHESTRATION_FULL,
+        &turn::FETCH_ORCHESTRATION_TURN,
+        &turn::READ_HISTORY_SINCE,
         &turn::READ_BATCH_MESSAGES,
         &turn::READ_INSTANCE_META,
         &turn::READ_EXECUTION_HISTORY,

@@ -8,10 +8,13 @@
 //! See `BENCHMARKS.md` at the repository root for the scenarios and the latest numbers.
 
 mod charts;
+mod cluster;
+mod counting;
 mod idle;
 mod latency;
 mod machine;
 mod micro;
+mod provider_throughput;
 mod providers;
 use duroxide_pg_hybrid_testkit::proxy;
 mod report;
@@ -32,6 +35,9 @@ use crate::results::{Line, Record};
 enum Scenario {
     /// duroxide's parallel_orchestrations stress harness at 1:1, 2:2, 4:4 dispatchers.
     Throughput,
+    /// Provider-bound throughput: 0 ms activities, 100 in flight, 1:1, 4:4, 16:16, with
+    /// provider calls, statements and server time (pg_stat_statements) per orchestration.
+    ProviderThroughput,
     /// p50/p95 start→completed of a 5-activity chain at RTT 0, 10, 50 ms.
     Latency,
     /// fetch time and bytes at 100, 1,000, 10,000 history events.
@@ -50,6 +56,7 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::Throughput => "throughput",
+            Scenario::ProviderThroughput => "provider-throughput",
             Scenario::Latency => "latency",
             Scenario::History => "history",
             Scenario::Backlog => "backlog",
@@ -101,10 +108,12 @@ struct Cli {
     /// Route connections through the proxy even at RTT 0 (counts round trips everywhere).
     #[arg(long)]
     proxy: bool,
-    /// throughput: dispatcher configs as ORCH:WORKER, comma-separated.
-    #[arg(long, default_value = "1:1,2:2,4:4")]
-    configs: String,
-    /// throughput: seconds per run (default 5, quick 3); idle: measuring window (default 15, quick 4).
+    /// throughput, provider-throughput: dispatcher configs as ORCH:WORKER, comma-separated
+    /// (default 1:1,2:2,4:4 for throughput, 1:1,4:4,16:16 for provider-throughput).
+    #[arg(long)]
+    configs: Option<String>,
+    /// throughput: seconds per run (default 5, quick 3); provider-throughput: (default 10,
+    /// quick 4); idle: measuring window (default 15, quick 4).
     #[arg(long)]
     duration_secs: Option<u64>,
     /// latency: orchestrations per run (default 8, quick 3).
@@ -127,7 +136,7 @@ pub struct Opts {
     rtt_ms: Vec<u64>,
     pub runs: usize,
     pub quick: bool,
-    pub configs: String,
+    pub configs: Option<String>,
     pub duration_secs: Option<u64>,
     pub samples: Option<usize>,
     pub activity_ms: u64,
@@ -190,6 +199,7 @@ async fn has_pg_stat_statements(admin: &sqlx::PgPool) -> bool {
 async fn run_scenario(env: &Env, opts: &Opts, scenario: Scenario) -> Result<Vec<Record>, BoxError> {
     match scenario {
         Scenario::Throughput => throughput::run(env, opts).await,
+        Scenario::ProviderThroughput => provider_throughput::run(env, opts).await,
         Scenario::Latency => latency::run(env, opts).await,
         Scenario::History => micro::history(env, opts).await,
         Scenario::Backlog => micro::backlog(env, opts).await,
@@ -310,6 +320,7 @@ async fn real_main(cli: Cli) -> Result<(), BoxError> {
     let scenarios: Vec<Scenario> = if cli.scenario == Scenario::All {
         vec![
             Scenario::Throughput,
+            Scenario::ProviderThroughput,
             Scenario::Latency,
             Scenario::History,
             Scenario::Backlog,

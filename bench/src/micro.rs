@@ -26,6 +26,7 @@ use sqlx::Row;
 use crate::Opts;
 use crate::providers::{BoxError, Env, Session};
 use crate::results::{Record, median};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, ProxySnapshot};
 
 const LOCK: Duration = Duration::from_secs(30);
 /// Calls made before measuring a backlog fetch. PL/pgSQL caches plans per connection
@@ -262,7 +263,7 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     bytes,
                     rts
                 );
-                let extra = json!({"payload_chars": payload.len(), "calls_per_run": calls, "warmup_calls": HISTORY_WARMUP});
+                let extra = json!({"payload_chars": payload.len(), "calls_per_run": calls, "warmup_calls": HISTORY_WARMUP, "measured": "turns after the first: fetch, then an ack adding 2 events"});
                 out.push(
                     Record::new("history", kind.name(), &case, rtt, "fetch_ms", "ms", runs)
                         .with_extra(extra),
@@ -300,7 +301,82 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
     Ok(out)
 }
 
-/// Returns (per-run median fetch ms, bytes server→client, round trips, statements).
+/// One orchestration turn of the history instance: a timed fetch (whose history must hold
+/// `*len` events), then an ack appending an ActivityScheduled/ActivityCompleted pair and
+/// a message, so the next turn has 2 new events. A turn after the first is what a
+/// running orchestration costs: providers with a history cache read only the new events.
+async fn history_turn(
+    p: &dyn Provider,
+    instance: &str,
+    len: &mut usize,
+    payload: &str,
+    counted: Option<(&Proxy, Duration)>,
+) -> Result<(Duration, Option<ProxySnapshot>), BoxError> {
+    let before = counted.map(|(proxy, _)| proxy.snapshot());
+    let t = Instant::now();
+    let got = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await?;
+    let elapsed = t.elapsed();
+    let mut traffic = None;
+    if let (Some((proxy, settle)), Some(before)) = (counted, before) {
+        // Let background traffic the call caused (e.g. sqlx's on-release ping) reach
+        // the proxy before reading the counters.
+        tokio::time::sleep(settle).await;
+        traffic = Some(proxy.snapshot().since(&before));
+    }
+    let (item, token, _) =
+        got.ok_or_else(|| format!("expected to fetch {instance}, got nothing"))?;
+    if item.instance != instance {
+        return Err(format!("expected to fetch {instance}, got {}", item.instance).into());
+    }
+    if item.history.len() != *len {
+        return Err(format!(
+            "fetched history has {} events, expected {len}",
+            item.history.len()
+        )
+        .into());
+    }
+    let id = *len as u64 + 1;
+    let delta = vec![
+        Event::with_event_id(
+            id,
+            instance,
+            1,
+            None,
+            EventKind::ActivityScheduled {
+                name: "Work".to_string(),
+                input: payload.to_string(),
+                session_id: None,
+                tag: None,
+            },
+        ),
+        Event::with_event_id(
+            id + 1,
+            instance,
+            1,
+            Some(id),
+            EventKind::ActivityCompleted {
+                result: payload.to_string(),
+            },
+        ),
+    ];
+    p.ack_orchestration_item(
+        &token,
+        1,
+        delta,
+        vec![],
+        vec![poke(instance)],
+        metadata(),
+        vec![],
+    )
+    .await?;
+    *len += 2;
+    Ok((elapsed, traffic))
+}
+
+/// Returns (per-run median fetch ms, bytes server→client, round trips, statements), all
+/// of turns after the first (the first turn of a process reads the whole history).
 async fn history_one(
     session: &Session,
     events: usize,
@@ -315,6 +391,7 @@ async fn history_one(
     direct
         .enqueue_for_orchestrator(poke(&instance), None)
         .await?;
+    let mut len = events;
 
     // Timing: over the direct connection at RTT 0, through the proxy otherwise.
     let timed = if session.rtt_ms == 0 {
@@ -325,41 +402,36 @@ async fn history_one(
     let mut per_run = Vec::with_capacity(runs);
     for run in 0..runs {
         let warmup = if run == 0 { HISTORY_WARMUP } else { 1 };
-        let times = time_calls(warmup, calls, || {
-            let p = timed.clone();
-            let instance = instance.clone();
-            async move {
-                let (d, h, _) = fetch_orch_expect(p.as_ref(), &instance).await?;
-                if h != events {
-                    return Err(format!("fetched history has {h} events, expected {events}").into());
-                }
-                Ok(d)
-            }
-        })
-        .await?;
+        for _ in 0..warmup {
+            history_turn(timed.as_ref(), &instance, &mut len, payload, None).await?;
+        }
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let (d, _) = history_turn(timed.as_ref(), &instance, &mut len, payload, None).await?;
+            times.push(ms(d));
+        }
         per_run.push(median(&times));
     }
 
-    // Bytes, round trips and statements of warm fetches through the proxy (medians; the
-    // warm-up lets the pool open the connections the path needs and cache its statements).
+    // Bytes, round trips and statements of warm turns through the proxy (medians; the
+    // warm-up lets the pool open the connections the path needs, cache its statements,
+    // and gives the proxied provider its own first turn).
     let proxy = session.proxy.as_ref().ok_or("history needs the proxy")?;
     for _ in 0..HISTORY_WARMUP {
-        fetch_orch_expect(proxied.as_ref(), &instance).await?;
+        history_turn(proxied.as_ref(), &instance, &mut len, payload, None).await?;
     }
+    let settle = Duration::from_millis(5 + session.rtt_ms);
     let (mut bytes, mut rts, mut stmts) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..calls {
-        let before = proxy.snapshot();
-        let got = proxied
-            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-            .await?;
-        // Let background traffic the call caused (e.g. sqlx's on-release ping) reach the
-        // proxy before reading the counters.
-        tokio::time::sleep(Duration::from_millis(5 + session.rtt_ms)).await;
-        let d = proxy.snapshot().since(&before);
-        let (_, token, _) = got.ok_or("history instance not fetchable")?;
-        proxied
-            .abandon_orchestration_item(&token, None, true)
-            .await?;
+        let (_, d) = history_turn(
+            proxied.as_ref(),
+            &instance,
+            &mut len,
+            payload,
+            Some((proxy, settle)),
+        )
+        .await?;
+        let d = d.ok_or("turn not measured")?;
         if std::env::var_os("BENCH_DEBUG").is_some() {
             eprintln!("    debug: {d:?}");
         }

@@ -6,7 +6,14 @@ use std::path::{Component, Path, PathBuf};
 use crate::charts::{self, Bars};
 use crate::results::{Line, Meta, Record};
 
-pub const SCENARIOS: [&str; 5] = ["throughput", "latency", "history", "backlog", "idle"];
+pub const SCENARIOS: [&str; 6] = [
+    "throughput",
+    "provider-throughput",
+    "latency",
+    "history",
+    "backlog",
+    "idle",
+];
 
 /// Human description of a metric: (label, "higher"/"lower" is better).
 fn describe(metric: &str) -> (&'static str, &'static str) {
@@ -290,6 +297,9 @@ fn scenario_title(s: &str) -> &'static str {
     match s {
         "throughput" => {
             "Throughput: duroxide stress harness, fan-out 5 × 10 ms activities, 20 in flight"
+        }
+        "provider-throughput" => {
+            "Provider-bound throughput: stress harness, fan-out 5 × 0 ms activities, 100 in flight; per-orchestration provider and server cost"
         }
         "latency" => {
             "Latency: one orchestration of 5 sequential activities at a time, default RuntimeOptions"

@@ -49,7 +49,7 @@ pub fn parse_configs(s: &str) -> Result<Vec<(usize, usize)>, String> {
 }
 
 pub async fn run(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
-    let configs = parse_configs(&opts.configs)?;
+    let configs = parse_configs(opts.configs.as_deref().unwrap_or("1:1,2:2,4:4"))?;
     let duration_secs = opts.duration_secs.unwrap_or(if opts.quick { 3 } else { 5 });
     let rtts = opts.rtts(&[0]);
     let mut out = Vec::new();

@@ -271,6 +271,12 @@ impl PostgresProvider {
 
         match result {
             Ok(instance) => {
+                if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
+                    // The instance is done: its history will not be read for a turn again.
+                    // (After ContinuedAsNew one more turn reads it, then the next
+                    // execution's entry replaces it.)
+                    self.inner.history_cache.forget(&instance);
+                }
                 metrics::histogram!("duroxide_pg_ack_rows", "kind" => "history")
                     .record(ev_ids.len() as f64);
                 metrics::histogram!("duroxide_pg_ack_rows", "kind" => "worker")

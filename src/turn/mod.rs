@@ -8,7 +8,10 @@
 //!
 //! * hybrid: claim, then four plain reads issued concurrently on separate pooled
 //!   connections, so the serial depth is 2 round trips;
-//! * procedure: `fetch_orchestration_full`, claim and reads in one call (1 round trip).
+//! * procedure: `fetch_orchestration_turn`, claim and reads in one call (1 round trip).
+//!
+//! Both read only the history events this process has not seen yet when it ran the
+//! instance's execution before (`crate::history_cache`).
 //!
 //! Both end in [`assemble`], so the item handed to duroxide is built by one piece of code
 //! whichever path fetched it.
@@ -21,22 +24,25 @@ mod reads;
 
 pub(crate) use claim::SP_FETCH_AND_LOCK;
 pub(crate) use lease::{ABANDON_TURN, RENEW_TURN};
-pub(crate) use procedure::FETCH_ORCHESTRATION_FULL;
+pub(crate) use procedure::{FETCH_ORCHESTRATION_FULL, FETCH_ORCHESTRATION_TURN};
 pub(crate) use reads::{
-    READ_BATCH_MESSAGES, READ_EXECUTION_HISTORY, READ_INSTANCE_META, READ_KV_SNAPSHOT,
+    READ_BATCH_MESSAGES, READ_EXECUTION_HISTORY, READ_HISTORY_SINCE, READ_INSTANCE_META,
+    READ_KV_SNAPSHOT,
 };
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duroxide::EventKind;
 use duroxide::providers::{
     DispatcherCapabilityFilter, KvEntry, OrchestrationItem, ProviderError, WorkItem,
 };
+use duroxide::{Event, EventKind};
 
 use sqlx::postgres::PgArguments;
 
 use crate::codec::{decode_history, decode_messages_strict};
+use crate::history_cache::{Held, HistoryCache};
 use crate::notify::Queue;
 use crate::options::FetchPath;
 use crate::poll::Attempt;
@@ -78,11 +84,14 @@ impl ClaimArgs {
 }
 
 impl ClaimArgs {
-    /// The claim's arguments, shared by `sp_fetch_and_lock` and `fetch_orchestration_full`
-    /// (both declare them with the same names, in the same order).
+    /// The claim's arguments, shared by `sp_fetch_and_lock` and `fetch_orchestration_turn`
+    /// (both declare them first, with the same names, in the same order).
     fn bind(&self, function: &'static SqlFunction) -> Result<PgArguments, ProviderError> {
-        Args::new(function)
-            .bind("p_lock_timeout_ms", self.lock_timeout_ms)
+        self.bind_to(Args::new(function)).finish(OP)
+    }
+
+    fn bind_to(&self, args: Args) -> Args {
+        args.bind("p_lock_timeout_ms", self.lock_timeout_ms)
             .bind("p_filter_enabled", self.filter_enabled)
             .bind("p_min_major", self.min.0)
             .bind("p_min_minor", self.min.1)
@@ -90,7 +99,6 @@ impl ClaimArgs {
             .bind("p_max_major", self.max.0)
             .bind("p_max_minor", self.max.1)
             .bind("p_max_patch", self.max.2)
-            .finish(OP)
     }
 }
 
@@ -113,8 +121,51 @@ pub(crate) struct TurnRows {
     /// `Some((name, version))` when the instance row exists.
     pub meta: Option<(String, Option<String>)>,
     pub messages: Vec<String>,
-    pub history: Vec<String>,
+    pub history: HistoryRows,
     pub kv: Vec<(String, String, i64)>,
+}
+
+/// A turn's history as read: the events this process held plus the rows read after them
+/// (an incremental read), or every row of the execution (`held: None`).
+pub(crate) struct HistoryRows {
+    pub held: Option<Arc<Vec<Event>>>,
+    pub rows: Vec<String>,
+    /// `(event_id, guard)` of the execution's last event, for the cache; `None` for an
+    /// empty history.
+    pub last: Option<(i64, i64)>,
+}
+
+impl HistoryRows {
+    /// Combines a `read_history_since` result with what was sent to it. `incremental`
+    /// without `held` cannot happen (the database only answers incrementally to an
+    /// entry it was given); it is treated as "nothing held" by the caller's check.
+    pub(crate) fn from_read(
+        incremental: bool,
+        held: Option<&Held>,
+        rows: Vec<String>,
+        last_event_id: Option<i64>,
+        last_guard: Option<i64>,
+    ) -> Result<Self, String> {
+        let held = match (incremental, held) {
+            (false, _) => None,
+            (true, Some(h)) => Some(h.events.clone()),
+            (true, None) => {
+                return Err("history read answered incrementally to no cache entry".into());
+            }
+        };
+        let label = if held.is_some() {
+            "incremental"
+        } else {
+            "full"
+        };
+        metrics::counter!("duroxide_pg_history_reads_total", "read" => label).increment(1);
+        metrics::counter!("duroxide_pg_history_rows_read_total").increment(rows.len() as u64);
+        Ok(Self {
+            held,
+            rows,
+            last: last_event_id.zip(last_guard),
+        })
+    }
 }
 
 impl PostgresProvider {
@@ -139,7 +190,7 @@ impl PostgresProvider {
         let Some(rows) = rows else {
             return Ok(None);
         };
-        let fetched = assemble(rows);
+        let fetched = assemble(rows, &self.inner.history_cache);
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,
@@ -189,8 +240,9 @@ fn record_skipped(skipped: Option<i32>) {
     }
 }
 
-/// Builds the item duroxide sees from the raw rows of either path.
-fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
+/// Builds the item duroxide sees from the raw rows of either path, and records the
+/// history in the cache.
+fn assemble(rows: TurnRows, cache: &HistoryCache) -> (OrchestrationItem, String, u32) {
     let TurnRows {
         claim,
         meta,
@@ -215,10 +267,37 @@ fn assemble(rows: TurnRows) -> (OrchestrationItem, String, u32) {
             (Vec::new(), Some(e))
         }
     };
-    let (history, history_error) = match decode_history(&history) {
+    let HistoryRows { held, rows, last } = history;
+    let held_len = held.as_ref().map_or(0, |h| h.len());
+    if held.is_some() {
+        // Drop the entry's reference so that the held events can usually be taken over
+        // without a copy; the entry is stored again below.
+        cache.forget(&instance);
+    }
+    let decoded = decode_history(&rows).map(|new| match held {
+        Some(h) => {
+            let mut all = Arc::unwrap_or_clone(h);
+            all.extend(new);
+            all
+        }
+        None => new,
+    });
+    match (&decoded, last) {
+        (Ok(h), Some((last_event_id, guard))) => {
+            cache.store(&instance, claim.execution_id, h, last_event_id, guard);
+        }
+        _ => cache.forget(&instance),
+    }
+    let (history, history_error) = match decoded {
         Ok(_) if message_error.is_some() => (Vec::new(), message_error),
         Ok(h) => (h, None),
         Err(e) => {
+            // Row numbers in the message count from the first row read.
+            let e = if held_len > 0 {
+                format!("{e} (after {held_len} cached events)")
+            } else {
+                e
+            };
             tracing::warn!(
                 target: TRACING_TARGET,
                 operation = OP,

@@ -1,13 +1,17 @@
-//! Full-procedure path: claim and reads in one call of `fetch_orchestration_full`.
+//! Full-procedure path: claim and reads in one call of `fetch_orchestration_turn`, which
+//! is told what the history cache holds (the claimed instance is not known in advance,
+//! so the call carries the cache's long entries; see `crate::history_cache`).
 
 use duroxide::providers::ProviderError;
 
-use super::{Claim, ClaimArgs, OP, TurnRows};
-use crate::errors::db_error;
+use super::{Claim, ClaimArgs, HistoryRows, OP, TurnRows};
+use crate::errors::{db_error, decode_error};
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
-use crate::sql_fn::SqlFunction;
+use crate::sql_fn::{Args, SqlFunction};
 
+/// The previous release's one-call fetch (whole history every turn). Kept in the schema
+/// for processes of that release; this release calls [`FETCH_ORCHESTRATION_TURN`].
 pub(crate) static FETCH_ORCHESTRATION_FULL: SqlFunction = SqlFunction {
     name: "fetch_orchestration_full",
     args: super::claim::CLAIM_ARGS,
@@ -18,8 +22,32 @@ pub(crate) static FETCH_ORCHESTRATION_FULL: SqlFunction = SqlFunction {
     ),
 };
 
+pub(crate) static FETCH_ORCHESTRATION_TURN: SqlFunction = SqlFunction {
+    name: "fetch_orchestration_turn",
+    args: &[
+        "p_lock_timeout_ms",
+        "p_filter_enabled",
+        "p_min_major",
+        "p_min_minor",
+        "p_min_patch",
+        "p_max_major",
+        "p_max_minor",
+        "p_max_patch",
+        "p_history_instance_ids",
+        "p_history_execution_ids",
+        "p_history_after_event_ids",
+        "p_history_guards",
+    ],
+    columns: Some(
+        "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, \
+         o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, o_messages, \
+         o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard, \
+         o_kv_keys, o_kv_values, o_kv_updated_ms",
+    ),
+};
+
 #[derive(sqlx::FromRow)]
-struct FullRow {
+struct TurnRow {
     o_instance_id: Option<String>,
     o_lock_token: Option<String>,
     o_execution_id: Option<i64>,
@@ -31,7 +59,10 @@ struct FullRow {
     o_orchestration_name: Option<String>,
     o_orchestration_version: Option<String>,
     o_messages: Option<Vec<String>>,
+    o_history_incremental: Option<bool>,
     o_history: Option<Vec<String>>,
+    o_history_last_event_id: Option<i64>,
+    o_history_last_guard: Option<i64>,
     o_kv_keys: Option<Vec<String>>,
     o_kv_values: Option<Vec<String>>,
     o_kv_updated_ms: Option<Vec<i64>>,
@@ -42,11 +73,30 @@ impl PostgresProvider {
         &self,
         a: &ClaimArgs,
     ) -> Result<Attempt<TurnRows>, ProviderError> {
-        let sql = self.call_sql(&FETCH_ORCHESTRATION_FULL);
+        let hints = self.inner.history_cache.hints();
+        let mut ids = Vec::with_capacity(hints.len());
+        let mut executions = Vec::with_capacity(hints.len());
+        let mut after = Vec::with_capacity(hints.len());
+        let mut guards = Vec::with_capacity(hints.len());
+        for (instance, held) in &hints {
+            ids.push(instance.as_str());
+            executions.push(held.execution_id);
+            after.push(held.last_event_id);
+            guards.push(held.guard);
+        }
+        let sql = self.call_sql(&FETCH_ORCHESTRATION_TURN);
+        let args = || {
+            a.bind_to(Args::new(&FETCH_ORCHESTRATION_TURN))
+                .bind("p_history_instance_ids", &ids)
+                .bind("p_history_execution_ids", &executions)
+                .bind("p_history_after_event_ids", &after)
+                .bind("p_history_guards", &guards)
+                .finish(OP)
+        };
         let r = on_conn!(
             self,
             fetch_one,
-            sqlx::query_as_with::<_, FullRow, _>(&sql, a.bind(&FETCH_ORCHESTRATION_FULL)?)
+            sqlx::query_as_with::<_, TurnRow, _>(&sql, args()?)
         )
         .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(r.o_skipped);
@@ -54,6 +104,25 @@ impl PostgresProvider {
             return Ok(Attempt::Empty {
                 wake_in: wake_in(r.o_now_ms, r.o_next_wake_ms),
             });
+        };
+        let execution_id = r.o_execution_id.unwrap_or(1);
+        // The entry the function matched, found the same way: instance and execution.
+        let held = hints
+            .iter()
+            .find(|(i, h)| *i == instance && h.execution_id == execution_id)
+            .map(|(_, h)| h);
+        let history = match HistoryRows::from_read(
+            r.o_history_incremental.unwrap_or(false),
+            held,
+            r.o_history.unwrap_or_default(),
+            r.o_history_last_event_id,
+            r.o_history_last_guard,
+        ) {
+            Ok(h) => h,
+            Err(m) => {
+                self.release_claim(&lock_token, &instance).await;
+                return Err(decode_error(OP, Some(&instance), m));
+            }
         };
         let meta = if r.o_has_instance.unwrap_or(false) {
             r.o_orchestration_name
@@ -73,12 +142,12 @@ impl PostgresProvider {
             claim: Claim {
                 instance,
                 lock_token,
-                execution_id: r.o_execution_id.unwrap_or(1),
+                execution_id,
                 attempt_count: r.o_attempt_count.unwrap_or(1),
             },
             meta,
             messages: r.o_messages.unwrap_or_default(),
-            history: r.o_history.unwrap_or_default(),
+            history,
             kv,
         }))
     }

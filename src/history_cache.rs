@@ -1,0 +1,254 @@
+//! The history cache: decoded histories of instances this provider ran recently, so that
+//! the next turn of the same execution reads only the events after the last one it holds
+//! (`read_history_since`, `fetch_orchestration_turn` in
+//! `migrations/functions/04_turn_reads.sql`).
+//!
+//! An entry is never served on trust. Each read sends the id and the guard (hash of the
+//! stored text seeded with the row's creation time) of the last event the entry holds;
+//! the database returns only later events when that row is still there unchanged and the
+//! later events follow on without a gap, else the whole execution in the same call. So a
+//! turn sees the events other processes appended in between, and an instance deleted and
+//! re-created under the same id is read in full.
+//!
+//! One entry per instance: a new execution (continue-as-new) replaces the previous one's
+//! entry. Memory is bounded by a total number of events; the least recently used entries
+//! go first, and an entry whose execution finished is dropped by the ack.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use duroxide::Event;
+
+/// On the procedure path the claim's instance is not known in advance, so the call
+/// carries the cache's entries; only histories at least this long are worth the bytes
+/// (a shorter one costs about as little to read again as to describe).
+pub(crate) const HINT_MIN_EVENTS: usize = 32;
+/// At most this many entries (the most recently used) ride along with a procedure call.
+pub(crate) const HINT_MAX_ENTRIES: usize = 64;
+
+/// What this process holds of one execution's history.
+#[derive(Clone)]
+pub(crate) struct Held {
+    pub execution_id: i64,
+    /// `event_id` column of the last event held.
+    pub last_event_id: i64,
+    /// `history_row_guard` of that row.
+    pub guard: i64,
+    pub events: Arc<Vec<Event>>,
+}
+
+struct Entry {
+    held: Held,
+    used: u64,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<String, Entry>,
+    /// Use tick -> instance, oldest first.
+    lru: BTreeMap<u64, String>,
+    events: usize,
+    tick: u64,
+}
+
+impl State {
+    fn remove(&mut self, instance: &str) -> Option<Entry> {
+        let e = self.entries.remove(instance)?;
+        self.lru.remove(&e.used);
+        self.events -= e.held.events.len();
+        Some(e)
+    }
+
+    fn touch(&mut self, instance: &str) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.entries.get_mut(instance) {
+            self.lru.remove(&e.used);
+            e.used = tick;
+            self.lru.insert(tick, instance.to_string());
+        }
+    }
+}
+
+/// Bounded, process-local cache of decoded histories (see the module docs).
+pub(crate) struct HistoryCache {
+    max_events: usize,
+    state: Mutex<State>,
+}
+
+impl HistoryCache {
+    /// `max_events == 0` turns the cache off.
+    pub(crate) fn new(max_events: usize) -> Self {
+        Self {
+            max_events,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is consistent after every statement; a panic elsewhere cannot leave
+        // it half-updated in a way that matters (at worst an entry is read in full).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What is held of `instance`'s execution `execution_id` (marks it used).
+    pub(crate) fn held(&self, instance: &str, execution_id: i64) -> Option<Held> {
+        if self.max_events == 0 {
+            return None;
+        }
+        let mut s = self.state();
+        let held = s
+            .entries
+            .get(instance)
+            .filter(|e| e.held.execution_id == execution_id)
+            .map(|e| e.held.clone())?;
+        s.touch(instance);
+        Some(held)
+    }
+
+    /// Entries for a procedure-path call: histories of at least [`HINT_MIN_EVENTS`]
+    /// events, the [`HINT_MAX_ENTRIES`] most recently used.
+    pub(crate) fn hints(&self) -> Vec<(String, Held)> {
+        if self.max_events == 0 {
+            return Vec::new();
+        }
+        let s = self.state();
+        s.lru
+            .values()
+            .rev()
+            .filter_map(|i| s.entries.get(i).map(|e| (i, e)))
+            .filter(|(_, e)| e.held.events.len() >= HINT_MIN_EVENTS)
+            .take(HINT_MAX_ENTRIES)
+            .map(|(i, e)| (i.clone(), e.held.clone()))
+            .collect()
+    }
+
+    /// Records the full history of `instance`'s execution as just read, replacing any
+    /// entry of the instance (an older execution's included), then evicts the least
+    /// recently used entries beyond the bound. A history longer than the bound alone is
+    /// not kept.
+    pub(crate) fn store(
+        &self,
+        instance: &str,
+        execution_id: i64,
+        events: &[Event],
+        last_event_id: i64,
+        guard: i64,
+    ) {
+        if self.max_events == 0 {
+            return;
+        }
+        if events.is_empty() || events.len() > self.max_events {
+            self.forget(instance);
+            return;
+        }
+        // The copy the cache keeps (the turn owns the other), made before taking the
+        // lock: the lock only covers map updates.
+        let held = Held {
+            execution_id,
+            last_event_id,
+            guard,
+            events: Arc::new(events.to_vec()),
+        };
+        let mut s = self.state();
+        s.remove(instance);
+        s.events += held.events.len();
+        s.entries
+            .insert(instance.to_string(), Entry { held, used: 0 });
+        s.touch(instance);
+        while s.events > self.max_events {
+            let Some((_, oldest)) = s.lru.pop_first() else {
+                break;
+            };
+            if let Some(e) = s.entries.remove(&oldest) {
+                s.events -= e.held.events.len();
+            }
+        }
+        metrics::gauge!("duroxide_pg_history_cache_events").set(s.events as f64);
+    }
+
+    /// Drops `instance`'s entry (its execution ended, or its read failed).
+    pub(crate) fn forget(&self, instance: &str) {
+        if self.max_events == 0 {
+            return;
+        }
+        self.state().remove(instance);
+    }
+
+    /// Events held in total (tests).
+    #[cfg(test)]
+    fn len_events(&self) -> usize {
+        self.state().events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duroxide::EventKind;
+
+    fn history(instance: &str, n: u64) -> Vec<Event> {
+        (1..=n)
+            .map(|id| {
+                Event::with_event_id(
+                    id,
+                    instance,
+                    1,
+                    None,
+                    EventKind::ExternalEvent {
+                        name: "e".into(),
+                        data: "d".into(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bound_evicts_least_recently_used() {
+        let c = HistoryCache::new(10);
+        c.store("a", 1, &history("a", 4), 4, 7);
+        c.store("b", 1, &history("b", 4), 4, 7);
+        assert!(c.held("a", 1).is_some()); // a is now the most recent
+        c.store("c", 1, &history("c", 4), 4, 7);
+        assert!(c.held("b", 1).is_none(), "b was least recently used");
+        assert!(c.held("a", 1).is_some());
+        assert!(c.held("c", 1).is_some());
+        assert_eq!(c.len_events(), 8);
+        c.store("big", 1, &history("big", 11), 11, 7);
+        assert!(c.held("big", 1).is_none(), "larger than the bound alone");
+        assert_eq!(c.len_events(), 8);
+    }
+
+    #[test]
+    fn one_entry_per_instance_and_execution_must_match() {
+        let c = HistoryCache::new(100);
+        c.store("a", 1, &history("a", 3), 3, 1);
+        assert!(c.held("a", 2).is_none());
+        c.store("a", 2, &history("a", 2), 2, 9);
+        assert!(
+            c.held("a", 1).is_none(),
+            "continue-as-new replaced execution 1"
+        );
+        let h = c.held("a", 2).unwrap();
+        assert_eq!((h.last_event_id, h.guard, h.events.len()), (2, 9, 2));
+        assert_eq!(c.len_events(), 2);
+        c.forget("a");
+        assert!(c.held("a", 2).is_none());
+        assert_eq!(c.len_events(), 0);
+    }
+
+    #[test]
+    fn hints_skip_short_histories_and_zero_disables() {
+        let c = HistoryCache::new(1_000);
+        c.store("short", 1, &history("short", 3), 3, 1);
+        c.store("long", 1, &history("long", HINT_MIN_EVENTS as u64), 32, 1);
+        let hints = c.hints();
+        assert_eq!(hints.len(), 1);
+        assert_eq!(hints[0].0, "long");
+        let off = HistoryCache::new(0);
+        off.store("a", 1, &history("a", 3), 3, 1);
+        assert!(off.held("a", 1).is_none());
+        assert!(off.hints().is_empty());
+    }
+}

@@ -1,0 +1,455 @@
+//! The history cache (`src/history_cache.rs`): a turn of an execution this provider ran
+//! before reads only the events it has not seen, on both fetch paths, and never serves a
+//! stale or partial history.
+//!
+//! Turns are driven through the `Provider` API (fetch, then an ack that appends events
+//! and sends the instance a message so that it runs again), so every history is known
+//! exactly and compared event by event. What a fetch read is measured in bytes from the
+//! server, counted by the testkit proxy: events carry ~1 KB payloads, so a full read of
+//! 40 events is over 40 KB while the other reads of a turn are a few hundred bytes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{database_url, new_provider_with, start_item, test_options};
+use duroxide::providers::{
+    ExecutionMetadata, OrchestrationItem, Provider, ProviderAdmin, WorkItem,
+};
+use duroxide::{Event, EventKind};
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+
+const LOCK: Duration = Duration::from_secs(30);
+const NOW: Duration = Duration::ZERO;
+/// Fixed event timestamp, so that two incarnations can write byte-identical rows.
+const TS: u64 = 1_700_000_000_000;
+/// Bytes a turn may read besides its new events (claim, messages, metadata, KV, and a
+/// statement's description the first time a pooled connection runs it).
+const TURN_OVERHEAD: u64 = 6_000;
+/// Payload bytes of one event: a lower bound of its size on the wire.
+const EVENT_BYTES: u64 = 1_000;
+/// An upper bound of one event's size on the wire (payload plus JSON and framing).
+const EVENT_WIRE_MAX: u64 = 1_500;
+
+fn payload(tag: &str) -> String {
+    format!("{tag}:{}", "x".repeat(EVENT_BYTES as usize))
+}
+
+fn event(instance: &str, execution: u64, id: u64, data: String) -> Event {
+    let kind = if id == 1 {
+        EventKind::OrchestrationStarted {
+            name: "O".into(),
+            version: "1.0.0".into(),
+            input: "in".into(),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: None,
+            initial_custom_status: None,
+        }
+    } else {
+        EventKind::ExternalEvent {
+            name: "e".into(),
+            data,
+        }
+    };
+    let mut e = Event::with_event_id(id, instance, execution, None, kind);
+    e.timestamp_ms = TS;
+    e
+}
+
+/// Events `from..=to` of `instance`'s execution, payloads tagged `tag`.
+fn events(instance: &str, execution: u64, from: u64, to: u64, tag: &str) -> Vec<Event> {
+    (from..=to)
+        .map(|id| event(instance, execution, id, payload(&format!("{tag}{id}"))))
+        .collect()
+}
+
+fn poke(instance: &str) -> WorkItem {
+    WorkItem::ExternalRaised {
+        instance: instance.to_string(),
+        name: "poke".to_string(),
+        data: "x".to_string(),
+    }
+}
+
+fn running() -> ExecutionMetadata {
+    ExecutionMetadata {
+        orchestration_name: Some("O".into()),
+        orchestration_version: Some("1.0.0".into()),
+        ..Default::default()
+    }
+}
+
+/// A provider on `schema` connected through a new proxy (bytes are counted there).
+async fn proxied(
+    schema: &str,
+    path: FetchPath,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (Proxy, Arc<PostgresProvider>) {
+    let url = database_url();
+    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
+    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
+    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
+    let mut options = test_options(schema, path);
+    customize(&mut options);
+    let provider = PostgresProvider::connect_with(&via_proxy, options)
+        .await
+        .unwrap();
+    (proxy, Arc::new(provider))
+}
+
+/// A second provider process on the same schema (direct connection).
+async fn another_process(schema: &str, path: FetchPath) -> Arc<PostgresProvider> {
+    Arc::new(
+        PostgresProvider::connect_with(&database_url(), test_options(schema, path))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Sends `instance` a message and fetches its turn (it must be the one claimed: tests
+/// keep one instance runnable at a time); returns the item, the lock token, and the bytes
+/// the fetch read from the server when `proxy` is given.
+async fn fetch(
+    p: &PostgresProvider,
+    proxy: Option<&Proxy>,
+    instance: &str,
+) -> (OrchestrationItem, String, u64) {
+    p.enqueue_for_orchestrator(poke(instance), None)
+        .await
+        .unwrap();
+    let before = proxy.map(Proxy::snapshot);
+    let (item, token, _) = p
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("expected a turn of {instance}"));
+    let bytes = match (proxy, before) {
+        (Some(px), Some(b)) => px.snapshot().since(&b).bytes_s2c,
+        _ => 0,
+    };
+    assert_eq!(item.instance, instance);
+    assert!(item.history_error.is_none(), "{:?}", item.history_error);
+    (item, token, bytes)
+}
+
+/// Acks a turn of `execution` appending `new` events.
+async fn ack(p: &PostgresProvider, token: &str, execution: u64, new: Vec<Event>) {
+    p.ack_orchestration_item(token, execution, new, vec![], vec![], running(), vec![])
+        .await
+        .unwrap();
+}
+
+/// Starts `instance` through `p` with events 1..=n of execution 1.
+async fn create(p: &PostgresProvider, instance: &str, n: u64, tag: &str) -> Vec<Event> {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await
+        .unwrap();
+    let (item, token, _) = fetch(p, None, instance).await;
+    assert!(item.history.is_empty());
+    let written = events(instance, 1, 1, n, tag);
+    ack(p, &token, 1, written.clone()).await;
+    written
+}
+
+async fn second_turn_reads_only_new_events(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = proxied(guard.schema(), path, |_| {}).await;
+    for (instance, len) in [("short", 40u64), ("long", 200)] {
+        let mut expected = create(&p, instance, len, "a").await;
+
+        // The first turn this process reads (its first turn had no history): all of it.
+        let (item, token, full) = fetch(&p, Some(&proxy), instance).await;
+        assert_eq!(item.history, expected);
+        assert!(
+            full > len * EVENT_BYTES,
+            "{path:?} {instance}: full read of {len} events was {full} bytes"
+        );
+        let new = events(instance, 1, len + 1, len + 2, "b");
+        expected.extend(new.clone());
+        ack(&p, &token, 1, new).await;
+
+        // The next turn: the two new events only, whatever the history's length.
+        let (item, token, incremental) = fetch(&p, Some(&proxy), instance).await;
+        assert_eq!(item.history, expected, "{path:?} {instance}");
+        assert!(
+            incremental < 2 * EVENT_WIRE_MAX + TURN_OVERHEAD,
+            "{path:?} {instance}: a turn after 2 new events read {incremental} bytes (full read: {full})"
+        );
+        ack(&p, &token, 1, vec![]).await;
+
+        // Nothing new: nothing read but the turn's other data.
+        let (item, _, nothing_new) = fetch(&p, Some(&proxy), instance).await;
+        assert_eq!(item.history, expected);
+        assert!(nothing_new < TURN_OVERHEAD, "{path:?}: {nothing_new} bytes");
+    }
+}
+
+#[tokio::test]
+async fn second_turn_reads_only_new_events_hybrid() {
+    second_turn_reads_only_new_events(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn second_turn_reads_only_new_events_procedure() {
+    second_turn_reads_only_new_events(FetchPath::Procedure).await;
+}
+
+/// Another process runs turns of the instance between two turns of this one: the events
+/// it appended are read (and only those), and the history is exactly the stored one.
+async fn turns_run_elsewhere_are_read(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    // The other process runs the other path: the cache has to work in a mixed fleet.
+    let other_path = match path {
+        FetchPath::Hybrid => FetchPath::Procedure,
+        FetchPath::Procedure => FetchPath::Hybrid,
+    };
+    let p2 = another_process(guard.schema(), other_path).await;
+    let inst = "shared";
+    let mut expected = create(&p1, inst, 40, "a").await;
+    let (item, token, _) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history, expected);
+    let new = events(inst, 1, 41, 42, "p1-");
+    expected.extend(new.clone());
+    ack(&p1, &token, 1, new).await;
+
+    // Two turns in the other process.
+    for (from, to) in [(43, 45), (46, 46)] {
+        let (item, token, _) = fetch(&p2, None, inst).await;
+        assert_eq!(item.history, expected);
+        let new = events(inst, 1, from, to, "p2-");
+        expected.extend(new.clone());
+        ack(&p2, &token, 1, new).await;
+    }
+
+    let (item, _, bytes) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history.len(), 46);
+    assert_eq!(
+        item.history, expected,
+        "{path:?}: events of the other process's turns"
+    );
+    assert!(
+        bytes < 4 * EVENT_WIRE_MAX + TURN_OVERHEAD,
+        "{path:?}: read {bytes} bytes for 4 new events"
+    );
+}
+
+#[tokio::test]
+async fn turns_run_elsewhere_are_read_hybrid() {
+    turns_run_elsewhere_are_read(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn turns_run_elsewhere_are_read_procedure() {
+    turns_run_elsewhere_are_read(FetchPath::Procedure).await;
+}
+
+/// The instance is deleted and re-created under the same id by another process, and the
+/// new incarnation's row at the cached position is byte-for-byte the old one (same id,
+/// same JSON) while an earlier event differs: only the row's creation time tells them
+/// apart, and the turn must still read the new incarnation in full.
+async fn recreated_instance_is_read_in_full(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "phoenix";
+    let old = create(&p1, inst, 40, "a").await;
+    let (item, token, _) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history, old);
+    ack(&p1, &token, 1, vec![]).await; // p1 now holds events 1..=40
+
+    p2.delete_instance(inst, true).await.unwrap();
+    // Creation times are the database clock in milliseconds: make sure it moved on.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut new = old.clone();
+    new[4] = event(inst, 1, 5, payload("re-created"));
+    new.extend(events(inst, 1, 41, 44, "n"));
+    p2.enqueue_for_orchestrator(start_item(inst), None)
+        .await
+        .unwrap();
+    let (item, token, _) = fetch(&p2, None, inst).await;
+    assert!(item.history.is_empty());
+    ack(&p2, &token, 1, new.clone()).await;
+
+    let (item, _, bytes) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(
+        item.history[4], new[4],
+        "{path:?}: stale event served from the cache"
+    );
+    assert_eq!(item.history, new, "{path:?}");
+    assert!(
+        bytes > 44 * EVENT_BYTES,
+        "{path:?}: not a full read ({bytes} bytes)"
+    );
+}
+
+#[tokio::test]
+async fn recreated_instance_is_read_in_full_hybrid() {
+    recreated_instance_is_read_in_full(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn recreated_instance_is_read_in_full_procedure() {
+    recreated_instance_is_read_in_full(FetchPath::Procedure).await;
+}
+
+/// Re-created with a shorter history than the one cached: the cached position no longer
+/// exists, and the short new history is what the turn gets.
+async fn recreated_shorter_instance(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "shrunk";
+    let old = create(&p1, inst, 40, "a").await;
+    let (item, token, _) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history, old);
+    ack(&p1, &token, 1, vec![]).await;
+
+    p2.delete_instance(inst, true).await.unwrap();
+    let new = create(&p2, inst, 3, "short").await;
+    let (item, _, _) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history, new, "{path:?}");
+}
+
+#[tokio::test]
+async fn recreated_shorter_instance_hybrid() {
+    recreated_shorter_instance(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn recreated_shorter_instance_procedure() {
+    recreated_shorter_instance(FetchPath::Procedure).await;
+}
+
+/// Continue-as-new: the turn that processes it still sees execution 1 (from the cache),
+/// and execution 2 gets its own entry: its turns read its events only, incrementally
+/// after its first read.
+async fn continue_as_new_starts_its_own_entry(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = proxied(guard.schema(), path, |_| {}).await;
+    let inst = "looping";
+    let mut first = create(&p, inst, 40, "a").await;
+    let (item, token, _) = fetch(&p, Some(&proxy), inst).await;
+    assert_eq!(item.history, first);
+    // The turn that continues as new: execution 1 ends, a ContinueAsNew message follows.
+    let end = events(inst, 1, 41, 41, "end");
+    first.extend(end.clone());
+    p.ack_orchestration_item(
+        &token,
+        1,
+        end,
+        vec![],
+        vec![WorkItem::ContinueAsNew {
+            instance: inst.into(),
+            orchestration: "O".into(),
+            input: "again".into(),
+            version: Some("1.0.0".into()),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: vec![],
+            initial_custom_status: None,
+        }],
+        ExecutionMetadata {
+            status: Some("ContinuedAsNew".into()),
+            output: Some("again".into()),
+            ..running()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+
+    // The ContinueAsNew turn is claimed on execution 1 and sees its history (1 new event).
+    let (item, token, bytes) = fetch(&p, Some(&proxy), inst).await;
+    assert_eq!(item.execution_id, 1);
+    assert_eq!(item.history, first);
+    assert!(
+        bytes < EVENT_WIRE_MAX + TURN_OVERHEAD,
+        "{path:?}: {bytes} bytes"
+    );
+    let mut second = events(inst, 2, 1, 40, "second");
+    ack(&p, &token, 2, second.clone()).await;
+
+    // Execution 2: read in full once (the entry was execution 1's), then incrementally.
+    let (item, token, full) = fetch(&p, Some(&proxy), inst).await;
+    assert_eq!(item.execution_id, 2);
+    assert_eq!(item.history, second, "{path:?}: execution 2's history only");
+    assert!(full > 40 * EVENT_BYTES, "{path:?}: {full} bytes");
+    let new = events(inst, 2, 41, 41, "more");
+    second.extend(new.clone());
+    ack(&p, &token, 2, new).await;
+    let (item, _, bytes) = fetch(&p, Some(&proxy), inst).await;
+    assert_eq!(item.execution_id, 2);
+    assert_eq!(item.history, second);
+    assert!(
+        bytes < EVENT_WIRE_MAX + TURN_OVERHEAD,
+        "{path:?}: {bytes} bytes"
+    );
+}
+
+#[tokio::test]
+async fn continue_as_new_starts_its_own_entry_hybrid() {
+    continue_as_new_starts_its_own_entry(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn continue_as_new_starts_its_own_entry_procedure() {
+    continue_as_new_starts_its_own_entry(FetchPath::Procedure).await;
+}
+
+/// The cache holds at most `history_cache_events` events: caching a second 60-event
+/// history evicts the first (least recently used), whose next turn reads in full, while
+/// the second's reads only what is new. `0` turns the cache off.
+async fn eviction_bound(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = proxied(guard.schema(), path, |o| o.history_cache_events = 100).await;
+    let a = create(&p, "a", 60, "a").await;
+    let b = create(&p, "b", 60, "b").await;
+    for (inst, hist) in [("a", &a), ("b", &b)] {
+        let (item, token, _) = fetch(&p, Some(&proxy), inst).await;
+        assert_eq!(&item.history, hist);
+        ack(&p, &token, 1, vec![]).await;
+    }
+    // "a" was evicted when "b" (60 + 60 > 100) was stored.
+    let (item, token, a_bytes) = fetch(&p, Some(&proxy), "a").await;
+    assert_eq!(item.history, a);
+    assert!(
+        a_bytes > 60 * EVENT_BYTES,
+        "{path:?}: a was not evicted ({a_bytes} bytes)"
+    );
+    ack(&p, &token, 1, vec![]).await;
+    // Storing "a" again evicted "b".
+    let (item, _, b_bytes) = fetch(&p, Some(&proxy), "b").await;
+    assert_eq!(item.history, b);
+    assert!(
+        b_bytes > 60 * EVENT_BYTES,
+        "{path:?}: b was not evicted ({b_bytes} bytes)"
+    );
+
+    let (proxy0, p0) = proxied(guard.schema(), path, |o| o.history_cache_events = 0).await;
+    let c = create(&p0, "c", 40, "c").await;
+    for _ in 0..2 {
+        let (item, token, bytes) = fetch(&p0, Some(&proxy0), "c").await;
+        assert_eq!(item.history, c);
+        assert!(
+            bytes > 40 * EVENT_BYTES,
+            "{path:?}: cache off, yet {bytes} bytes"
+        );
+        ack(&p0, &token, 1, vec![]).await;
+    }
+}
+
+#[tokio::test]
+async fn eviction_bound_hybrid() {
+    eviction_bound(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn eviction_bound_procedure() {
+    eviction_bound(FetchPath::Procedure).await;
+}
