@@ -2,6 +2,10 @@
 -- Primitives every other function uses: the clock, notification channels, and the
 -- advisory-lock key space of per-instance claims.
 --
+-- Functions are PL/pgSQL even when one SQL statement would do: a SQL function with a
+-- `SET search_path` clause is never inlined and is planned again on every call, while
+-- PL/pgSQL keeps its plans per session. (now_ms has no SET clause and is inlined.)
+--
 -- Function files: each file holds the current definition of its functions
 -- (CREATE OR REPLACE) and is re-applied, under the migration lock and in one
 -- transaction with the other files, when its `revision` is newer than the schema's
@@ -20,26 +24,38 @@ AS $$ SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
 -- LISTEN/NOTIFY channel of one queue ('orchestrator' or 'worker') of this schema.
 -- Scoped to the schema, and hashed so it always fits PostgreSQL's 63-byte limit.
 CREATE OR REPLACE FUNCTION notify_channel(p_queue TEXT) RETURNS TEXT
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
-AS $$ SELECT 'duroxide_' || left(p_queue, 4) || '_' || left(md5(current_schema()), 16) $$;
+AS $fn$
+BEGIN
+    RETURN 'duroxide_' || left(p_queue, 4) || '_' || left(md5(current_schema()), 16);
+END;
+$fn$;
 
 -- Wakes long-polling fetchers: called by the statements that make work visible now
 -- (never by a per-row trigger). The payload is how many items became visible, so the
 -- listener wakes that many waiters rather than all of them. PostgreSQL delivers at
 -- commit and folds identical notifications of one transaction.
 CREATE OR REPLACE FUNCTION notify_work_available(p_queue TEXT, p_count BIGINT) RETURNS VOID
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
-AS $$ SELECT pg_notify(notify_channel(p_queue), p_count::TEXT) WHERE p_count > 0 $$;
+AS $fn$
+BEGIN
+    PERFORM pg_notify(notify_channel(p_queue), p_count::TEXT) WHERE p_count > 0;
+END;
+$fn$;
 
 -- Advisory-lock key space of per-instance claims: (instance_lock_space(), hashtext(id)).
 -- Scoped to the schema so tenants sharing a database never contend on equal instance ids.
 -- Taken by the claim (try, skip on conflict) and by deletes (wait).
 CREATE OR REPLACE FUNCTION instance_lock_space() RETURNS INT
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
-AS $$ SELECT hashtext('duroxide-pg-hybrid:' || current_schema()) $$;
+AS $fn$
+BEGIN
+    RETURN hashtext('duroxide-pg-hybrid:' || current_schema());
+END;
+$fn$;
 
 -- Notification payloads on a queue's channel (parsed by src/notify.rs):
 --   <n>                      n items became visible now; their routing is unknown (the
@@ -93,9 +109,11 @@ $fn$;
 -- p_visible_at_ms: the EARLIEST visible time among the delayed items (NULL = none).
 CREATE OR REPLACE FUNCTION notify_delayed(p_queue TEXT, p_visible_at_ms BIGINT)
 RETURNS VOID
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
-AS $$
-    SELECT pg_notify(notify_channel(p_queue), 'at:' || p_visible_at_ms || ',' || now_ms())
-    WHERE p_visible_at_ms IS NOT NULL
-$$;
+AS $fn$
+BEGIN
+    PERFORM pg_notify(notify_channel(p_queue), 'at:' || p_visible_at_ms || ',' || now_ms())
+    WHERE p_visible_at_ms IS NOT NULL;
+END;
+$fn$;

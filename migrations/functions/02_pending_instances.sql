@@ -29,18 +29,21 @@ CREATE OR REPLACE FUNCTION pending_instance_facts(
     OUT o_pinned_minor INT,
     OUT o_pinned_patch INT
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
     SELECT i.instance_id IS NOT NULL
                OR EXISTS (SELECT 1 FROM history h
                           WHERE h.instance_id = p_instance_id
                             AND h.event_type = 'OrchestrationStarted'),
            e.pinned_major, e.pinned_minor, e.pinned_patch
+    INTO o_exists, o_pinned_major, o_pinned_minor, o_pinned_patch
     FROM (SELECT 1) AS one
     LEFT JOIN instances i ON i.instance_id = p_instance_id
     LEFT JOIN executions e
-           ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+           ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id;
+END;
 $fn$;
 
 -- Messages for p_instance_id were inserted: the earliest visible at p_visible_at_ms;

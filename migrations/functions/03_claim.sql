@@ -31,16 +31,20 @@
 -- unpinned instances (always compatible) and each distinct pinned version inside the
 -- range, with the oldest claimable_at_ms of each. Distinct versions are found by
 -- skipping through pending_instances_pinned_idx (one probe per version), so their cost
--- does not grow with the number of instances.
+-- does not grow with the number of instances. PL/pgSQL rather than SQL for this and the
+-- other small helpers: PL/pgSQL keeps their plans per session, a SQL function called
+-- from PL/pgSQL is planned again on every call.
 CREATE OR REPLACE FUNCTION claim_groups(
     p_now_ms BIGINT,
     p_min_major INT, p_min_minor INT, p_min_patch INT,
     p_max_major INT, p_max_minor INT, p_max_patch INT
 )
 RETURNS TABLE (o_unpinned BOOLEAN, o_major INT, o_minor INT, o_patch INT, o_oldest_ms BIGINT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     WITH RECURSIVE versions (major, minor, patch) AS (
         (SELECT p.pinned_major, p.pinned_minor, p.pinned_patch
          FROM pending_instances p
@@ -79,7 +83,8 @@ AS $fn$
         FROM pending_instances p
         WHERE p.runnable AND p.pinned_major IS NULL AND p.claimable_at_ms <= p_now_ms
     ) o
-    WHERE o.oldest IS NOT NULL
+    WHERE o.oldest IS NOT NULL;
+END;
 $fn$;
 
 -- The oldest claimable instance the filter admits that no other transaction holds and
@@ -153,26 +158,30 @@ CREATE OR REPLACE FUNCTION claim_work_exists(
     p_max_major INT, p_max_minor INT, p_max_patch INT
 )
 RETURNS BOOLEAN
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
-    SELECT CASE WHEN p_filter_enabled
-        THEN EXISTS (SELECT 1 FROM claim_groups(p_now_ms, p_min_major, p_min_minor, p_min_patch,
-                                                p_max_major, p_max_minor, p_max_patch))
-        ELSE EXISTS (SELECT 1 FROM pending_instances p
-                     WHERE p.runnable AND p.claimable_at_ms <= p_now_ms)
-    END
+BEGIN
+    IF p_filter_enabled THEN
+        RETURN EXISTS (SELECT 1 FROM claim_groups(p_now_ms, p_min_major, p_min_minor, p_min_patch,
+                                                  p_max_major, p_max_minor, p_max_patch));
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pending_instances p
+                   WHERE p.runnable AND p.claimable_at_ms <= p_now_ms);
+END;
 $fn$;
 
 -- When an idle caller should look again without a new write: the earliest future
 -- claimable time (a timer, a lease end). NULL = never.
 CREATE OR REPLACE FUNCTION claim_next_wake(p_now_ms BIGINT)
 RETURNS BIGINT
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
-    SELECT min(p.claimable_at_ms) FROM pending_instances p
-    WHERE p.runnable AND p.claimable_at_ms > p_now_ms
+BEGIN
+    RETURN (SELECT min(p.claimable_at_ms) FROM pending_instances p
+            WHERE p.runnable AND p.claimable_at_ms > p_now_ms);
+END;
 $fn$;
 
 -- Steps 2-5 for one picked, try-locked instance. o_outcome:

@@ -10,33 +10,42 @@
 -- The batch a claim tagged, in queue order.
 CREATE OR REPLACE FUNCTION read_batch_messages(p_lock_token TEXT)
 RETURNS TABLE (o_work_item TEXT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     SELECT q.work_item FROM orchestrator_queue q
     WHERE q.lock_token = p_lock_token
-    ORDER BY q.id
+    ORDER BY q.id;
+END;
 $fn$;
 
 -- Instance metadata (no row: the fetch falls back to history or the start message).
 CREATE OR REPLACE FUNCTION read_instance_meta(p_instance_id TEXT)
 RETURNS TABLE (o_orchestration_name TEXT, o_orchestration_version TEXT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     SELECT i.orchestration_name, i.orchestration_version FROM instances i
-    WHERE i.instance_id = p_instance_id
+    WHERE i.instance_id = p_instance_id;
+END;
 $fn$;
 
 -- One execution's history, in event order.
 CREATE OR REPLACE FUNCTION read_execution_history(p_instance_id TEXT, p_execution_id BIGINT)
 RETURNS TABLE (o_event_data TEXT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     SELECT h.event_data FROM history h
     WHERE h.instance_id = p_instance_id AND h.execution_id = p_execution_id
-    ORDER BY h.event_id
+    ORDER BY h.event_id;
+END;
 $fn$;
 
 -- Incremental history (the provider's history cache). A process that ran an instance
@@ -115,11 +124,14 @@ $fn$;
 -- execution's kv_delta is rebuilt by replay, so it is deliberately not read here.
 CREATE OR REPLACE FUNCTION read_kv_snapshot(p_instance_id TEXT)
 RETURNS TABLE (o_key TEXT, o_value TEXT, o_last_updated_at_ms BIGINT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     SELECT k.key, k.value, k.last_updated_at_ms FROM kv_store k
-    WHERE k.instance_id = p_instance_id
+    WHERE k.instance_id = p_instance_id;
+END;
 $fn$;
 
 -- Full-procedure path: claim (the same sp_fetch_and_lock) plus the four reads in ONE

@@ -30,9 +30,11 @@
 -- descendant, breadth-first. The CYCLE clause keeps corrupt parent links from looping.
 CREATE OR REPLACE FUNCTION admin_instance_tree(p_root TEXT)
 RETURNS TABLE (o_instance_id TEXT)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
+    RETURN QUERY
     WITH RECURSIVE tree (instance_id, depth) AS (
         SELECT p_root, 0
         UNION ALL
@@ -44,7 +46,8 @@ AS $fn$
     FROM tree t
     WHERE NOT t.is_cycle
     GROUP BY t.instance_id
-    ORDER BY min(t.depth), t.instance_id
+    ORDER BY min(t.depth), t.instance_id;
+END;
 $fn$;
 
 -- delete_instances_atomic: all or nothing. `instances_deleted` is the number of ids
