@@ -46,6 +46,8 @@ pub(crate) struct Inner {
     /// transaction pooler without a direct URL; `long_poll` is then off).
     pub(crate) listen_connect: Option<PgConnectOptions>,
     pub(crate) pooler: PoolerMode,
+    /// `pool` keeps server sessions (not a transaction pooler): session advisory lock.
+    pub(crate) pool_has_sessions: bool,
     /// Connect options plus the password source (if any) of every connection we open.
     pub(crate) credentials: Arc<Credentials>,
 }
@@ -257,6 +259,7 @@ impl PostgresProvider {
             notifier: Arc::new(Notifier::with_credentials(Some(listen_credentials))),
             listen_connect: listen,
             pooler: options.pooler,
+            pool_has_sessions: routes.pool_has_sessions,
             credentials: credentials.clone(),
         });
         // The application-facing pool cannot ask the source per connection: keep its
@@ -307,7 +310,8 @@ impl PostgresProvider {
     /// Database errors (e.g. missing privileges).
     pub async fn drop_schema(&self) -> Result<(), ProviderError> {
         self.refresh_pool_credentials().await?;
-        sqlx::query(&format!(
+        // Simple protocol: one message, fine through a transaction pooler too.
+        sqlx::raw_sql(&format!(
             "DROP SCHEMA IF EXISTS {} CASCADE",
             self.inner.schema_q
         ))

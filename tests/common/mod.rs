@@ -172,6 +172,16 @@ impl SchemaCleanup {
         path: FetchPath,
         customize: impl FnOnce(&mut ProviderOptions),
     ) -> Arc<PostgresProvider> {
+        self.create_at(&provider_url(), path, customize).await
+    }
+
+    /// Like `create_with`, connecting to `url`.
+    async fn create_at(
+        &self,
+        url: &str,
+        path: FetchPath,
+        customize: impl FnOnce(&mut ProviderOptions),
+    ) -> Arc<PostgresProvider> {
         let schema = unique_schema();
         self.owned().schemas.push(schema.clone());
         let mut options = test_options(&schema, path);
@@ -180,7 +190,7 @@ impl SchemaCleanup {
         // is transient, so wait for a slot rather than failing the test.
         let mut attempt = 0;
         let connected = loop {
-            match PostgresProvider::connect_with(&provider_url(), options.clone()).await {
+            match PostgresProvider::connect_with(url, options.clone()).await {
                 Err(e) if e.message.contains("53300") && attempt < 60 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -192,7 +202,7 @@ impl SchemaCleanup {
             panic!(
                 "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
-                redact_url(&provider_url())
+                redact_url(url)
             )
         });
         let provider = Arc::new(provider);
@@ -405,6 +415,20 @@ pub async fn new_provider_with(
     init_tracing();
     let cleanup = SchemaCleanup::new(database_url());
     let provider = cleanup.create_with(path, customize).await;
+    let schema = provider.schema().to_string();
+    (provider, SchemaGuard { schema, cleanup })
+}
+
+/// Like [`new_provider_with`], connecting to `url` (e.g. [`pgbouncer_url()`]); the
+/// schema is still cleaned up through [`database_url()`].
+pub async fn new_provider_at(
+    url: &str,
+    path: FetchPath,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (Arc<PostgresProvider>, SchemaGuard) {
+    init_tracing();
+    let cleanup = SchemaCleanup::new(database_url());
+    let provider = cleanup.create_at(url, path, customize).await;
     let schema = provider.schema().to_string();
     (provider, SchemaGuard { schema, cleanup })
 }
