@@ -57,7 +57,10 @@ async fn startup_timeouts_are_refused_by_pgbouncer_but_work_in_pooler_mode() {
     let refused = PgConnection::connect(&url)
         .await
         .expect_err("PgBouncer accepted sqlx's extra_float_digits");
-    assert!(refused.to_string().contains("extra_float_digits"), "{refused}");
+    assert!(
+        refused.to_string().contains("extra_float_digits"),
+        "{refused}"
+    );
     // The old way: statement_timeout as a startup `options` parameter.
     let refused = PostgresProvider::connect_with(
         &url,
@@ -262,14 +265,21 @@ async fn long_polling_listens_on_the_direct_url() {
         .expect("the waiting fetch was woken with the item");
     assert_eq!(item, activity_item("pgb-lp", 1));
     // Woken by NOTIFY (through the pooler) on LISTEN (direct), not by the 20 s timeout.
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn without_a_direct_url_fetches_short_poll() {
     let Some(url) = bouncer() else { return };
     let (p, _guard) = new_provider_at(&url, FetchPath::Hybrid, through_pooler).await;
-    assert!(!p.long_poll(), "no LISTEN is possible through a transaction pooler");
+    assert!(
+        !p.long_poll(),
+        "no LISTEN is possible through a transaction pooler"
+    );
     let started = Instant::now();
     let none = p
         .fetch_work_item(
