@@ -534,7 +534,7 @@ mod tests {
         assert_eq!("off".parse::<PoolerMode>().unwrap(), PoolerMode::Off);
         assert!("statement".parse::<PoolerMode>().is_err());
         let bad = ProviderOptions {
-            direct_url: Some("mysql://u:pw@db/x".into()),
+            direct_url: Some("postgres://u:pw@db:notaport/x".into()),
             ..Default::default()
         };
         let err = bad.validate().unwrap_err().to_string();
