@@ -18,10 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${TEST_THREADS:-8}
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude duroxide-pg-hybrid-bench
-exec scripts/with-postgres.sh bash -c '
+export DUROXIDE_PG_TEST_REQUIRE_PGBOUNCER=1
+exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
   cargo test --release --doc -p duroxide-pg-hybrid &&
   cargo test --release --all-targets -- --test-threads="$0" "$@" &&
   cargo test --release -p duroxide-pg-compat-check &&
   echo "== with --features full-procedure (procedure path as the default)" &&
   cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
-    -- --test-threads="$0" "$@"' "$threads" "$@"
+    -- --test-threads="$0" "$@" &&
+  echo "== through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
+  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test conformance -- --test-threads="$0" hybrid:: "$@" &&
+  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test mixed_fleet -- --test-threads="$0" "$@"' "$threads" "$@"

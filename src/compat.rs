@@ -303,9 +303,12 @@ impl PostgresProvider {
     #[deprecated(note = "constructors apply migrations (MigrationPolicy::ApplyAll)")]
     pub async fn initialize_schema(&self) -> anyhow::Result<()> {
         self.refresh_pool_credentials().await?;
-        schema::migrate(self.pool(), self.schema())
-            .await
-            .map_err(|e| crate::errors::db_error("migrate", None, e))?;
+        if self.inner.pool_has_sessions {
+            schema::migrate(self.pool(), self.schema()).await
+        } else {
+            schema::migrate_through_pooler(self.pool(), self.schema()).await
+        }
+        .map_err(|e| crate::errors::db_error("migrate", None, e))?;
         Ok(())
     }
 

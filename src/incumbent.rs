@@ -111,6 +111,15 @@ impl IncumbentSchema {
 /// Database errors of the catalog query. A ledger that exists but does not read as
 /// duroxide-pg's is reported through [`IncumbentSchema::unreadable`], not as an error.
 pub async fn detect(pool: &PgPool, schema: &str) -> Result<Option<IncumbentSchema>, sqlx::Error> {
+    detect_on(&mut *pool.acquire().await?, schema).await
+}
+
+/// [`detect`] on one connection (inside the caller's transaction behind a transaction
+/// pooler). Statements are unnamed: nothing is left prepared on the server.
+pub(crate) async fn detect_on(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<Option<IncumbentSchema>, sqlx::Error> {
     let kind: Option<String> = sqlx::query_scalar(
         "SELECT c.relkind::text FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -118,7 +127,8 @@ pub async fn detect(pool: &PgPool, schema: &str) -> Result<Option<IncumbentSchem
     )
     .bind(schema)
     .bind(LEDGER_TABLE)
-    .fetch_optional(pool)
+    .persistent(false)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some(kind) = kind else {
         return Ok(None);
@@ -137,7 +147,8 @@ pub async fn detect(pool: &PgPool, schema: &str) -> Result<Option<IncumbentSchem
         quote_ident(schema),
         quote_ident(LEDGER_TABLE)
     ))
-    .fetch_all(pool)
+    .persistent(false)
+    .fetch_all(&mut *conn)
     .await;
     match rows {
         Ok(rows) => {
@@ -164,7 +175,15 @@ pub async fn detect(pool: &PgPool, schema: &str) -> Result<Option<IncumbentSchem
 /// # Errors
 /// The refusal, or a database error of the detection query.
 pub async fn refuse_if_present(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
-    match detect(pool, schema).await? {
+    refuse_if_present_on(&mut *pool.acquire().await?, schema).await
+}
+
+/// [`refuse_if_present`] on one connection.
+pub(crate) async fn refuse_if_present_on(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<(), sqlx::Error> {
+    match detect_on(conn, schema).await? {
         Some(found) => Err(sqlx::Error::Configuration(found.refusal().into())),
         None => Ok(()),
     }

@@ -19,7 +19,15 @@ macro_rules! on_conn {
         loop {
             let failed = match $provider.conns().acquire().await {
                 Ok(mut conn) => {
-                    let result = $query.$method(&mut *conn).await;
+                    // Behind a transaction pooler: BEGIN/COMMIT around an unnamed statement.
+                    let persistent = $provider.conns().persistent_statements();
+                    let result = match conn.begin_call().await {
+                        Ok(()) => {
+                            let r = $query.persistent(persistent).$method(&mut *conn).await;
+                            conn.end_call(r).await
+                        }
+                        Err(e) => Err(e),
+                    };
                     match conn.finish(result) {
                         Ok(v) => break Ok(v),
                         Err(e) => $crate::pool::Failed::Statement(e),
@@ -74,6 +82,6 @@ pub use credentials::PasswordSource;
 #[cfg(feature = "entra")]
 pub use entra::EntraAuthOptions;
 pub use errors::ConfigError;
-pub use options::{DEFAULT_SCHEMA, FetchPath, ProviderOptions};
+pub use options::{DEFAULT_SCHEMA, FetchPath, PoolerMode, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};
 pub use worker::UNDECODABLE_ACTIVITY;

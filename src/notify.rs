@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -343,7 +343,7 @@ impl Notifier {
 
     /// Starts the listener task once. It resolves the channels and listens, retrying
     /// until it works; meanwhile waits end at the fallback interval.
-    pub(crate) fn ensure_listening(self: &Arc<Self>, pool: &PgPool, schema_q: &str) {
+    pub(crate) fn ensure_listening(self: &Arc<Self>, connect: &PgConnectOptions, schema_q: &str) {
         if self
             .listener_started
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -358,7 +358,7 @@ impl Notifier {
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
-            .connect_lazy_with((*pool.connect_options()).clone());
+            .connect_lazy_with(connect.clone());
         tokio::spawn(listen_loop(
             Arc::downgrade(self),
             listen_pool,

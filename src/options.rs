@@ -134,6 +134,73 @@ pub struct ProviderOptions {
     /// instances are dropped first. A decoded event takes about its JSON size plus ~200
     /// bytes. Default 50,000.
     pub history_cache_events: usize,
+
+    // ---- Connection poolers (PgBouncer, managed poolers); see README "Poolers and
+    // managed PostgreSQL" and [`PoolerMode`]. ----
+    /// What sits between the provider and PostgreSQL at the connection URL (default
+    /// [`PoolerMode::Off`]: PostgreSQL itself, or a session-mode pooler).
+    pub pooler: PoolerMode,
+    /// A URL reaching PostgreSQL WITHOUT the pooler (session semantics), e.g. port 5432
+    /// next to a PgBouncer on 6432. Used for LISTEN (long polling), migrations and
+    /// [`PostgresProvider::pool`](crate::PostgresProvider::pool); provider calls keep
+    /// using the main URL. Behind a transaction pooler without it, fetches short-poll
+    /// and migrations run in one transaction under a transaction-level advisory lock.
+    /// The password source (if any) applies to it too.
+    #[doc(alias = "listen_url")]
+    pub direct_url: Option<String>,
+}
+
+/// What sits between the provider and PostgreSQL at the main connection URL.
+///
+/// In [`Transaction`](PoolerMode::Transaction) mode (PgBouncer `pool_mode =
+/// transaction`, Azure flexible server's built-in PgBouncer, Neon's and Supabase's
+/// poolers, RDS Proxy) the provider keeps no state on a server session between calls:
+///
+/// * every call runs as `BEGIN` (plus `SET LOCAL statement_timeout`/`lock_timeout` when
+///   configured), the statement, `COMMIT`, so the pooler keeps one server connection for
+///   the whole call. Statements are unnamed and never cached (works with PgBouncer's
+///   default `max_prepared_statements = 0`): two more round trips per call than
+///   [`Off`](PoolerMode::Off), which keeps named statements cached per connection;
+/// * no startup `options` parameter (PgBouncer refuses the connection with
+///   "unsupported startup parameter: options") and no `extra_float_digits`;
+/// * LISTEN and migrations use [`ProviderOptions::direct_url`] when given (see there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PoolerMode {
+    /// Direct connections (or a session-mode pooler): session state is kept.
+    #[default]
+    Off,
+    /// A transaction-mode pooler: a server connection is only ours inside a transaction.
+    Transaction,
+}
+
+impl PoolerMode {
+    /// The name used in configuration (`off` / `transaction`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PoolerMode::Off => "off",
+            PoolerMode::Transaction => "transaction",
+        }
+    }
+}
+
+impl fmt::Display for PoolerMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PoolerMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "session" | "false" | "0" => Ok(PoolerMode::Off),
+            "transaction" | "pgbouncer" | "true" | "1" => Ok(PoolerMode::Transaction),
+            other => Err(ConfigError::new(format!(
+                "unknown pooler mode {other:?}: expected \"off\" or \"transaction\""
+            ))),
+        }
+    }
 }
 
 impl Default for ProviderOptions {
@@ -154,6 +221,8 @@ impl Default for ProviderOptions {
             idle_timeout: Some(Duration::from_secs(5 * 60)),
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             history_cache_events: 50_000,
+            pooler: PoolerMode::Off,
+            direct_url: None,
         }
     }
 }
@@ -176,6 +245,8 @@ impl fmt::Debug for ProviderOptions {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
             .field("history_cache_events", &self.history_cache_events)
+            .field("pooler", &self.pooler)
+            .field("direct_url", &self.direct_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -206,6 +277,10 @@ pub mod env {
     pub const MAX_LIFETIME_MS: &str = "DUROXIDE_PG_MAX_LIFETIME_MS";
     /// History cache size in events (`0` = off).
     pub const HISTORY_CACHE_EVENTS: &str = "DUROXIDE_PG_HISTORY_CACHE_EVENTS";
+    /// `off` / `transaction`: what sits at `DATABASE_URL` (see `PoolerMode`).
+    pub const POOLER: &str = "DUROXIDE_PG_POOLER";
+    /// URL reaching PostgreSQL without the pooler (LISTEN, migrations).
+    pub const DIRECT_URL: &str = "DUROXIDE_PG_DIRECT_URL";
 }
 
 impl ProviderOptions {
@@ -266,6 +341,12 @@ impl ProviderOptions {
         if let Some(v) = read_env(env::HISTORY_CACHE_EVENTS) {
             self.history_cache_events = parse_env(env::HISTORY_CACHE_EVENTS, &v)?;
         }
+        if let Some(v) = read_env(env::POOLER) {
+            self.pooler = v.parse()?;
+        }
+        if let Some(v) = read_env(env::DIRECT_URL) {
+            self.direct_url = Some(v);
+        }
         self.validate()?;
         Ok(self)
     }
@@ -293,6 +374,12 @@ impl ProviderOptions {
             return Err(ConfigError::new(
                 "max_lifetime must be greater than zero (use None for no limit)",
             ));
+        }
+        if let Some(url) = &self.direct_url {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| {
+                    ConfigError::new(format!("invalid direct_url {}: {e}", redact_url(url)))
+                })?;
         }
         if self.min_connections > self.max_connections {
             return Err(ConfigError::new(format!(
@@ -445,6 +532,34 @@ mod tests {
                 .to_string()
                 .contains("max_lifetime")
         );
+    }
+
+    #[test]
+    fn pooler_options_parse_and_validate() {
+        assert_eq!(
+            "Transaction".parse::<PoolerMode>().unwrap(),
+            PoolerMode::Transaction
+        );
+        assert_eq!(
+            "pgbouncer".parse::<PoolerMode>().unwrap(),
+            PoolerMode::Transaction
+        );
+        assert_eq!("off".parse::<PoolerMode>().unwrap(), PoolerMode::Off);
+        assert!("statement".parse::<PoolerMode>().is_err());
+        let bad = ProviderOptions {
+            direct_url: Some("postgres://u:pw@db:notaport/x".into()),
+            ..Default::default()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("direct_url") && !err.contains("pw@"), "{err}");
+        let shown = format!(
+            "{:?}",
+            ProviderOptions {
+                direct_url: Some("postgres://u:s3cret@db:5432/x".into()),
+                ..Default::default()
+            }
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

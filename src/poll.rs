@@ -72,9 +72,11 @@ impl PostgresProvider {
             return Ok(claimed);
         }
         let deadline = Instant::now() + poll_timeout;
-        self.inner
-            .notifier
-            .ensure_listening(self.pool_ref(), &self.inner.schema_q);
+        if let Some(listen) = &self.inner.listen_connect {
+            self.inner
+                .notifier
+                .ensure_listening(listen, &self.inner.schema_q);
+        }
         // Registered before the first claim and for the whole call, so a notification
         // sent while a claim runs is not missed.
         let registration = self.inner.notifier.register(interest);

@@ -15,6 +15,12 @@
 //! closed at checkout instead of used: a load balancer or NAT gateway that silently
 //! dropped the flow would otherwise make the call hang until TCP gives up.
 //!
+//! Behind a transaction-mode pooler (`PoolerMode::Transaction`) every call is wrapped in
+//! `BEGIN` ... `COMMIT` ([`Conn::begin_call`] / [`Conn::end_call`]): sqlx sends Parse and
+//! Bind in two separate Sync'ed batches, and only an open transaction keeps the pooler
+//! from handing the second batch to another server connection. Statements are unnamed
+//! there (`persistent(false)`, see [`ConnPool::persistent_statements`]).
+//!
 //! The `PgPool` a provider is built from stays in use for migrations and is what
 //! [`PostgresProvider::pool`](crate::PostgresProvider::pool) returns to applications.
 
@@ -22,7 +28,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, PgConnection};
+use futures::future::BoxFuture;
+use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::credentials::Credentials;
@@ -39,6 +46,8 @@ struct PoolInner {
     acquire_timeout: Duration,
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
+    /// Transaction pooler: the simple-query text opening each call's transaction.
+    call_begin: Option<String>,
 }
 
 /// A connection with the ages the pool's limits are checked against.
@@ -60,11 +69,14 @@ impl Pooled {
 }
 
 /// Pool limits beyond the size.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct PoolLimits {
     pub acquire_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub max_lifetime: Option<Duration>,
+    /// `Some(sql)`: behind a transaction pooler, each call runs inside a transaction
+    /// opened by `sql` (`BEGIN` plus any `SET LOCAL`).
+    pub call_begin: Option<String>,
 }
 
 /// A checked-out connection. Call [`finish`](Conn::finish) with the query's result to
@@ -73,6 +85,8 @@ pub(crate) struct Conn {
     conn: Option<PgConnection>,
     opened: Instant,
     pool: Arc<PoolInner>,
+    /// The connection's state is unknown (a failed ROLLBACK): closed, never reused.
+    poisoned: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -86,8 +100,15 @@ impl ConnPool {
                 acquire_timeout: limits.acquire_timeout,
                 idle_timeout: limits.idle_timeout,
                 max_lifetime: limits.max_lifetime,
+                call_begin: limits.call_begin,
             }),
         }
+    }
+
+    /// Whether statements may be named and cached per connection (`false` behind a
+    /// transaction pooler, where the next call may get another server connection).
+    pub(crate) fn persistent_statements(&self) -> bool {
+        self.inner.call_begin.is_none()
     }
 
     /// A connection: an idle one if any, else a new one, waiting at most the acquire
@@ -137,6 +158,7 @@ impl ConnPool {
             conn: Some(conn),
             opened,
             pool: self.inner.clone(),
+            poisoned: false,
             _permit: permit,
         })
     }
@@ -236,6 +258,54 @@ fn outcome_unknown(err: &sqlx::Error) -> bool {
 }
 
 impl Conn {
+    /// Behind a transaction pooler: opens the call's transaction (one round trip, with
+    /// the `SET LOCAL` timeouts). No-op otherwise.
+    ///
+    /// (Boxed, like `end_call`: awaited inside the provider's `async_trait` methods, an
+    /// unboxed future over sqlx's generic executor fails the `Send` proof.)
+    pub(crate) fn begin_call(&mut self) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let Some(begin) = self.pool.call_begin.clone() else {
+                return Ok(());
+            };
+            let conn: &mut PgConnection = self
+                .conn
+                .as_mut()
+                .expect("connection present until finished");
+            conn.execute(begin.as_str()).await.map(|_| ())
+        })
+    }
+
+    /// Behind a transaction pooler: commits the call's transaction when the statement
+    /// succeeded (a failed COMMIT becomes the call's error), rolls it back when the
+    /// server reported an error. Other failures (I/O) close the connection in `finish`,
+    /// which ends the transaction server-side. No-op otherwise.
+    pub(crate) fn end_call<T: Send + 'static>(
+        &mut self,
+        result: Result<T, sqlx::Error>,
+    ) -> BoxFuture<'_, Result<T, sqlx::Error>> {
+        Box::pin(async move {
+            if self.pool.call_begin.is_none() {
+                return result;
+            }
+            let conn: &mut PgConnection = self
+                .conn
+                .as_mut()
+                .expect("connection present until finished");
+            match result {
+                Ok(v) => conn.execute("COMMIT").await.map(|_| v),
+                Err(e @ sqlx::Error::RowNotFound) => conn.execute("COMMIT").await.and(Err(e)),
+                Err(e @ sqlx::Error::Database(_)) => {
+                    if conn.execute("ROLLBACK").await.is_err() {
+                        self.poisoned = true;
+                    }
+                    Err(e)
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
     /// Returns the connection to the pool unless `result` shows it may be in an unknown
     /// state (anything but a server-reported error), then passes `result` through.
     pub(crate) fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
@@ -247,7 +317,7 @@ impl Conn {
                 .code()
                 .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
             Err(_) => false,
-        };
+        } && !self.poisoned;
         if !reusable {
             // Whatever killed this connection (a restart, a terminate-all, a network
             // cut) most likely killed the idle ones too: drop them rather than hand them

@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, PgPool};
 use crate::credentials::Credentials;
 use crate::errors::db_error;
 use crate::notify::Notifier;
-use crate::options::{FetchPath, ProviderOptions};
+use crate::options::{FetchPath, PoolerMode, ProviderOptions};
 use crate::pool::{ConnPool, PoolLimits};
 use crate::schema::{self, quote_ident};
 
@@ -42,6 +42,12 @@ pub(crate) struct Inner {
     pub(crate) long_poll: bool,
     pub(crate) fallback_poll_interval: Duration,
     pub(crate) notifier: Arc<Notifier>,
+    /// Connect options of the LISTEN connection (`None`: none possible, behind a
+    /// transaction pooler without a direct URL; `long_poll` is then off).
+    pub(crate) listen_connect: Option<PgConnectOptions>,
+    pub(crate) pooler: PoolerMode,
+    /// `pool` keeps server sessions (not a transaction pooler): session advisory lock.
+    pub(crate) pool_has_sessions: bool,
     /// Connect options plus the password source (if any) of every connection we open.
     pub(crate) credentials: Arc<Credentials>,
     /// Decoded histories of instances this provider ran recently (`history_cache.rs`).
@@ -75,16 +81,7 @@ impl PostgresProvider {
     /// migration or schema verification.
     pub async fn connect_with(url: &str, options: ProviderOptions) -> Result<Self, ProviderError> {
         options.validate()?;
-        let connect = url.parse::<PgConnectOptions>().map_err(|e| {
-            ProviderError::permanent(
-                "connect",
-                format!(
-                    "invalid database URL {}: {e}",
-                    crate::options::redact_url(url)
-                ),
-            )
-        })?;
-        Self::connect_with_options(connect, options).await
+        Self::connect_with_options(parse_url(url)?, options).await
     }
 
     /// Connects with connect options built by the caller (host, user, TLS; e.g. for
@@ -95,20 +92,39 @@ impl PostgresProvider {
         options: ProviderOptions,
     ) -> Result<Self, ProviderError> {
         options.validate()?;
-        let connect = connect
-            .application_name(&options.application_name)
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
-        let connect = with_session_settings(connect, &options);
+        let behind_pooler = options.pooler == PoolerMode::Transaction;
+        let calls = with_logging(connect, &options);
+        let calls = if behind_pooler {
+            for_transaction_pooler(calls)
+        } else {
+            with_session_settings(calls, &options)
+        };
         // This pool serves migrations and the application (`pool()`); provider calls
-        // use their own pool built from the same options, so it can stay small.
+        // use their own pool, so it can stay small. It reaches PostgreSQL directly when
+        // a direct URL is given (session advisory lock, LISTEN), else like the calls.
+        let (pool_connect, pool_has_sessions) = match &options.direct_url {
+            Some(url) => (
+                with_session_settings(with_logging(parse_url(url)?, &options), &options),
+                true,
+            ),
+            None => (calls.clone(), !behind_pooler),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .min_connections(0)
             .acquire_timeout(options.acquire_timeout)
             .test_before_acquire(false)
-            .connect_lazy_with(connect);
-        Self::from_pool(pool, options).await
+            .connect_lazy_with(pool_connect);
+        Self::build(
+            pool,
+            Routes {
+                calls: Some(calls),
+                pool_has_sessions,
+                listen: None,
+            },
+            options,
+        )
+        .await
     }
 
     /// Wraps an existing pool. Migrations run on it and [`pool`](Self::pool) returns it;
@@ -117,12 +133,47 @@ impl PostgresProvider {
     /// [`ProviderOptions::password_source`], the source's password replaces the pool's,
     /// in `pool`'s connect options too (now and while the provider lives).
     ///
+    /// With [`PoolerMode::Transaction`], `pool` is taken to go through the pooler:
+    /// migrations run in one transaction, and LISTEN uses
+    /// [`ProviderOptions::direct_url`] if given (else fetches short-poll). Startup
+    /// `options` already in `pool`'s connect options are kept (the pooler may refuse
+    /// them).
+    ///
     /// # Errors
     /// Invalid options, failed migration or schema verification.
     pub async fn from_pool(pool: PgPool, options: ProviderOptions) -> Result<Self, ProviderError> {
         options.validate()?;
+        let routes = if options.pooler == PoolerMode::Transaction {
+            let listen = match &options.direct_url {
+                Some(url) => Some(with_session_settings(
+                    with_logging(parse_url(url)?, &options),
+                    &options,
+                )),
+                None => None,
+            };
+            Routes {
+                calls: Some(for_transaction_pooler((*pool.connect_options()).clone())),
+                pool_has_sessions: false,
+                listen,
+            }
+        } else {
+            Routes {
+                calls: None,
+                pool_has_sessions: true,
+                listen: None,
+            }
+        };
+        Self::build(pool, routes, options).await
+    }
+
+    async fn build(
+        pool: PgPool,
+        routes: Routes,
+        options: ProviderOptions,
+    ) -> Result<Self, ProviderError> {
         let fetch_path = options.resolved_fetch_path()?;
         let schema = options.schema.clone();
+        let behind_pooler = options.pooler == PoolerMode::Transaction;
         let credentials = Arc::new(Credentials::new(
             (*pool.connect_options()).clone(),
             options.password_source.clone(),
@@ -131,24 +182,33 @@ impl PostgresProvider {
             .refresh(&pool)
             .await
             .map_err(|e| db_error("connect", None, e))?;
-        if options.auto_migrate {
-            schema::migrate(&pool, &schema)
-                .await
-                .map_err(|e| db_error("migrate", None, e))
-                .map_err(|e| with_schema_context(e, &schema))?;
-        } else {
-            schema::verify(&pool, &schema)
-                .await
-                .map_err(|e| db_error("verify_schema", None, e))
-                .map_err(|e| with_schema_context(e, &schema))?;
-        }
+        let (migrate_op, result) = match (options.auto_migrate, routes.pool_has_sessions) {
+            (true, true) => ("migrate", schema::migrate(&pool, &schema).await),
+            (true, false) => (
+                "migrate",
+                schema::migrate_through_pooler(&pool, &schema).await,
+            ),
+            (false, true) => ("verify_schema", schema::verify(&pool, &schema).await),
+            (false, false) => (
+                "verify_schema",
+                schema::verify_through_pooler(&pool, &schema).await,
+            ),
+        };
+        result
+            .map_err(|e| db_error(migrate_op, None, e))
+            .map_err(|e| with_schema_context(e, &schema))?;
+        let call_credentials = match routes.calls {
+            Some(c) => Arc::new(Credentials::new(c, options.password_source.clone())),
+            None => credentials.clone(),
+        };
         let conns = ConnPool::new(
-            credentials.clone(),
+            call_credentials,
             options.max_connections,
             PoolLimits {
                 acquire_timeout: options.acquire_timeout,
                 idle_timeout: options.idle_timeout,
                 max_lifetime: options.max_lifetime,
+                call_begin: behind_pooler.then(|| call_begin_sql(&options)),
             },
         );
         if options.min_connections > 0 {
@@ -157,11 +217,37 @@ impl PostgresProvider {
                 .await
                 .map_err(|e| db_error("connect", None, e))?;
         }
+        // LISTEN needs a session: the direct pool's, or the given direct options.
+        let listen = match routes.listen {
+            Some(l) => Some(l),
+            None => routes
+                .pool_has_sessions
+                .then(|| (*pool.connect_options()).clone()),
+        };
+        let long_poll = options.long_poll && listen.is_some();
+        if options.long_poll && !long_poll {
+            tracing::warn!(
+                target: TRACING_TARGET,
+                schema = %schema,
+                "behind a transaction-mode pooler without a direct URL: LISTEN is not \
+                 possible, so fetches short-poll (return at once when nothing is ready). \
+                 Set ProviderOptions::direct_url (DUROXIDE_PG_DIRECT_URL) to a URL that \
+                 reaches PostgreSQL without the pooler to get long polling back"
+            );
+        }
+        let listen_credentials = match &listen {
+            Some(l) if !routes.pool_has_sessions => {
+                Arc::new(Credentials::new(l.clone(), options.password_source.clone()))
+            }
+            _ => credentials.clone(),
+        };
         tracing::info!(
             target: TRACING_TARGET,
             schema = %schema,
             fetch_path = %fetch_path,
-            long_poll = options.long_poll,
+            long_poll,
+            pooler = %options.pooler,
+            direct_url = options.direct_url.is_some(),
             "duroxide-pg-hybrid provider ready"
         );
         let inner = Arc::new(Inner {
@@ -170,9 +256,12 @@ impl PostgresProvider {
             schema,
             pool: pool.clone(),
             fetch_path,
-            long_poll: options.long_poll,
+            long_poll,
             fallback_poll_interval: options.fallback_poll_interval,
-            notifier: Arc::new(Notifier::with_credentials(Some(credentials.clone()))),
+            notifier: Arc::new(Notifier::with_credentials(Some(listen_credentials))),
+            listen_connect: listen,
+            pooler: options.pooler,
+            pool_has_sessions: routes.pool_has_sessions,
             credentials: credentials.clone(),
             history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
         });
@@ -206,9 +295,15 @@ impl PostgresProvider {
         self.inner.fetch_path
     }
 
-    /// Whether fetches honour `poll_timeout` with LISTEN/NOTIFY.
+    /// Whether fetches honour `poll_timeout` with LISTEN/NOTIFY (`false` when the
+    /// option is off, or behind a transaction pooler without a direct URL).
     pub fn long_poll(&self) -> bool {
         self.inner.long_poll
+    }
+
+    /// What sits between the provider's calls and PostgreSQL (see [`PoolerMode`]).
+    pub fn pooler(&self) -> PoolerMode {
+        self.inner.pooler
     }
 
     /// Drops the provider's schema with everything in it. Irreversible; meant for tests
@@ -218,7 +313,8 @@ impl PostgresProvider {
     /// Database errors (e.g. missing privileges).
     pub async fn drop_schema(&self) -> Result<(), ProviderError> {
         self.refresh_pool_credentials().await?;
-        sqlx::query(&format!(
+        // Simple protocol: one message, fine through a transaction pooler too.
+        sqlx::raw_sql(&format!(
             "DROP SCHEMA IF EXISTS {} CASCADE",
             self.inner.schema_q
         ))
@@ -268,13 +364,64 @@ impl PostgresProvider {
         function.call_sql(&self.inner.schema_q)
     }
 
-    pub(crate) fn pool_ref(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
     pub(crate) fn conns(&self) -> &ConnPool {
         &self.inner.conns
     }
+}
+
+/// Which connections go where (see `build`).
+struct Routes {
+    /// Connect options of provider calls (`None`: the pool's).
+    calls: Option<PgConnectOptions>,
+    /// The pool keeps server sessions (direct connection or session pooler): migrations
+    /// may take a session lock, LISTEN may use its options.
+    pool_has_sessions: bool,
+    /// LISTEN connect options when the pool has no sessions (a direct URL).
+    listen: Option<PgConnectOptions>,
+}
+
+fn parse_url(url: &str) -> Result<PgConnectOptions, ProviderError> {
+    url.parse::<PgConnectOptions>().map_err(|e| {
+        ProviderError::permanent(
+            "connect",
+            format!(
+                "invalid database URL {}: {e}",
+                crate::options::redact_url(url)
+            ),
+        )
+    })
+}
+
+fn with_logging(connect: PgConnectOptions, options: &ProviderOptions) -> PgConnectOptions {
+    connect
+        .application_name(&options.application_name)
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1))
+}
+
+/// Connect options for a transaction-mode pooler: no named statements kept per
+/// connection (PgBouncer's default `max_prepared_statements = 0` forwards them to
+/// whichever server connection is free), and no startup parameters it refuses (the
+/// timeouts are `SET LOCAL` per call instead, see [`call_begin_sql`]).
+fn for_transaction_pooler(connect: PgConnectOptions) -> PgConnectOptions {
+    connect.statement_cache_capacity(0).extra_float_digits(None)
+}
+
+/// The simple query opening each call's transaction behind a transaction pooler: the
+/// timeouts travel with it (`SET LOCAL` ends with the transaction, so nothing leaks to
+/// the pooler's next client). Whole milliseconds of validated `Duration`s, no user text.
+fn call_begin_sql(options: &ProviderOptions) -> String {
+    let mut sql = String::from("BEGIN");
+    if let Some(t) = options.statement_timeout {
+        sql.push_str(&format!(
+            "; SET LOCAL statement_timeout = {}",
+            t.as_millis()
+        ));
+    }
+    if let Some(t) = options.lock_timeout {
+        sql.push_str(&format!("; SET LOCAL lock_timeout = {}", t.as_millis()));
+    }
+    sql
 }
 
 fn with_session_settings(connect: PgConnectOptions, options: &ProviderOptions) -> PgConnectOptions {

@@ -212,6 +212,47 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     result
 }
 
+/// [`migrate`] through a transaction-mode pooler (PgBouncer `pool_mode = transaction`),
+/// where a session-level advisory lock would stay on whichever server connection the
+/// pooler picked and `SET search_path` would leak to other clients. Everything runs in
+/// ONE transaction: the ledger check, then (if something is pending) a
+/// `pg_advisory_xact_lock` on the same key as [`migrate`]'s session lock (so a migration
+/// through the pooler and one on a direct connection exclude each other), `SET LOCAL
+/// search_path`, every pending migration (each under a savepoint) and the function files.
+/// A failure rolls back all of it. Statements are unnamed (PgBouncer's default
+/// `max_prepared_statements = 0`).
+///
+/// # Errors
+/// As [`migrate`].
+pub async fn migrate_through_pooler(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
+    validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
+    let mut tx = pool.begin().await?;
+    let st = status_on(&mut tx, schema).await?;
+    if st.is_current() || st.is_newer_compatible() {
+        return tx.commit().await;
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(lock_key(schema))
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        tx.execute(format!("CREATE SCHEMA {}", quote_ident(schema)).as_str())
+            .await?;
+    }
+    tx.execute(format!("SET LOCAL search_path TO {}, pg_temp", quote_ident(schema)).as_str())
+        .await?;
+    apply_migrations(&mut tx).await?;
+    apply_function_files(&mut tx).await?;
+    tx.commit().await
+}
+
 /// Creates the ledger (taking over a pre-0.2.0 release's rows) and applies every pending
 /// migration, each in its own transaction with its ledger row. Runs under the migration
 /// lock with `search_path` set to the schema.
@@ -229,6 +270,7 @@ async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Err
         "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = $1)",
     )
     .bind(LEGACY_LEDGER_TABLE)
+    .persistent(false)
     .fetch_one(&mut *conn)
     .await?;
     if legacy {
@@ -247,12 +289,14 @@ async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Err
         ))
         .bind(&versions)
         .bind(&checksums)
+        .persistent(false)
         .execute(&mut *conn)
         .await?;
     }
     let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(&format!(
         "SELECT version, checksum FROM {LEDGER_TABLE} WHERE success"
     ))
+    .persistent(false)
     .fetch_all(&mut *conn)
     .await?;
     for m in MIGRATOR.iter() {
@@ -280,6 +324,7 @@ async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Err
         .bind(&*m.description)
         .bind(&*m.checksum)
         .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -312,6 +357,7 @@ async fn apply_function_files(conn: &mut sqlx::PgConnection) -> Result<(), sqlx:
         .bind(file.name)
         .bind(file.revision())
         .bind(file.sql)
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
         tracing::info!(
@@ -347,6 +393,7 @@ where
     ))
     .bind(&names)
     .bind(&texts)
+    .persistent(false)
     .fetch_all(executor)
     .await?;
     Ok(rows
@@ -369,7 +416,7 @@ fn function_file_pending(file: &FunctionFile, ledger: &[LedgerRow]) -> bool {
 /// Applied migrations (version, checksum) of `schema`: this crate's ledger, else the rows
 /// of our migrations in a pre-0.2.0 release's sqlx ledger, else none.
 async fn read_migration_ledger(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     schema: &str,
 ) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
     let tables: Vec<String> = sqlx::query_scalar(
@@ -377,14 +424,16 @@ async fn read_migration_ledger(
     )
     .bind(schema)
     .bind([LEDGER_TABLE, LEGACY_LEDGER_TABLE])
-    .fetch_all(pool)
+    .persistent(false)
+    .fetch_all(&mut *conn)
     .await?;
     let q = quote_ident(schema);
     if tables.iter().any(|t| t == LEDGER_TABLE) {
         return sqlx::query_as(&format!(
             "SELECT version, checksum FROM {q}.{LEDGER_TABLE} WHERE success ORDER BY version"
         ))
-        .fetch_all(pool)
+        .persistent(false)
+        .fetch_all(&mut *conn)
         .await;
     }
     if tables.iter().any(|t| t == LEGACY_LEDGER_TABLE) {
@@ -395,7 +444,8 @@ async fn read_migration_ledger(
              WHERE success AND version = ANY($1) ORDER BY version"
         ))
         .bind(&ours)
-        .fetch_all(pool)
+        .persistent(false)
+        .fetch_all(&mut *conn)
         .await;
     }
     Ok(Vec::new())
@@ -407,18 +457,28 @@ async fn read_migration_ledger(
 /// Database errors; a schema without a ledger reports every migration as pending.
 pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::Error> {
     validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
+    status_on(&mut *pool.acquire().await?, schema).await
+}
+
+/// [`status`] on one connection (inside the caller's transaction behind a transaction
+/// pooler). Statements are unnamed: nothing is left prepared on the server.
+async fn status_on(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<SchemaStatus, sqlx::Error> {
     // A duroxide-pg schema: refuse clearly instead of failing inside CREATE TABLE.
-    crate::incumbent::refuse_if_present(pool, schema).await?;
-    let rows = read_migration_ledger(pool, schema).await?;
+    crate::incumbent::refuse_if_present_on(&mut *conn, schema).await?;
+    let rows = read_migration_ledger(&mut *conn, schema).await?;
     let function_ledger_exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = '_function_files')",
     )
     .bind(schema)
-    .fetch_one(pool)
+    .persistent(false)
+    .fetch_one(&mut *conn)
     .await?;
     let ledger = if function_ledger_exists {
         let table = format!("{}._function_files", quote_ident(schema));
-        read_function_ledger(pool, &table).await?
+        read_function_ledger(&mut *conn, &table).await?
     } else {
         Vec::new()
     };
@@ -466,7 +526,20 @@ pub async fn status(pool: &PgPool, schema: &str) -> Result<SchemaStatus, sqlx::E
 /// A configuration error naming the schema, the versions found and expected, and what to
 /// run; or a database error.
 pub async fn verify(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
-    let st = status(pool, schema).await?;
+    check_verified(schema, status(pool, schema).await?)
+}
+
+/// [`verify`] through a transaction-mode pooler: the ledger reads run in one
+/// transaction, so they stay on one server connection.
+pub(crate) async fn verify_through_pooler(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
+    validate_schema_name(schema).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
+    let mut tx = pool.begin().await?;
+    let st = status_on(&mut tx, schema).await?;
+    tx.commit().await?;
+    check_verified(schema, st)
+}
+
+fn check_verified(schema: &str, st: SchemaStatus) -> Result<(), sqlx::Error> {
     if st.is_current() || st.is_newer_compatible() {
         return Ok(());
     }

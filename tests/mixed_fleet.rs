@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{database_url, new_provider, test_options};
+use common::{new_provider, provider_url, test_options};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
     ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
-use duroxide_pg_hybrid::FetchPath;
+use duroxide_pg_hybrid::{FetchPath, PoolerMode};
 
 const ORCHESTRATIONS: usize = 210;
 
@@ -148,13 +148,18 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
     assert_eq!(hybrid.fetch_path(), FetchPath::Hybrid);
     let procedure = Arc::new(
         common::connect_waiting(
-            &database_url(),
+            &provider_url(),
             test_options(guard.schema(), FetchPath::Procedure),
         )
         .await
         .unwrap(),
     );
     assert_eq!(procedure.fetch_path(), FetchPath::Procedure);
+    if common::via_pgbouncer() {
+        // Run by scripts/test.sh a second time with every call through PgBouncer.
+        assert_eq!(hybrid.pooler(), PoolerMode::Transaction);
+        assert_eq!(procedure.pooler(), PoolerMode::Transaction);
+    }
 
     let ledger: Ledger = Arc::default();
     let options = RuntimeOptions {

@@ -18,7 +18,7 @@ use duroxide::provider_validations::ProviderFactory;
 use duroxide::providers::{Provider, WorkItem};
 use duroxide_pg_hybrid::options::redact_url;
 use duroxide_pg_hybrid::schema::quote_ident;
-use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
+use duroxide_pg_hybrid::{FetchPath, PoolerMode, PostgresProvider, ProviderOptions};
 use sqlx::{Connection, PgConnection};
 
 /// Used when `DATABASE_URL` is not set. TLS is off: on loopback it buys nothing, and
@@ -77,6 +77,39 @@ pub async fn connect_waiting(
     }
 }
 
+/// Set (to anything) to run the providers this module creates through the PgBouncer at
+/// `PGBOUNCER_URL` (`scripts/with-pgbouncer.sh`): `PoolerMode::Transaction`, calls
+/// through PgBouncer, `direct_url` = [`database_url()`] for LISTEN and migrations.
+/// Clean-up and the factory hooks keep using the direct URL.
+pub const VIA_PGBOUNCER_ENV: &str = "DUROXIDE_PG_TEST_VIA_PGBOUNCER";
+
+/// The transaction-mode PgBouncer started by `scripts/with-pgbouncer.sh`, if any.
+pub fn pgbouncer_url() -> Option<String> {
+    std::env::var("PGBOUNCER_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+}
+
+/// Whether test providers go through PgBouncer (see [`VIA_PGBOUNCER_ENV`]).
+pub fn via_pgbouncer() -> bool {
+    std::env::var_os(VIA_PGBOUNCER_ENV).is_some()
+}
+
+/// The URL test providers connect to: `PGBOUNCER_URL` when [`via_pgbouncer()`], else
+/// [`database_url()`].
+pub fn provider_url() -> String {
+    if via_pgbouncer() {
+        pgbouncer_url().unwrap_or_else(|| {
+            panic!(
+                "{VIA_PGBOUNCER_ENV} is set but PGBOUNCER_URL is not: \
+                 run through scripts/with-pgbouncer.sh"
+            )
+        })
+    } else {
+        database_url()
+    }
+}
+
 /// A fresh schema name: `t_` + 16 hex characters of a v4 uuid.
 pub fn unique_schema() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -99,6 +132,12 @@ pub fn test_options(schema: &str, path: FetchPath) -> ProviderOptions {
         min_connections: WARM_CONNECTIONS,
         fetch_path: Some(path),
         application_name: application_name(schema),
+        pooler: if via_pgbouncer() {
+            PoolerMode::Transaction
+        } else {
+            PoolerMode::Off
+        },
+        direct_url: via_pgbouncer().then(database_url),
         ..ProviderOptions::default()
     }
 }
@@ -152,6 +191,16 @@ impl SchemaCleanup {
         path: FetchPath,
         customize: impl FnOnce(&mut ProviderOptions),
     ) -> Arc<PostgresProvider> {
+        self.create_at(&provider_url(), path, customize).await
+    }
+
+    /// Like `create_with`, connecting to `url`.
+    async fn create_at(
+        &self,
+        url: &str,
+        path: FetchPath,
+        customize: impl FnOnce(&mut ProviderOptions),
+    ) -> Arc<PostgresProvider> {
         let schema = unique_schema();
         self.owned().schemas.push(schema.clone());
         let mut options = test_options(&schema, path);
@@ -160,7 +209,7 @@ impl SchemaCleanup {
         // is transient, so wait for a slot rather than failing the test.
         let mut attempt = 0;
         let connected = loop {
-            match PostgresProvider::connect_with(&self.url, options.clone()).await {
+            match PostgresProvider::connect_with(url, options.clone()).await {
                 Err(e) if e.message.contains("53300") && attempt < 60 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -172,7 +221,7 @@ impl SchemaCleanup {
             panic!(
                 "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
-                redact_url(&self.url)
+                redact_url(url)
             )
         });
         let provider = Arc::new(provider);
@@ -223,7 +272,13 @@ async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
         .map_err(|_| "timed out connecting")??;
     // Connections a panicking test left behind (e.g. a runtime that was never shut down)
     // could hold locks that DROP SCHEMA would wait on.
-    let tags: Vec<String> = schemas.iter().map(|s| application_name(s)).collect();
+    // Not through PgBouncer: its server connections carry the application_name of the
+    // client they served last, and terminating them would break other tests' calls.
+    let tags: Vec<String> = if via_pgbouncer() {
+        Vec::new()
+    } else {
+        schemas.iter().map(|s| application_name(s)).collect()
+    };
     if let Err(e) = sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE application_name = ANY($1) AND pid <> pg_backend_pid()",
@@ -379,6 +434,20 @@ pub async fn new_provider_with(
     init_tracing();
     let cleanup = SchemaCleanup::new(database_url());
     let provider = cleanup.create_with(path, customize).await;
+    let schema = provider.schema().to_string();
+    (provider, SchemaGuard { schema, cleanup })
+}
+
+/// Like [`new_provider_with`], connecting to `url` (e.g. [`pgbouncer_url()`]); the
+/// schema is still cleaned up through [`database_url()`].
+pub async fn new_provider_at(
+    url: &str,
+    path: FetchPath,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (Arc<PostgresProvider>, SchemaGuard) {
+    init_tracing();
+    let cleanup = SchemaCleanup::new(database_url());
+    let provider = cleanup.create_at(url, path, customize).await;
     let schema = provider.schema().to_string();
     (provider, SchemaGuard { schema, cleanup })
 }
