@@ -95,16 +95,14 @@ async fn proxied(
     let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
     let mut options = test_options(schema, path);
     customize(&mut options);
-    let provider = PostgresProvider::connect_with(&via_proxy, options)
-        .await
-        .unwrap();
+    let provider = common::connect_waiting(&via_proxy, options).await.unwrap();
     (proxy, Arc::new(provider))
 }
 
 /// A second provider process on the same schema (direct connection).
 async fn another_process(schema: &str, path: FetchPath) -> Arc<PostgresProvider> {
     Arc::new(
-        PostgresProvider::connect_with(&database_url(), test_options(schema, path))
+        common::connect_waiting(&database_url(), test_options(schema, path))
             .await
             .unwrap(),
     )
