@@ -199,6 +199,30 @@ async fn statements_of_the_previous_release_keep_the_claim_state_right() {
         .await
         .unwrap();
     assert_eq!(left, 0, "no claim state without queued messages");
+
+    // 0.1.0's procedure-path fetch, positional, still returns a whole turn.
+    p.enqueue_for_orchestrator(start_item("b"), None)
+        .await
+        .unwrap();
+    let (id, messages, history): (Option<String>, Option<Vec<String>>, Option<Vec<String>>) =
+        sqlx::query_as(&format!(
+            "SELECT o_instance_id, o_messages, o_history \
+             FROM {s}.fetch_orchestration_full($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(30_000i64)
+        .bind(false)
+        .bind(0)
+        .bind(0)
+        .bind(0)
+        .bind(0)
+        .bind(0)
+        .bind(0)
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(id.as_deref(), Some("b"));
+    assert_eq!(messages.map(|m| m.len()), Some(1));
+    assert_eq!(history, Some(vec![]));
 }
 
 #[tokio::test]

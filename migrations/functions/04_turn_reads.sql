@@ -134,8 +134,8 @@ BEGIN
 END;
 $fn$;
 
--- Full-procedure path: claim (the same sp_fetch_and_lock) plus the four reads in ONE
--- round trip. One row with OUT columns of TEXT arrays was chosen over one JSONB value:
+-- Full-procedure path as releases before the history cache call it: claim (the same
+-- sp_fetch_and_lock) plus the four reads in ONE round trip. One row with OUT columns of TEXT arrays was chosen over one JSONB value:
 -- arrays of TEXT keep each payload byte-for-byte (no TEXT->JSONB parse and re-encode on
 -- the server, no JSON-in-JSON unescaping on the client), and a corrupt history row
 -- still arrives, so the caller can report history_error instead of the whole call
@@ -167,46 +167,17 @@ RETURNS TABLE (
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
-DECLARE
-    v_claim RECORD;
 BEGIN
-    SELECT c.o_instance_id, c.o_lock_token, c.o_execution_id, c.o_attempt_count,
-           c.o_now_ms, c.o_next_wake_ms, c.o_skipped
-    INTO v_claim
-    FROM sp_fetch_and_lock(p_lock_timeout_ms, p_filter_enabled,
-                           p_min_major, p_min_minor, p_min_patch,
-                           p_max_major, p_max_minor, p_max_patch,
-                           p_max_candidates) c;
-
-    o_instance_id := v_claim.o_instance_id;
-    o_lock_token := v_claim.o_lock_token;
-    o_execution_id := v_claim.o_execution_id;
-    o_attempt_count := v_claim.o_attempt_count;
-    o_now_ms := v_claim.o_now_ms;
-    o_next_wake_ms := v_claim.o_next_wake_ms;
-    o_skipped := v_claim.o_skipped;
-    IF o_instance_id IS NULL THEN
-        RETURN NEXT;
-        RETURN;
-    END IF;
-
-    SELECT m.o_orchestration_name, m.o_orchestration_version
-    INTO o_orchestration_name, o_orchestration_version
-    FROM read_instance_meta(o_instance_id) m;
-    o_has_instance := FOUND;
-
-    SELECT coalesce(array_agg(b.item ORDER BY b.n), '{}') INTO o_messages
-    FROM read_batch_messages(o_lock_token) WITH ORDINALITY b(item, n);
-
-    SELECT coalesce(array_agg(h.event ORDER BY h.n), '{}') INTO o_history
-    FROM read_execution_history(o_instance_id, o_execution_id) WITH ORDINALITY h(event, n);
-
-    SELECT coalesce(array_agg(k.o_key), '{}'), coalesce(array_agg(k.o_value), '{}'),
-           coalesce(array_agg(k.o_last_updated_at_ms), '{}')
-    INTO o_kv_keys, o_kv_values, o_kv_updated_ms
-    FROM read_kv_snapshot(o_instance_id) k;
-
-    RETURN NEXT;
+    -- The same turn as fetch_orchestration_turn with no cache entries (the whole history).
+    RETURN QUERY
+    SELECT t.o_instance_id, t.o_lock_token, t.o_execution_id, t.o_attempt_count,
+           t.o_now_ms, t.o_next_wake_ms, t.o_skipped, t.o_has_instance,
+           t.o_orchestration_name, t.o_orchestration_version, t.o_messages, t.o_history,
+           t.o_kv_keys, t.o_kv_values, t.o_kv_updated_ms
+    FROM fetch_orchestration_turn(p_lock_timeout_ms, p_filter_enabled,
+                                  p_min_major, p_min_minor, p_min_patch,
+                                  p_max_major, p_max_minor, p_max_patch,
+                                  '{}', '{}', '{}', '{}', p_max_candidates) t;
 END;
 $fn$;
 
