@@ -281,6 +281,9 @@ pub mod env {
     pub const POOLER: &str = "DUROXIDE_PG_POOLER";
     /// URL reaching PostgreSQL without the pooler (LISTEN, migrations).
     pub const DIRECT_URL: &str = "DUROXIDE_PG_DIRECT_URL";
+    /// Another name for [`DIRECT_URL`] (what it is most often needed for); used when
+    /// `DUROXIDE_PG_DIRECT_URL` is not set.
+    pub const LISTEN_URL: &str = "DUROXIDE_PG_LISTEN_URL";
 }
 
 impl ProviderOptions {
@@ -344,7 +347,7 @@ impl ProviderOptions {
         if let Some(v) = read_env(env::POOLER) {
             self.pooler = v.parse()?;
         }
-        if let Some(v) = read_env(env::DIRECT_URL) {
+        if let Some(v) = read_env(env::DIRECT_URL).or_else(|| read_env(env::LISTEN_URL)) {
             self.direct_url = Some(v);
         }
         self.validate()?;
