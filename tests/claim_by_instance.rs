@@ -87,6 +87,13 @@ async fn create_instance(p: &PostgresProvider, instance: &str, pin: Option<semve
     .unwrap();
 }
 
+/// Enqueues `items` one after the other (for tests where the order matters).
+async fn enqueue_in_order(p: &PostgresProvider, items: impl IntoIterator<Item = WorkItem>) {
+    for item in items {
+        p.enqueue_for_orchestrator(item, None).await.unwrap();
+    }
+}
+
 /// Enqueues `items` with 8 client calls in flight at a time.
 async fn enqueue_all(p: &Arc<PostgresProvider>, items: Vec<WorkItem>) {
     futures::stream::iter(items)
@@ -570,24 +577,14 @@ async fn orphan_rules_apply_on_arrival() {
         0
     );
 
-    p.enqueue_for_orchestrator(external("early", 1), None)
-        .await
-        .unwrap();
-    p.enqueue_for_orchestrator(queue_message("early"), None)
-        .await
-        .unwrap();
+    enqueue_in_order(&p, [external("early", 1), queue_message("early")]).await;
     assert_eq!(
         rows("early").await,
         2,
         "an event raised before the start waits, with what follows it"
     );
 
-    p.enqueue_for_orchestrator(start_item("real"), None)
-        .await
-        .unwrap();
-    p.enqueue_for_orchestrator(queue_message("real"), None)
-        .await
-        .unwrap();
+    enqueue_in_order(&p, [start_item("real"), queue_message("real")]).await;
     assert_eq!(
         rows("real").await,
         2,
