@@ -86,9 +86,12 @@ unix_socket_dir =
 auth_type = trust
 auth_file = $tmp/userlist.txt
 pool_mode = transaction
-; the suite runs 8 test threads of up to 5 provider connections each
+; the suite runs 8 test threads of up to 5 provider connections each: 40 server
+; connections, so a test's call does not queue in the pooler behind other tests (some
+; conformance tests allow 200 ms between two calls); PostgreSQL's 100 leave room for the
+; direct LISTEN and migration connections
 max_client_conn = 500
-default_pool_size = 20
+default_pool_size = 40
 logfile = $tmp/pgbouncer.log
 pidfile = $tmp/pgbouncer.pid
 EOF
