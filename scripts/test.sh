@@ -27,5 +27,7 @@ exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
   cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
     -- --test-threads="$0" "$@" &&
   echo "== through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
-  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test conformance -- --test-threads="$0" hybrid:: "$@" &&
+  # 4 threads: every call is 4 round trips through the pooler, and several conformance
+  # tests allow only 100-200 ms between calls or around 1 s leases.
+  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test conformance -- --test-threads=4 hybrid:: "$@" &&
   DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test mixed_fleet -- --test-threads="$0" "$@"' "$threads" "$@"
