@@ -60,6 +60,7 @@ pub mod credentials;
 #[cfg(feature = "entra")]
 pub mod entra;
 pub mod errors;
+mod handover;
 mod history;
 mod history_cache;
 pub mod incumbent;

@@ -65,6 +65,8 @@ pub(crate) struct Interest {
     pub tags: Vec<String>,
     /// Worker: the session owner id when the fetch may claim session items.
     pub session_owner: Option<String>,
+    /// What an ack needs to claim work for this fetch (`None`: no hand-over to it).
+    pub claim: Option<crate::handover::ClaimSpec>,
 }
 
 impl Interest {
@@ -75,6 +77,7 @@ impl Interest {
             tag_mode: 3,
             tags: Vec::new(),
             session_owner: None,
+            claim: None,
         }
     }
 
@@ -109,6 +112,8 @@ pub(crate) struct Waiter {
     pending: Mutex<Option<Route>>,
     /// Earliest time delayed work becomes visible, learned from `at:` notifications.
     wake_at: Mutex<Option<Instant>>,
+    /// Work an ack of this provider claimed for this fetch (`handover.rs`).
+    slot: crate::handover::Slot,
 }
 
 impl Waiter {
@@ -132,6 +137,14 @@ impl Waiter {
 
     pub(crate) fn notify(&self) -> &Notify {
         &self.notify
+    }
+
+    pub(crate) fn slot(&self) -> &crate::handover::Slot {
+        &self.slot
+    }
+
+    pub(crate) fn interest(&self) -> &Interest {
+        &self.interest
     }
 
     /// The earliest delayed-visibility time still ahead, if any (one that has passed is
@@ -214,6 +227,7 @@ impl Notifier {
             notify: Notify::new(),
             pending: Mutex::new(None),
             wake_at: Mutex::new(None),
+            slot: crate::handover::Slot::default(),
         });
         lock(&self.waiters).push(waiter.clone());
         Registration {
@@ -249,6 +263,51 @@ impl Notifier {
             .filter(|w| w.interest.queue == queue)
             .cloned()
             .collect()
+    }
+
+    /// Reserves one waiting orchestration fetch that takes hand-overs (`handover.rs`).
+    pub(crate) fn reserve_turn_waiter(&self) -> Option<crate::handover::Reservation> {
+        self.waiters_of(Queue::Orchestrator)
+            .into_iter()
+            .filter(|w| w.interest.claim.is_some())
+            .find(|w| w.slot.try_reserve())
+            .map(|waiter| crate::handover::Reservation { waiter })
+    }
+
+    /// Reserves waiting worker fetches for new items (`(tag, session)` each): at most one
+    /// fetch per item, each admitting one of them (tag filter; session items only to a
+    /// fetch that takes sessions, and to the local owner's fetch when this provider holds
+    /// the session). All reserved fetches share one tag filter (the ack claims with one).
+    pub(crate) fn reserve_work_waiters(
+        &self,
+        items: &[(Option<String>, Option<String>)],
+    ) -> Vec<crate::handover::Reservation> {
+        let mut out: Vec<crate::handover::Reservation> = Vec::new();
+        let waiters: Vec<_> = self
+            .waiters_of(Queue::Worker)
+            .into_iter()
+            .filter(|w| w.interest.claim.is_some())
+            .collect();
+        for (tag, session) in items {
+            let owner = session.as_deref().and_then(|s| self.session_owner(s));
+            let fits = |w: &Waiter| {
+                w.interest.admits_tag(tag.as_deref())
+                    && (session.is_none() || w.interest.session_owner.is_some())
+                    && owner
+                        .as_ref()
+                        .is_none_or(|o| w.interest.session_owner.as_ref() == Some(o))
+                    && out.first().is_none_or(|r| {
+                        r.interest().tag_mode == w.interest.tag_mode
+                            && r.interest().tags == w.interest.tags
+                    })
+            };
+            if let Some(w) = waiters.iter().find(|w| {
+                !out.iter().any(|r| r.waiter.id == w.id) && fits(w) && w.slot.try_reserve()
+            }) {
+                out.push(crate::handover::Reservation { waiter: w.clone() });
+            }
+        }
+        out
     }
 
     /// Wakes waiters for `count` items routed `route`. Returns how many were woken.
@@ -622,6 +681,7 @@ mod tests {
             tag_mode,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             session_owner: owner.map(str::to_string),
+            claim: None,
         }
     }
 

@@ -134,6 +134,13 @@ pub struct ProviderOptions {
     /// instances are dropped first. A decoded event takes about its JSON size plus ~200
     /// bytes. Default 50,000.
     pub history_cache_events: usize,
+    /// In-process hand-over (default on): an ack that makes work runnable claims it in
+    /// the same call for a fetch of this provider that is already waiting for it (an
+    /// orchestration ack hands its activities to waiting worker fetches, a worker ack
+    /// hands the instance's next turn to a waiting orchestration fetch), so a sequential
+    /// step needs no fetch round trip. Needs `long_poll`. `false` = every item is
+    /// fetched.
+    pub handover: bool,
 
     // ---- Connection poolers (PgBouncer, managed poolers); see README "Poolers and
     // managed PostgreSQL" and [`PoolerMode`]. ----
@@ -221,6 +228,7 @@ impl Default for ProviderOptions {
             idle_timeout: Some(Duration::from_secs(5 * 60)),
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             history_cache_events: 50_000,
+            handover: true,
             pooler: PoolerMode::Off,
             direct_url: None,
         }
@@ -245,6 +253,7 @@ impl fmt::Debug for ProviderOptions {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
             .field("history_cache_events", &self.history_cache_events)
+            .field("handover", &self.handover)
             .field("pooler", &self.pooler)
             .field("direct_url", &self.direct_url.as_deref().map(redact_url))
             .finish()
@@ -277,6 +286,8 @@ pub mod env {
     pub const MAX_LIFETIME_MS: &str = "DUROXIDE_PG_MAX_LIFETIME_MS";
     /// History cache size in events (`0` = off).
     pub const HISTORY_CACHE_EVENTS: &str = "DUROXIDE_PG_HISTORY_CACHE_EVENTS";
+    /// `true` / `false`: in-process hand-over (`ProviderOptions::handover`).
+    pub const HANDOVER: &str = "DUROXIDE_PG_HANDOVER";
     /// `off` / `transaction`: what sits at `DATABASE_URL` (see `PoolerMode`).
     pub const POOLER: &str = "DUROXIDE_PG_POOLER";
     /// URL reaching PostgreSQL without the pooler (LISTEN, migrations).
@@ -343,6 +354,9 @@ impl ProviderOptions {
         }
         if let Some(v) = read_env(env::HISTORY_CACHE_EVENTS) {
             self.history_cache_events = parse_env(env::HISTORY_CACHE_EVENTS, &v)?;
+        }
+        if let Some(v) = read_env(env::HANDOVER) {
+            self.handover = parse_bool(env::HANDOVER, &v)?;
         }
         if let Some(v) = read_env(env::POOLER) {
             self.pooler = v.parse()?;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use duroxide::providers::ProviderError;
 use tokio::time::Instant;
 
-use crate::notify::{Interest, Queue};
+use crate::handover::{Handed, SlotGuard};
+use crate::notify::Interest;
 use crate::provider::PostgresProvider;
 
 /// Outcome of one claim attempt.
@@ -29,23 +30,10 @@ pub(crate) fn wake_in(now_ms: i64, next_wake_ms: Option<i64>) -> Option<Duration
 }
 
 impl PostgresProvider {
-    /// Claims until something is claimed or `poll_timeout` ends; any waiter of `queue`.
-    pub(crate) async fn poll_until<T, F, Fut>(
-        &self,
-        queue: Queue,
-        poll_timeout: Duration,
-        attempt: F,
-    ) -> Result<Option<T>, ProviderError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Attempt<T>, ProviderError>>,
-    {
-        self.poll_for(Interest::any(queue), poll_timeout, attempt)
-            .await
-    }
-
     /// Claims until something is claimed or `poll_timeout` ends, waking for items that
-    /// `interest` admits (see `notify.rs`).
+    /// `interest` admits (see `notify.rs`). `attempt(None)` claims; `attempt(Some(h))`
+    /// turns work an ack handed over (`handover.rs`, when `interest.claim` is set) into
+    /// the fetch's result.
     pub(crate) async fn poll_for<T, F, Fut>(
         &self,
         interest: Interest,
@@ -53,13 +41,13 @@ impl PostgresProvider {
         mut attempt: F,
     ) -> Result<Option<T>, ProviderError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Option<Handed>) -> Fut,
         Fut: Future<Output = Result<Attempt<T>, ProviderError>>,
     {
         let queue = interest.queue;
         let long = self.inner.long_poll && !poll_timeout.is_zero();
         if !long {
-            let claimed = match attempt().await? {
+            let claimed = match attempt(None).await? {
                 Attempt::Claimed(t) => Some(t),
                 Attempt::Empty { .. } => None,
             };
@@ -81,29 +69,53 @@ impl PostgresProvider {
         // sent while a claim runs is not missed.
         let registration = self.inner.notifier.register(interest);
         let waiter = registration.waiter();
+        // Whatever way this fetch ends, nothing can be handed to it afterwards, and an
+        // item handed and not taken is released.
+        let _slot = SlotGuard {
+            provider: self,
+            waiter,
+        };
         loop {
             let notified = waiter.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
 
-            // Acting on the wake-up now; handed on if this future is dropped mid-claim.
-            let hand_on = registration.hand_on_guard(waiter.take_pending());
-            // A delayed-work time that has passed is served by this claim.
-            let _ = waiter.wake_at();
-            let outcome = attempt().await;
-            hand_on.disarm();
-            let wake_in = match outcome? {
-                Attempt::Claimed(t) => {
-                    metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "claimed")
-                        .increment(1);
+            if let Some(handed) = waiter.slot().take() {
+                // A wake-up this fetch did not act on is handed on when it returns.
+                if let Attempt::Claimed(t) = attempt(Some(handed)).await? {
                     return Ok(Some(t));
                 }
-                Attempt::Empty { wake_in } => {
-                    metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "empty")
-                        .increment(1);
-                    wake_in
+                continue;
+            }
+            // Reserved by an ack in flight: no claim of its own until the reply settles
+            // it (delivered or cancelled, both wake this fetch).
+            let wake_in = if waiter.slot().is_reserved() {
+                None
+            } else {
+                // Acting on the wake-up now; handed on if this future is dropped mid-claim.
+                let hand_on = registration.hand_on_guard(waiter.take_pending());
+                // A delayed-work time that has passed is served by this claim.
+                let _ = waiter.wake_at();
+                let outcome = attempt(None).await;
+                hand_on.disarm();
+                match outcome? {
+                    Attempt::Claimed(t) => {
+                        metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "claimed")
+                            .increment(1);
+                        // An ack may have handed this fetch something while it claimed:
+                        // it gives that back (released by the guard).
+                        return Ok(Some(t));
+                    }
+                    Attempt::Empty { wake_in } => {
+                        metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "empty")
+                            .increment(1);
+                        wake_in
+                    }
                 }
             };
+            if waiter.slot().has_delivered() {
+                continue;
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
@@ -117,7 +129,10 @@ impl PostgresProvider {
                 let sleep_to = waiter.wake_at().map_or(until, |t| t.min(until));
                 tokio::select! {
                     _ = &mut notified => {
-                        if waiter.has_pending() {
+                        if waiter.slot().has_delivered() {
+                            break;
+                        }
+                        if waiter.has_pending() && !waiter.slot().is_reserved() {
                             metrics::counter!("duroxide_pg_long_poll_wakeups_total", "queue" => queue.sql_name(), "reason" => "notify").increment(1);
                             break;
                         }

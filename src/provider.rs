@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     pub(crate) credentials: Arc<Credentials>,
     /// Decoded histories of instances this provider ran recently (`history_cache.rs`).
     pub(crate) history_cache: crate::history_cache::HistoryCache,
+    /// Acks hand work to waiting fetches of this provider (`handover.rs`).
+    pub(crate) handover: bool,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -264,6 +266,7 @@ impl PostgresProvider {
             pool_has_sessions: routes.pool_has_sessions,
             credentials: credentials.clone(),
             history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
+            handover: options.handover,
         });
         // The application-facing pool cannot ask the source per connection: keep its
         // options fresh while the provider lives.

@@ -55,6 +55,9 @@ pub fn all() -> Vec<&'static SqlFunction> {
         &turn::READ_EXECUTION_HISTORY,
         &turn::READ_KV_SNAPSHOT,
         &turn::ack::ACK_ORCHESTRATION_ITEM,
+        &turn::ack::ACK_ORCHESTRATION_HANDOVER,
+        &crate::worker::CLAIM_WORKER_ITEM,
+        &crate::worker::ACK_WORK_ITEM_HANDOVER,
         &turn::ABANDON_TURN,
         &turn::RENEW_TURN,
     ]

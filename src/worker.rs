@@ -8,108 +8,97 @@ use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem
 
 use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
+use crate::handover::{ClaimSpec, Handed};
 use crate::notify::{Interest, Queue};
+use crate::options::FetchPath;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
+use crate::sql_fn::{Args, SqlFunction};
+use crate::turn::{Claim, TurnData};
 
-/// Oldest visible, unleased item (FIFO by (visible_at, id)) that the tag filter and the
-/// session rules admit; leased in the same statement. A session item is only leased if
-/// the session upsert wins (unowned, expired, or already ours): otherwise the whole
-/// statement returns nothing and changes nothing.
+/// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: the
+/// oldest visible, unleased item the tag filter and the session rules admit, leased; the
+/// same claim an orchestration ack makes for a waiting fetch) plus, when nothing was
+/// leased, the next wake-up time.
 ///
 /// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
 /// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
 /// Always one row: the leased item, or NULLs and the next wake-up time (see
 /// `sp_fetch_and_lock`).
 const FETCH: &str = "\
-WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
-cand AS MATERIALIZED (
-    SELECT w.id, w.session_id
-    FROM {s}.worker_queue w
-    WHERE w.visible_at_ms <= (SELECT now FROM clock)
-      AND (w.lock_token IS NULL OR w.locked_until_ms <= (SELECT now FROM clock))
-      AND ($6 = 3 OR ($6 IN (0, 2) AND w.tag IS NULL) OR ($6 IN (1, 2) AND w.tag = ANY($7)))
-      AND (w.session_id IS NULL OR ($3 AND NOT EXISTS (
-              SELECT 1 FROM {s}.sessions s
-              WHERE s.session_id = w.session_id
-                AND s.locked_until_ms > (SELECT now FROM clock)
-                AND s.worker_id <> $4)))
-    ORDER BY w.visible_at_ms, w.id
-    LIMIT 1
-    FOR UPDATE OF w SKIP LOCKED
-),
-sess AS (
-    INSERT INTO {s}.sessions AS s (session_id, worker_id, locked_until_ms, last_activity_at_ms)
-    SELECT cand.session_id, $4::TEXT, clock.now + $5::BIGINT, clock.now
-    FROM cand, clock
-    WHERE cand.session_id IS NOT NULL
-    ON CONFLICT (session_id) DO UPDATE
-        SET worker_id = EXCLUDED.worker_id,
-            locked_until_ms = EXCLUDED.locked_until_ms,
-            last_activity_at_ms = EXCLUDED.last_activity_at_ms
-        WHERE s.locked_until_ms <= EXCLUDED.last_activity_at_ms OR s.worker_id = EXCLUDED.worker_id
-    RETURNING s.session_id
-),
-leased AS (
-    UPDATE {s}.worker_queue w
-    SET lock_token = $1, locked_until_ms = clock.now + $2, attempt_count = w.attempt_count + 1
-    FROM cand, clock
-    WHERE w.id = cand.id AND (cand.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
-    RETURNING w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
-              w.session_id, w.tag
+WITH c AS MATERIALIZED (
+    SELECT * FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
+        p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
+        p_tag_mode => $6, p_tags => $7)
 )
-SELECT l.work_item, l.attempt_count, l.instance_id, l.execution_id, l.activity_id,
-       l.session_id, l.tag, clock.now AS now_ms,
+SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
+       c.o_instance_id AS instance_id, c.o_execution_id AS execution_id,
+       c.o_activity_id AS activity_id, c.o_session_id AS session_id, c.o_tag AS tag,
+       c.o_now_ms AS now_ms,
        CASE
-           WHEN l.work_item IS NOT NULL THEN NULL
+           WHEN c.o_work_item IS NOT NULL THEN NULL
            -- Lost a session race for a candidate: look again at once.
-           WHEN EXISTS (SELECT 1 FROM cand) THEN clock.now
+           WHEN c.o_candidate THEN c.o_now_ms
            ELSE least(
-               (SELECT min(w.visible_at_ms) FROM {s}.worker_queue w WHERE w.visible_at_ms > clock.now),
+               (SELECT min(w.visible_at_ms) FROM {s}.worker_queue w WHERE w.visible_at_ms > c.o_now_ms),
                (SELECT min(w.locked_until_ms) FROM {s}.worker_queue w
-                 WHERE w.lock_token IS NOT NULL AND w.locked_until_ms > clock.now),
-               (SELECT min(s.locked_until_ms) FROM {s}.sessions s WHERE s.locked_until_ms > clock.now))
+                 WHERE w.lock_token IS NOT NULL AND w.locked_until_ms > c.o_now_ms),
+               (SELECT min(s.locked_until_ms) FROM {s}.sessions s WHERE s.locked_until_ms > c.o_now_ms))
        END AS next_wake_ms
-FROM clock LEFT JOIN leased l ON true";
+FROM c";
 
-/// Deletes the leased item if its lease is live, touches its session, and enqueues the
-/// completion for the orchestration, atomically. Records `ack:<call id>` ($5, one per
-/// call, reused by its resends) in the enqueue ledger, so a resend of an ack that
-/// committed (its reply was lost) is recognised and answered as done instead of "lock
-/// not held"; a second, separate ack of the token still fails. Returns (rows acked
-/// now, this call acked before).
-const ACK: &str = "\
-WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
-done AS (
-    DELETE FROM {s}.worker_queue w
-    WHERE w.lock_token = $1 AND w.locked_until_ms > (SELECT now FROM clock)
-    RETURNING w.session_id
-),
-touched AS (
-    UPDATE {s}.sessions s SET last_activity_at_ms = clock.now
-    FROM done, clock
-    WHERE s.session_id = done.session_id AND s.locked_until_ms > clock.now
-),
-completion AS (
-    INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-    SELECT $2::TEXT, $3::TEXT, $4::TEXT, clock.now, clock.now FROM clock
-    WHERE $4::TEXT IS NOT NULL AND EXISTS (SELECT 1 FROM done)
-    RETURNING 1
-),
-recorded AS (
-    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
-    SELECT 'ack:' || $5::TEXT, clock.now FROM clock WHERE EXISTS (SELECT 1 FROM done)
-    ON CONFLICT (enqueue_id) DO NOTHING
-),
-pruned AS (
-    DELETE FROM {s}.enqueue_ledger l
-    WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
-                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
-                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED)
-)
-SELECT (SELECT count(*) FROM done) AS acked,
-       EXISTS (SELECT 1 FROM {s}.enqueue_ledger l WHERE l.enqueue_id = 'ack:' || $5::TEXT) AS acked_before
-FROM {s}.notify_work_available('orchestrator', (SELECT count(*) FROM completion)) AS n";
+/// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
+pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
+    name: "claim_worker_item",
+    args: &[
+        "p_lock_token",
+        "p_lock_timeout_ms",
+        "p_has_session",
+        "p_owner_id",
+        "p_session_lock_timeout_ms",
+        "p_tag_mode",
+        "p_tags",
+    ],
+    columns: Some(
+        "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
+         o_session_id, o_tag, o_now_ms, o_candidate",
+    ),
+};
+
+/// The worker ack (`ack_work_item_handover`, migrations/functions/09_handover.sql):
+/// deletes the leased item if its lease is live, touches its session, enqueues the
+/// completion, records the call id in the enqueue ledger (a resend of an ack that
+/// committed is answered as done), and, when a local orchestration fetch waits, claims
+/// the instance's turn for it.
+pub(crate) static ACK_WORK_ITEM_HANDOVER: SqlFunction = SqlFunction {
+    name: "ack_work_item_handover",
+    args: &[
+        "p_lock_token",
+        "p_instance_id",
+        "p_kind",
+        "p_work_item",
+        "p_call_id",
+        "p_turn_lock_token",
+        "p_lock_timeout_ms",
+        "p_filter_enabled",
+        "p_min_major",
+        "p_min_minor",
+        "p_min_patch",
+        "p_max_major",
+        "p_max_minor",
+        "p_max_patch",
+        "p_read_turn",
+        "p_history_execution_id",
+        "p_history_after_event_id",
+        "p_history_guard",
+    ],
+    columns: Some(
+        "o_acked, o_acked_before, o_execution_id, o_attempt_count, o_has_instance, \
+         o_orchestration_name, o_orchestration_version, o_messages, o_history_incremental, \
+         o_history, o_history_last_event_id, o_history_last_guard, o_kv_keys, o_kv_values, \
+         o_kv_updated_ms",
+    ),
+};
 
 const RENEW: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
@@ -208,6 +197,82 @@ fn tag_args(filter: &TagFilter) -> Option<(i32, Vec<String>)> {
     }
 }
 
+const FETCH_OP: &str = "fetch_work_item";
+
+/// A leased worker row, from a fetch or a hand-over.
+pub(crate) struct Leased {
+    pub json: String,
+    pub instance: String,
+    pub attempt_count: Option<i32>,
+    pub execution_id: Option<i64>,
+    pub activity_id: Option<i64>,
+    pub session_id: Option<String>,
+    pub tag: Option<String>,
+}
+
+/// What `fetch_work_item` returns for a leased row. A row whose JSON does not decode is
+/// handed to duroxide as an unregistered activity, so it is retried with back-off and
+/// poisoned after `max_attempts` (never dropped).
+pub(crate) fn leased_item(row: Leased, token: String) -> (WorkItem, String, u32) {
+    let Leased {
+        json,
+        instance,
+        attempt_count,
+        execution_id,
+        activity_id,
+        session_id,
+        tag,
+    } = row;
+    let attempts = attempt_count.unwrap_or(1);
+    let item: WorkItem = match serde_json::from_str(&json) {
+        Ok(item @ WorkItem::ActivityExecute { .. }) => item,
+        decoded => {
+            let error = match decoded {
+                Ok(other) => format!("not an ActivityExecute but {}", work_item_kind(&other)),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                target: TRACING_TARGET,
+                operation = FETCH_OP,
+                instance = %instance,
+                attempt = attempts,
+                error = %error,
+                "worker item does not decode; handing it to duroxide as an unregistered \
+                 activity so it is retried with back-off and poisoned after max_attempts"
+            );
+            // The identity columns locate the activity in its orchestration, so the
+            // poison failure reaches the right instance, execution and id.
+            WorkItem::ActivityExecute {
+                instance: instance.clone(),
+                execution_id: u64::try_from(execution_id.unwrap_or(1)).unwrap_or(1),
+                id: u64::try_from(activity_id.unwrap_or(0)).unwrap_or(0),
+                name: UNDECODABLE_ACTIVITY.to_string(),
+                input: format!("worker item does not decode ({error}): {json}"),
+                session_id,
+                tag,
+            }
+        }
+    };
+    tracing::debug!(
+        target: TRACING_TARGET,
+        operation = FETCH_OP,
+        instance = %instance,
+        attempt = attempts,
+        "leased work item"
+    );
+    (item, token, u32::try_from(attempts).unwrap_or(0))
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkAckRow {
+    o_acked: i64,
+    o_acked_before: bool,
+    o_execution_id: Option<i64>,
+    o_attempt_count: Option<i32>,
+    #[sqlx(flatten)]
+    turn: TurnData,
+}
+
 #[derive(sqlx::FromRow)]
 struct LeaseRow {
     work_item: Option<String>,
@@ -243,10 +308,24 @@ impl PostgresProvider {
             tag_mode,
             tags: tags.clone(),
             session_owner: session.map(|s| s.owner_id.clone()),
+            claim: self.handover_enabled().then(|| ClaimSpec::Work {
+                lock_timeout_ms: millis(lock_timeout),
+                session_lock_timeout_ms: session.map(|s| millis(s.lock_timeout)).unwrap_or(0),
+            }),
         };
+        let tags = &tags;
         let claimed = self
-            .poll_for(interest, poll_timeout, || {
-                self.lease_work(lock_timeout, session, tag_mode, &tags)
+            .poll_for(interest, poll_timeout, |handed| async move {
+                match handed {
+                    None => self.lease_work(lock_timeout, session, tag_mode, tags).await,
+                    Some(Handed::Work(w)) => Ok(Attempt::Claimed(w)),
+                    Some(other) => {
+                        // Never happens (orchestration turns go to orchestration fetches);
+                        // give it back rather than lose it.
+                        self.release_handed(other).await;
+                        Ok(Attempt::Empty { wake_in: None })
+                    }
+                }
             })
             .await?;
         if let (
@@ -278,7 +357,6 @@ impl PostgresProvider {
         tag_mode: i32,
         tags: &[String],
     ) -> Result<Attempt<(WorkItem, String, u32)>, ProviderError> {
-        const OP: &str = "fetch_work_item";
         let token = format!("work_{}", uuid::Uuid::new_v4());
         let row = on_conn!(
             self,
@@ -292,53 +370,23 @@ impl PostgresProvider {
                 .bind(tag_mode)
                 .bind(tags)
         )
-        .map_err(|e| db_error(OP, None, e))?;
+        .map_err(|e| db_error(FETCH_OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {
             return Ok(Attempt::Empty {
                 wake_in: wake_in(row.now_ms, row.next_wake_ms),
             });
         };
-        let attempts = row.attempt_count.unwrap_or(1);
-        let item: WorkItem = match serde_json::from_str(&json) {
-            Ok(item @ WorkItem::ActivityExecute { .. }) => item,
-            decoded => {
-                let error = match decoded {
-                    Ok(other) => format!("not an ActivityExecute but {}", work_item_kind(&other)),
-                    Err(e) => e.to_string(),
-                };
-                tracing::warn!(
-                    target: TRACING_TARGET,
-                    operation = OP,
-                    instance = %instance,
-                    attempt = attempts,
-                    error = %error,
-                    "worker item does not decode; handing it to duroxide as an unregistered \
-                     activity so it is retried with back-off and poisoned after max_attempts"
-                );
-                // The identity columns locate the activity in its orchestration, so
-                // the poison failure reaches the right instance, execution and id.
-                WorkItem::ActivityExecute {
-                    instance: instance.clone(),
-                    execution_id: u64::try_from(row.execution_id.unwrap_or(1)).unwrap_or(1),
-                    id: u64::try_from(row.activity_id.unwrap_or(0)).unwrap_or(0),
-                    name: UNDECODABLE_ACTIVITY.to_string(),
-                    input: format!("worker item does not decode ({error}): {json}"),
-                    session_id: row.session_id,
-                    tag: row.tag,
-                }
-            }
-        };
-        tracing::debug!(
-            target: TRACING_TARGET,
-            operation = OP,
-            instance = %instance,
-            attempt = attempts,
-            "leased work item"
-        );
-        Ok(Attempt::Claimed((
-            item,
+        Ok(Attempt::Claimed(leased_item(
+            Leased {
+                json,
+                instance,
+                attempt_count: row.attempt_count,
+                execution_id: row.execution_id,
+                activity_id: row.activity_id,
+                session_id: row.session_id,
+                tag: row.tag,
+            },
             token,
-            u32::try_from(attempts).unwrap_or(0),
         )))
     }
 
@@ -348,11 +396,19 @@ impl PostgresProvider {
         completion: Option<WorkItem>,
     ) -> Result<(), ProviderError> {
         const OP: &str = "ack_work_item";
-        let (instance, kind, json) = match &completion {
-            None => (None, None, None),
+        let (instance, kind, json, execution_id) = match &completion {
+            None => (None, None, None, 0),
             Some(
-                item @ (WorkItem::ActivityCompleted { instance, .. }
-                | WorkItem::ActivityFailed { instance, .. }),
+                item @ (WorkItem::ActivityCompleted {
+                    instance,
+                    execution_id,
+                    ..
+                }
+                | WorkItem::ActivityFailed {
+                    instance,
+                    execution_id,
+                    ..
+                }),
             ) => {
                 let json =
                     serde_json::to_string(item).map_err(|e| decode_error(OP, Some(instance), e))?;
@@ -360,6 +416,7 @@ impl PostgresProvider {
                     Some(instance.as_str()),
                     Some(work_item_kind(item)),
                     Some(json),
+                    i64::try_from(*execution_id).unwrap_or(i64::MAX),
                 )
             }
             Some(other) => {
@@ -372,21 +429,69 @@ impl PostgresProvider {
                 ));
             }
         };
+        // A local orchestration fetch waiting for work: the ack claims the instance's
+        // next turn for it (handover.rs).
+        let reservation = match instance {
+            Some(_) if self.handover_enabled() => self.inner.notifier.reserve_turn_waiter(),
+            _ => None,
+        };
+        let claim_args = reservation
+            .as_ref()
+            .and_then(|r| match &r.interest().claim {
+                Some(ClaimSpec::Turn(a)) => Some(a.clone()),
+                _ => None,
+            });
+        let turn_token = claim_args
+            .as_ref()
+            .map(|_| format!("lock_{}", uuid::Uuid::new_v4()));
+        let read_turn = self.fetch_path() == FetchPath::Procedure;
+        let held = match (instance, &turn_token) {
+            (Some(i), Some(_)) if read_turn => self.inner.history_cache.held(i, execution_id),
+            _ => None,
+        };
         // Idempotent through the ledger: resent also when the outcome is unknown, so a
         // lost reply never makes duroxide abandon (and re-run) a completed activity.
         let call_id = uuid::Uuid::new_v4().to_string();
-        let (acked, acked_before): (i64, bool) = on_conn!(
+        let sql = self.call_sql(&ACK_WORK_ITEM_HANDOVER);
+        let (filter_enabled, min, max, lock_ms) = match &claim_args {
+            Some(a) => (a.filter_enabled, a.min, a.max, a.lock_timeout_ms),
+            None => (false, (0, 0, 0), (0, 0, 0), 0),
+        };
+        let args = || {
+            Args::new(&ACK_WORK_ITEM_HANDOVER)
+                .bind("p_lock_token", token)
+                .bind("p_instance_id", instance)
+                .bind("p_kind", kind)
+                .bind("p_work_item", json.as_deref())
+                .bind("p_call_id", call_id.as_str())
+                .bind("p_turn_lock_token", turn_token.as_deref())
+                .bind("p_lock_timeout_ms", lock_ms)
+                .bind("p_filter_enabled", filter_enabled)
+                .bind("p_min_major", min.0)
+                .bind("p_min_minor", min.1)
+                .bind("p_min_patch", min.2)
+                .bind("p_max_major", max.0)
+                .bind("p_max_minor", max.1)
+                .bind("p_max_patch", max.2)
+                .bind("p_read_turn", read_turn)
+                .bind(
+                    "p_history_execution_id",
+                    held.as_ref().map(|h| h.execution_id),
+                )
+                .bind(
+                    "p_history_after_event_id",
+                    held.as_ref().map(|h| h.last_event_id),
+                )
+                .bind("p_history_guard", held.as_ref().map(|h| h.guard))
+                .finish(OP)
+        };
+        let row = on_conn!(
             idempotent: self,
             fetch_one,
-            sqlx::query_as(&self.sql(ACK))
-                .bind(token)
-                .bind(instance)
-                .bind(kind)
-                .bind(&json)
-                .bind(&call_id)
+            sqlx::query_as_with::<_, WorkAckRow, _>(&sql, args()?)
         )
         .map_err(|e| db_error(OP, instance, e))?;
-        if acked == 0 && !acked_before {
+        if row.o_acked == 0 && !row.o_acked_before {
             return Err(ProviderError::permanent(
                 OP,
                 format!(
@@ -394,6 +499,34 @@ impl PostgresProvider {
                      (already acked, expired, cancelled, or its instance was deleted)"
                 ),
             ));
+        }
+        if let (Some(reservation), Some(turn_token), Some(instance), Some(execution_id)) =
+            (reservation, turn_token, instance, row.o_execution_id)
+        {
+            let claim = Claim {
+                instance: instance.to_string(),
+                lock_token: turn_token,
+                execution_id,
+                attempt_count: row.o_attempt_count.unwrap_or(1),
+            };
+            if !read_turn {
+                self.hand_over(reservation, Handed::Claim(claim));
+            } else {
+                match row.turn.into_turn_rows(claim, held.as_ref()) {
+                    Ok(rows) => self.hand_over(reservation, Handed::Turn(Box::new(rows))),
+                    Err((claim, e)) => {
+                        drop(reservation);
+                        tracing::warn!(
+                            target: TRACING_TARGET,
+                            operation = OP,
+                            instance = %claim.instance,
+                            error = %e,
+                            "handed-over turn is inconsistent; released"
+                        );
+                        self.release_claim(&claim.lock_token, &claim.instance).await;
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{new_provider, provider_url, test_options};
+use common::{new_provider_with, provider_url, test_options};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
@@ -144,15 +144,29 @@ fn workload(i: usize) -> (&'static str, String, String, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hybrid_and_procedure_runtimes_share_one_schema() {
-    let (hybrid, guard) = new_provider(FetchPath::Hybrid).await;
+    fleet(true, true).await;
+}
+
+/// Processes with and without the in-process hand-over (`src/handover.rs`) on one
+/// schema, each fetch path on each side once: still exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runtimes_with_and_without_handover_share_one_schema() {
+    fleet(true, false).await;
+    fleet(false, true).await;
+}
+
+async fn fleet(hybrid_handover: bool, procedure_handover: bool) {
+    let (hybrid, guard) = new_provider_with(FetchPath::Hybrid, move |o| {
+        o.handover = hybrid_handover;
+    })
+    .await;
     assert_eq!(hybrid.fetch_path(), FetchPath::Hybrid);
+    let mut procedure_options = test_options(guard.schema(), FetchPath::Procedure);
+    procedure_options.handover = procedure_handover;
     let procedure = Arc::new(
-        common::connect_waiting(
-            &provider_url(),
-            test_options(guard.schema(), FetchPath::Procedure),
-        )
-        .await
-        .unwrap(),
+        common::connect_waiting(&provider_url(), procedure_options)
+            .await
+            .unwrap(),
     );
     assert_eq!(procedure.fetch_path(), FetchPath::Procedure);
     if common::via_pgbouncer() {
@@ -270,7 +284,8 @@ async fn hybrid_and_procedure_runtimes_share_one_schema() {
         assert_eq!(n, 0, "{table} still holds {n} rows");
     }
     println!(
-        "{} orchestrations, {} activities, both paths",
+        "{} orchestrations, {} activities, both paths (hand-over: hybrid {hybrid_handover}, \
+         procedure {procedure_handover})",
         ORCHESTRATIONS,
         expected_keys.len()
     );

@@ -251,3 +251,137 @@ async fn fetch_serial_depth_under_latency() {
         p.close().await;
     }
 }
+
+/// Serial round trips of one sequential activity step (activity k's start to activity
+/// k + 1's start) in a running duroxide runtime, at `rtt` of simulated latency: the
+/// median gap between consecutive activity starts of a chain, in RTTs (best of two
+/// chains). Also returns the duration of the `read(instance)` duroxide 0.1.32's worker
+/// makes before every activity (`get_orchestration_descriptor`), in RTTs.
+async fn step_depth(path: FetchPath, handover: bool, rtt: Duration) -> (f64, f64) {
+    use std::sync::{Arc, Mutex};
+
+    use duroxide::runtime::registry::ActivityRegistry;
+    use duroxide::runtime::{Runtime, RuntimeOptions};
+    use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry};
+
+    const STEPS: usize = 8;
+    let (_owner, guard) = new_provider(path).await;
+    let url = database_url();
+    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
+    let proxy = Proxy::start(upstream, rtt).await.unwrap();
+    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
+    let mut options = test_options(guard.schema(), path);
+    options.max_connections = 8;
+    options.min_connections = 6;
+    options.handover = handover;
+    let p = Arc::new(common::connect_waiting(&via_proxy, options).await.unwrap());
+
+    let starts: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let log = starts.clone();
+    let activities = ActivityRegistry::builder()
+        .register("Step", move |_ctx: ActivityContext, input: String| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((input.clone(), Instant::now()));
+                Ok(input)
+            }
+        })
+        .build();
+    let orchestrations = OrchestrationRegistry::builder()
+        .register(
+            "Chain",
+            |ctx: OrchestrationContext, id: String| async move {
+                for k in 0..STEPS {
+                    ctx.schedule_activity("Step", format!("{id}-{k}")).await?;
+                }
+                Ok(id)
+            },
+        )
+        .build();
+    let rt = Runtime::start_with_options(
+        p.clone(),
+        activities,
+        orchestrations,
+        RuntimeOptions::default(),
+    )
+    .await;
+    let client = Client::new(p.clone());
+    let mut medians = Vec::new();
+    // The first chain warms statements up on every connection.
+    for run in 0..3 {
+        let id = format!("chain{run}");
+        client
+            .start_orchestration(&id, "Chain", id.clone())
+            .await
+            .unwrap();
+        client
+            .wait_for_orchestration(&id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        if run == 0 {
+            continue;
+        }
+        let log = starts.lock().unwrap().clone();
+        let mut times: Vec<Instant> = log
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{id}-")))
+            .map(|(_, t)| *t)
+            .collect();
+        times.sort();
+        assert_eq!(times.len(), STEPS);
+        let mut gaps: Vec<f64> = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64() / rtt.as_secs_f64())
+            .collect();
+        gaps.sort_by(f64::total_cmp);
+        medians.push(gaps[gaps.len() / 2]);
+    }
+    let mut read = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        p.read("chain2").await.unwrap();
+        read = read.min(t.elapsed());
+    }
+    rt.shutdown(None).await;
+    p.close().await;
+    (
+        medians.into_iter().fold(f64::MAX, f64::min),
+        read.as_secs_f64() / rtt.as_secs_f64(),
+    )
+}
+
+/// With hand-over, the provider's part of a sequential activity step is the worker ack
+/// and the orchestration ack (procedure path: 2 serial round trips), plus the turn's
+/// reads on the hybrid path (3): the fetches are answered by the acks. duroxide 0.1.32's
+/// worker adds one `read(instance)` before each activity (1 round trip the provider does
+/// not choose), so a whole step is 3 (procedure) and 4 (hybrid). Without hand-over each
+/// step also waits for a notification and a fetch per queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_step_serial_depth_with_handover() {
+    // Long enough that the server's own time per call (a few ms on a loaded machine)
+    // stays small next to it.
+    let rtt = Duration::from_millis(100);
+    for (path, limit) in [(FetchPath::Procedure, 2.5), (FetchPath::Hybrid, 3.5)] {
+        let (on, read) = step_depth(path, true, rtt).await;
+        let (off, _) = step_depth(path, false, rtt).await;
+        let queues = on - read;
+        println!(
+            "{path}: a step costs {on:.2} RTT with hand-over ({queues:.2} without duroxide's \
+             per-activity read of {read:.2}), {off:.2} without hand-over"
+        );
+        assert!(
+            queues <= limit,
+            "{path}: the queue part of a sequential step took {queues:.2} RTT with hand-over \
+             (limit {limit})"
+        );
+        assert!(
+            on <= limit + 1.0,
+            "{path}: a sequential step took {on:.2} RTT with hand-over (limit {})",
+            limit + 1.0
+        );
+        assert!(
+            off > on + 0.5,
+            "{path}: hand-over saves round trips ({on:.2} RTT on, {off:.2} off)"
+        );
+    }
+}

@@ -1,4 +1,4 @@
--- revision: 1
+-- revision: 2
 -- The four reads of an orchestration fetch, defined ONCE and used by both fetch paths:
 -- the hybrid path calls them from Rust concurrently on separate connections, the
 -- full-procedure path calls them inside fetch_orchestration_turn (this release) or
@@ -134,6 +134,52 @@ BEGIN
 END;
 $fn$;
 
+-- Everything a claimed turn needs, read in the claiming call (the procedure path's
+-- fetch_orchestration_turn, and a worker ack that hands the instance's next turn to a
+-- waiting fetch, 09_handover.sql): the same four reads the hybrid path issues from Rust.
+-- p_after_event_id / p_guard: the caller's history cache entry of this execution (NULL =
+-- none; read_history_since then returns the whole execution).
+CREATE OR REPLACE FUNCTION read_claimed_turn(
+    p_instance_id     TEXT,
+    p_lock_token      TEXT,
+    p_execution_id    BIGINT,
+    p_after_event_id  BIGINT,
+    p_guard           BIGINT,
+    OUT o_has_instance            BOOLEAN,
+    OUT o_orchestration_name      TEXT,
+    OUT o_orchestration_version   TEXT,
+    OUT o_messages                TEXT[],
+    OUT o_history_incremental     BOOLEAN,
+    OUT o_history                 TEXT[],
+    OUT o_history_last_event_id   BIGINT,
+    OUT o_history_last_guard      BIGINT,
+    OUT o_kv_keys                 TEXT[],
+    OUT o_kv_values               TEXT[],
+    OUT o_kv_updated_ms           BIGINT[]
+)
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    SELECT m.o_orchestration_name, m.o_orchestration_version
+    INTO o_orchestration_name, o_orchestration_version
+    FROM read_instance_meta(p_instance_id) m;
+    o_has_instance := FOUND;
+
+    SELECT coalesce(array_agg(b.item ORDER BY b.n), '{}') INTO o_messages
+    FROM read_batch_messages(p_lock_token) WITH ORDINALITY b(item, n);
+
+    SELECT r.o_incremental, r.o_events, r.o_last_event_id, r.o_last_guard
+    INTO o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard
+    FROM read_history_since(p_instance_id, p_execution_id, p_after_event_id, p_guard) r;
+
+    SELECT coalesce(array_agg(k.o_key), '{}'), coalesce(array_agg(k.o_value), '{}'),
+           coalesce(array_agg(k.o_last_updated_at_ms), '{}')
+    INTO o_kv_keys, o_kv_values, o_kv_updated_ms
+    FROM read_kv_snapshot(p_instance_id) k;
+END;
+$fn$;
+
 -- Full-procedure path as releases before the history cache call it: claim (the same
 -- sp_fetch_and_lock) plus the four reads in ONE round trip. One row with OUT columns of TEXT arrays was chosen over one JSONB value:
 -- arrays of TEXT keep each payload byte-for-byte (no TEXT->JSONB parse and re-encode on
@@ -247,14 +293,6 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT m.o_orchestration_name, m.o_orchestration_version
-    INTO o_orchestration_name, o_orchestration_version
-    FROM read_instance_meta(o_instance_id) m;
-    o_has_instance := FOUND;
-
-    SELECT coalesce(array_agg(b.item ORDER BY b.n), '{}') INTO o_messages
-    FROM read_batch_messages(o_lock_token) WITH ORDINALITY b(item, n);
-
     -- The caller's entry for this instance, if it holds its current execution.
     SELECT c.n INTO v_at
     FROM unnest(p_history_instance_ids, p_history_execution_ids) WITH ORDINALITY c(i, e, n)
@@ -264,14 +302,13 @@ BEGIN
         v_after := p_history_after_event_ids[v_at];
         v_guard := p_history_guards[v_at];
     END IF;
-    SELECT r.o_incremental, r.o_events, r.o_last_event_id, r.o_last_guard
-    INTO o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard
-    FROM read_history_since(o_instance_id, o_execution_id, v_after, v_guard) r;
-
-    SELECT coalesce(array_agg(k.o_key), '{}'), coalesce(array_agg(k.o_value), '{}'),
-           coalesce(array_agg(k.o_last_updated_at_ms), '{}')
-    INTO o_kv_keys, o_kv_values, o_kv_updated_ms
-    FROM read_kv_snapshot(o_instance_id) k;
+    SELECT r.o_has_instance, r.o_orchestration_name, r.o_orchestration_version, r.o_messages,
+           r.o_history_incremental, r.o_history, r.o_history_last_event_id,
+           r.o_history_last_guard, r.o_kv_keys, r.o_kv_values, r.o_kv_updated_ms
+    INTO o_has_instance, o_orchestration_name, o_orchestration_version, o_messages,
+         o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard,
+         o_kv_keys, o_kv_values, o_kv_updated_ms
+    FROM read_claimed_turn(o_instance_id, o_lock_token, o_execution_id, v_after, v_guard) r;
 
     RETURN NEXT;
 END;

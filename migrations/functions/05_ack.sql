@@ -1,4 +1,4 @@
--- revision: 1
+-- revision: 2
 -- ack_orchestration_item: commit one orchestration turn in ONE round trip and one
 -- transaction (the function call's). Every write is set-based over the array arguments.
 -- The caller (Rust) has already reduced the delta to what SQL needs: history rows with
@@ -10,6 +10,14 @@
 --   DX002  Instance lock expired (lease ran out; nothing is applied)
 -- A duplicate (instance, execution, event_id) raises 23505 and rolls everything back,
 -- leaving the lease held.
+-- Revision 2 added p_notify_worker_items (with a default, so calls of the previous
+-- release resolve to it unchanged); the 32-argument signature is dropped first so those
+-- calls are not ambiguous between two overloads.
+DROP FUNCTION IF EXISTS ack_orchestration_item(
+    TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
+    BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
+    TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[]);
+
 CREATE OR REPLACE FUNCTION ack_orchestration_item(
     p_lock_token            TEXT,
     p_execution_id          BIGINT,
@@ -42,7 +50,10 @@ CREATE OR REPLACE FUNCTION ack_orchestration_item(
     p_orch_instances        TEXT[],
     p_orch_kinds            TEXT[],
     p_orch_items            TEXT[],
-    p_orch_visible_at_ms    BIGINT[]    -- NULL element = now
+    p_orch_visible_at_ms    BIGINT[],   -- NULL element = now
+    -- FALSE: the caller notifies for the worker items itself (ack_orchestration_handover
+    -- first hands some of them to waiting fetches of its own process).
+    p_notify_worker_items   BOOLEAN DEFAULT TRUE
 )
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
@@ -162,7 +173,9 @@ BEGIN
     -- Wake long-pollers for what this turn made runnable: new activities, messages
     -- visible now (other instances, or this one, which is unlocked from here on, with
     -- anything that arrived while it was locked).
-    PERFORM notify_worker_items(p_worker_tags, p_worker_sessions);
+    IF p_notify_worker_items THEN
+        PERFORM notify_worker_items(p_worker_tags, p_worker_sessions);
+    END IF;
     PERFORM notify_delayed('orchestrator',
         (SELECT min(v.at) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at > v_now));
     PERFORM notify_work_available('orchestrator',

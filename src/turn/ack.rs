@@ -13,6 +13,7 @@ use duroxide::{Event, EventKind};
 
 use crate::codec::{encode_event, encode_item, to_i64};
 use crate::errors::{db_error, decode_error};
+use crate::handover::{ClaimSpec, Handed};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::{Args, SqlFunction};
 
@@ -56,6 +57,71 @@ pub(crate) static ACK_ORCHESTRATION_ITEM: SqlFunction = SqlFunction {
     ],
     columns: None,
 };
+
+/// `ack_orchestration_item` plus worker claims for waiting local worker fetches
+/// (migrations/functions/09_handover.sql; `crate::handover`).
+pub(crate) static ACK_ORCHESTRATION_HANDOVER: SqlFunction = SqlFunction {
+    name: "ack_orchestration_handover",
+    args: &[
+        "p_lock_token",
+        "p_execution_id",
+        "p_event_ids",
+        "p_event_types",
+        "p_event_data",
+        "p_orchestration_name",
+        "p_orchestration_version",
+        "p_parent_instance_id",
+        "p_status",
+        "p_output",
+        "p_pinned_major",
+        "p_pinned_minor",
+        "p_pinned_patch",
+        "p_custom_status_set",
+        "p_custom_status",
+        "p_kv_clear_all",
+        "p_kv_keys",
+        "p_kv_values",
+        "p_kv_updated_ms",
+        "p_worker_items",
+        "p_worker_instances",
+        "p_worker_executions",
+        "p_worker_activities",
+        "p_worker_sessions",
+        "p_worker_tags",
+        "p_cancel_instances",
+        "p_cancel_executions",
+        "p_cancel_activities",
+        "p_orch_instances",
+        "p_orch_kinds",
+        "p_orch_items",
+        "p_orch_visible_at_ms",
+        "p_handover_tokens",
+        "p_handover_lock_timeout_ms",
+        "p_handover_owner_ids",
+        "p_handover_session_lock_timeout_ms",
+        "p_handover_tag_mode",
+        "p_handover_tags",
+    ],
+    columns: Some(
+        "o_instance_id, o_lock_token, o_work_item, o_attempt_count, o_item_instance_id, \
+         o_item_execution_id, o_item_activity_id, o_item_session_id, o_item_tag",
+    ),
+};
+
+/// One row of `ack_orchestration_handover`: an item handed over (`o_lock_token` set) or
+/// the instance alone.
+#[derive(sqlx::FromRow)]
+struct HandoverRow {
+    o_instance_id: String,
+    o_lock_token: Option<String>,
+    o_work_item: Option<String>,
+    o_attempt_count: Option<i32>,
+    o_item_instance_id: Option<String>,
+    o_item_execution_id: Option<i64>,
+    o_item_activity_id: Option<i64>,
+    o_item_session_id: Option<String>,
+    o_item_tag: Option<String>,
+}
 
 /// Net KV effect of one turn's delta.
 #[derive(Debug, Default, PartialEq)]
@@ -226,10 +292,43 @@ impl PostgresProvider {
             (c(v.major), c(v.minor), c(v.patch))
         });
 
-        let sql = self.call_sql(&ACK_ORCHESTRATION_ITEM);
-        let args = || {
-            Args::new(&ACK_ORCHESTRATION_ITEM)
-                .bind("p_lock_token", lock_token)
+        // Waiting local worker fetches that can take one of the new activities: the ack
+        // claims one for each (handover.rs).
+        let reservations = if self.handover_enabled() && !w.items.is_empty() {
+            let items: Vec<_> = w
+                .tags
+                .iter()
+                .cloned()
+                .zip(w.sessions.iter().cloned())
+                .collect();
+            self.inner.notifier.reserve_work_waiters(&items)
+        } else {
+            Vec::new()
+        };
+        let mut h_tokens = Vec::with_capacity(reservations.len());
+        let mut h_lock_ms = Vec::with_capacity(reservations.len());
+        let mut h_owners = Vec::with_capacity(reservations.len());
+        let mut h_session_ms = Vec::with_capacity(reservations.len());
+        for r in &reservations {
+            let (lock_ms, session_ms) = match &r.interest().claim {
+                Some(ClaimSpec::Work {
+                    lock_timeout_ms,
+                    session_lock_timeout_ms,
+                }) => (*lock_timeout_ms, *session_lock_timeout_ms),
+                _ => (0, 0),
+            };
+            h_tokens.push(format!("work_{}", uuid::Uuid::new_v4()));
+            h_lock_ms.push(lock_ms);
+            h_owners.push(r.interest().session_owner.clone());
+            h_session_ms.push(session_ms);
+        }
+        let (h_tag_mode, h_tags) = reservations
+            .first()
+            .map(|r| (r.interest().tag_mode, r.interest().tags.clone()))
+            .unwrap_or((3, Vec::new()));
+
+        let common = |a: Args| {
+            a.bind("p_lock_token", lock_token)
                 .bind("p_execution_id", execution_id)
                 .bind("p_event_ids", &ev_ids)
                 .bind("p_event_types", &ev_types)
@@ -261,16 +360,69 @@ impl PostgresProvider {
                 .bind("p_orch_kinds", &o.kinds)
                 .bind("p_orch_items", &o.items)
                 .bind("p_orch_visible_at_ms", &o.visible_at)
-                .finish(OP)
         };
-        let result = on_conn!(
-            self,
-            fetch_one,
-            sqlx::query_scalar_with::<_, String, _>(&sql, args()?)
-        );
+        let result = if reservations.is_empty() {
+            let sql = self.call_sql(&ACK_ORCHESTRATION_ITEM);
+            let args = || common(Args::new(&ACK_ORCHESTRATION_ITEM)).finish(OP);
+            on_conn!(
+                self,
+                fetch_one,
+                sqlx::query_scalar_with::<_, String, _>(&sql, args()?)
+            )
+            .map(|instance| (instance, Vec::new()))
+        } else {
+            let sql = self.call_sql(&ACK_ORCHESTRATION_HANDOVER);
+            let args = || {
+                common(Args::new(&ACK_ORCHESTRATION_HANDOVER))
+                    .bind("p_handover_tokens", &h_tokens)
+                    .bind("p_handover_lock_timeout_ms", &h_lock_ms)
+                    .bind("p_handover_owner_ids", &h_owners)
+                    .bind("p_handover_session_lock_timeout_ms", &h_session_ms)
+                    .bind("p_handover_tag_mode", h_tag_mode)
+                    .bind("p_handover_tags", &h_tags)
+                    .finish(OP)
+            };
+            on_conn!(
+                self,
+                fetch_all,
+                sqlx::query_as_with::<_, HandoverRow, _>(&sql, args()?)
+            )
+            .map(|rows| {
+                let instance = rows
+                    .first()
+                    .map(|r| r.o_instance_id.clone())
+                    .unwrap_or_default();
+                (instance, rows)
+            })
+        };
 
         match result {
-            Ok(instance) => {
+            Ok((instance, handed)) => {
+                let mut reservations: Vec<_> = h_tokens.into_iter().zip(reservations).collect();
+                for row in handed {
+                    let (Some(token), Some(json), Some(item_instance)) =
+                        (row.o_lock_token, row.o_work_item, row.o_item_instance_id)
+                    else {
+                        continue;
+                    };
+                    let Some(at) = reservations.iter().position(|(t, _)| *t == token) else {
+                        continue;
+                    };
+                    let (_, reservation) = reservations.swap_remove(at);
+                    let item = crate::worker::leased_item(
+                        crate::worker::Leased {
+                            json,
+                            instance: item_instance,
+                            attempt_count: row.o_attempt_count,
+                            execution_id: row.o_item_execution_id,
+                            activity_id: row.o_item_activity_id,
+                            session_id: row.o_item_session_id,
+                            tag: row.o_item_tag,
+                        },
+                        token,
+                    );
+                    self.hand_over(reservation, Handed::Work(item));
+                }
                 if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
                     // The instance is done: its history will not be read for a turn again.
                     // (After ContinuedAsNew one more turn reads it, then the next
@@ -300,6 +452,18 @@ impl PostgresProvider {
             }
             Err(e) => {
                 let err = db_error(OP, None, e);
+                if err.is_retryable() && !reservations.is_empty() {
+                    // The outcome may be unknown (the reply was lost): items this call
+                    // may have claimed for the reserved fetches go back, attempt not
+                    // counted (a token nobody holds changes nothing).
+                    drop(reservations);
+                    let p = self.clone();
+                    tokio::spawn(async move {
+                        for t in h_tokens {
+                            let _ = p.abandon_work(&t, None, true).await;
+                        }
+                    });
+                }
                 tracing::debug!(
                     target: TRACING_TARGET,
                     operation = OP,

@@ -24,7 +24,7 @@ mod reads;
 
 pub(crate) use claim::SP_FETCH_AND_LOCK;
 pub(crate) use lease::{ABANDON_TURN, RENEW_TURN};
-pub(crate) use procedure::{FETCH_ORCHESTRATION_FULL, FETCH_ORCHESTRATION_TURN};
+pub(crate) use procedure::{FETCH_ORCHESTRATION_FULL, FETCH_ORCHESTRATION_TURN, TurnData};
 pub(crate) use reads::{
     READ_BATCH_MESSAGES, READ_EXECUTION_HISTORY, READ_HISTORY_SINCE, READ_INSTANCE_META,
     READ_KV_SNAPSHOT,
@@ -42,8 +42,9 @@ use duroxide::{Event, EventKind};
 use sqlx::postgres::PgArguments;
 
 use crate::codec::{decode_history, decode_messages_strict};
+use crate::handover::{ClaimSpec, Handed};
 use crate::history_cache::{Held, HistoryCache};
-use crate::notify::Queue;
+use crate::notify::{Interest, Queue};
 use crate::options::FetchPath;
 use crate::poll::Attempt;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
@@ -52,6 +53,7 @@ use crate::sql_fn::{Args, SqlFunction};
 pub(crate) const OP: &str = "fetch_orchestration_item";
 
 /// Arguments of the claim: lease length and the capability filter as SQL values.
+#[derive(Debug, Clone)]
 pub(crate) struct ClaimArgs {
     pub lock_timeout_ms: i64,
     pub filter_enabled: bool,
@@ -179,11 +181,27 @@ impl PostgresProvider {
             return Ok(None);
         };
         let started = Instant::now();
+        let args = Arc::new(args);
+        let mut interest = Interest::any(Queue::Orchestrator);
+        interest.claim = self
+            .handover_enabled()
+            .then(|| ClaimSpec::Turn(args.clone()));
+        let args = &*args;
         let rows = self
-            .poll_until(Queue::Orchestrator, poll_timeout, || async {
-                match self.fetch_path() {
-                    FetchPath::Hybrid => self.fetch_hybrid(&args).await,
-                    FetchPath::Procedure => self.fetch_procedure(&args).await,
+            .poll_for(interest, poll_timeout, |handed| async move {
+                match handed {
+                    None => match self.fetch_path() {
+                        FetchPath::Hybrid => self.fetch_hybrid(args).await,
+                        FetchPath::Procedure => self.fetch_procedure(args).await,
+                    },
+                    Some(Handed::Turn(rows)) => Ok(Attempt::Claimed(*rows)),
+                    Some(Handed::Claim(claim)) => self.read_claimed(claim).await,
+                    Some(other) => {
+                        // Never happens (worker items go to worker fetches); give it
+                        // back rather than lose it.
+                        self.release_handed(other).await;
+                        Ok(Attempt::Empty { wake_in: None })
+                    }
                 }
             })
             .await?;
@@ -207,10 +225,14 @@ impl PostgresProvider {
     }
 
     async fn fetch_hybrid(&self, args: &ClaimArgs) -> Result<Attempt<TurnRows>, ProviderError> {
-        let claim = match self.claim(args).await? {
-            Attempt::Claimed(c) => c,
-            Attempt::Empty { wake_in } => return Ok(Attempt::Empty { wake_in }),
-        };
+        match self.claim(args).await? {
+            Attempt::Claimed(c) => self.read_claimed(c).await,
+            Attempt::Empty { wake_in } => Ok(Attempt::Empty { wake_in }),
+        }
+    }
+
+    /// The hybrid path's second round trip: the claimed turn's four concurrent reads.
+    async fn read_claimed(&self, claim: Claim) -> Result<Attempt<TurnRows>, ProviderError> {
         // A future dropped during the reads (runtime shutdown) leaves the claim to its
         // lease, exactly like a dropped procedure-path call that the server committed:
         // the instance stays hidden until the lease runs out, and nothing is lost.

@@ -6,6 +6,7 @@ use duroxide::providers::ProviderError;
 
 use super::{Claim, ClaimArgs, HistoryRows, OP, TurnRows};
 use crate::errors::{db_error, decode_error};
+use crate::history_cache::Held;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
@@ -46,15 +47,10 @@ pub(crate) static FETCH_ORCHESTRATION_TURN: SqlFunction = SqlFunction {
     ),
 };
 
+/// The turn's data as `read_claimed_turn` returns it (procedure path: in the claiming
+/// call, or in the worker ack that handed the turn over).
 #[derive(sqlx::FromRow)]
-struct TurnRow {
-    o_instance_id: Option<String>,
-    o_lock_token: Option<String>,
-    o_execution_id: Option<i64>,
-    o_attempt_count: Option<i32>,
-    o_now_ms: i64,
-    o_next_wake_ms: Option<i64>,
-    o_skipped: Option<i32>,
+pub(crate) struct TurnData {
     o_has_instance: Option<bool>,
     o_orchestration_name: Option<String>,
     o_orchestration_version: Option<String>,
@@ -66,6 +62,61 @@ struct TurnRow {
     o_kv_keys: Option<Vec<String>>,
     o_kv_values: Option<Vec<String>>,
     o_kv_updated_ms: Option<Vec<i64>>,
+}
+
+impl TurnData {
+    /// The rows of `claim`'s turn; `held` is the history cache entry sent with the call.
+    /// On an inconsistent answer the claim comes back with the reason (to be released).
+    pub(crate) fn into_turn_rows(
+        self,
+        claim: Claim,
+        held: Option<&Held>,
+    ) -> Result<TurnRows, (Claim, String)> {
+        let history = match HistoryRows::from_read(
+            self.o_history_incremental.unwrap_or(false),
+            held,
+            self.o_history.unwrap_or_default(),
+            self.o_history_last_event_id,
+            self.o_history_last_guard,
+        ) {
+            Ok(h) => h,
+            Err(m) => return Err((claim, m)),
+        };
+        let meta = if self.o_has_instance.unwrap_or(false) {
+            self.o_orchestration_name
+                .map(|n| (n, self.o_orchestration_version))
+        } else {
+            None
+        };
+        let kv = self
+            .o_kv_keys
+            .unwrap_or_default()
+            .into_iter()
+            .zip(self.o_kv_values.unwrap_or_default())
+            .zip(self.o_kv_updated_ms.unwrap_or_default())
+            .map(|((k, v), ts)| (k, v, ts))
+            .collect();
+        Ok(TurnRows {
+            claim,
+            meta,
+            messages: self.o_messages.unwrap_or_default(),
+            history,
+            kv,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TurnRow {
+    o_instance_id: Option<String>,
+    o_lock_token: Option<String>,
+    o_execution_id: Option<i64>,
+    o_attempt_count: Option<i32>,
+    o_now_ms: i64,
+    o_next_wake_ms: Option<i64>,
+    o_skipped: Option<i32>,
+    #[sqlx(flatten)]
+    data: TurnData,
 }
 
 impl PostgresProvider {
@@ -111,44 +162,18 @@ impl PostgresProvider {
             .iter()
             .find(|(i, h)| *i == instance && h.execution_id == execution_id)
             .map(|(_, h)| h);
-        let history = match HistoryRows::from_read(
-            r.o_history_incremental.unwrap_or(false),
-            held,
-            r.o_history.unwrap_or_default(),
-            r.o_history_last_event_id,
-            r.o_history_last_guard,
-        ) {
-            Ok(h) => h,
-            Err(m) => {
-                self.release_claim(&lock_token, &instance).await;
-                return Err(decode_error(OP, Some(&instance), m));
+        let claim = Claim {
+            instance,
+            lock_token,
+            execution_id,
+            attempt_count: r.o_attempt_count.unwrap_or(1),
+        };
+        match r.data.into_turn_rows(claim, held) {
+            Ok(rows) => Ok(Attempt::Claimed(rows)),
+            Err((claim, m)) => {
+                self.release_claim(&claim.lock_token, &claim.instance).await;
+                Err(decode_error(OP, Some(&claim.instance), m))
             }
-        };
-        let meta = if r.o_has_instance.unwrap_or(false) {
-            r.o_orchestration_name
-                .map(|n| (n, r.o_orchestration_version))
-        } else {
-            None
-        };
-        let kv = r
-            .o_kv_keys
-            .unwrap_or_default()
-            .into_iter()
-            .zip(r.o_kv_values.unwrap_or_default())
-            .zip(r.o_kv_updated_ms.unwrap_or_default())
-            .map(|((k, v), ts)| (k, v, ts))
-            .collect();
-        Ok(Attempt::Claimed(TurnRows {
-            claim: Claim {
-                instance,
-                lock_token,
-                execution_id,
-                attempt_count: r.o_attempt_count.unwrap_or(1),
-            },
-            meta,
-            messages: r.o_messages.unwrap_or_default(),
-            history,
-            kv,
-        }))
+        }
     }
 }

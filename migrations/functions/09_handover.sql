@@ -1,0 +1,373 @@
+-- revision: 1
+-- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
+-- a fetch of the acking process that is already waiting for exactly that kind of work
+-- (src/handover.rs picks the waiters and passes what each can take). The claims are the
+-- ones a fetch makes (claim_worker_item, claim_instance), so a handed-over item carries
+-- the same lease, attempt count and session ownership as a fetched one.
+--
+--   * ack_orchestration_handover: ack_orchestration_item, then one worker claim per
+--     waiting worker fetch; notifications only for the items nobody here took.
+--   * ack_work_item_handover: the worker ack (every worker ack of this release goes
+--     through it), then, when a local orchestration fetch waits, the claim of the
+--     completed activity's instance, with the turn's reads on the procedure path.
+--
+-- A waiter that is gone when the reply arrives gets nothing: the provider releases the
+-- lease at once without counting the attempt (abandon with ignore-attempt).
+
+-- The worker claim: the oldest visible, unleased item (FIFO by (visible_at, id)) the tag
+-- filter and the session rules admit, leased. A session item is only leased if the
+-- session upsert wins (unowned, expired, or already this owner's): otherwise nothing
+-- changes. One row always: the leased item or NULLs; o_candidate says whether an item
+-- was found at all (a lost session race: look again at once).
+-- p_tag_mode: 0 untagged only, 1 listed tags, 2 untagged and listed tags, 3 any.
+CREATE OR REPLACE FUNCTION claim_worker_item(
+    p_lock_token               TEXT,
+    p_lock_timeout_ms          BIGINT,
+    p_has_session              BOOLEAN,
+    p_owner_id                 TEXT,
+    p_session_lock_timeout_ms  BIGINT,
+    p_tag_mode                 INT,
+    p_tags                     TEXT[]
+)
+RETURNS TABLE (
+    o_work_item     TEXT,
+    o_attempt_count INT,
+    o_instance_id   TEXT,
+    o_execution_id  BIGINT,
+    o_activity_id   BIGINT,
+    o_session_id    TEXT,
+    o_tag           TEXT,
+    o_now_ms        BIGINT,
+    o_candidate     BOOLEAN
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    RETURN QUERY
+    WITH clock AS MATERIALIZED (SELECT now_ms() AS now),
+    cand AS MATERIALIZED (
+        SELECT w.id, w.session_id
+        FROM worker_queue w
+        WHERE w.visible_at_ms <= (SELECT c.now FROM clock c)
+          AND (w.lock_token IS NULL OR w.locked_until_ms <= (SELECT c.now FROM clock c))
+          AND (p_tag_mode = 3
+               OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
+               OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
+          AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
+                  SELECT 1 FROM sessions s
+                  WHERE s.session_id = w.session_id
+                    AND s.locked_until_ms > (SELECT c.now FROM clock c)
+                    AND s.worker_id <> p_owner_id)))
+        ORDER BY w.visible_at_ms, w.id
+        LIMIT 1
+        FOR UPDATE OF w SKIP LOCKED
+    ),
+    sess AS (
+        INSERT INTO sessions AS s (session_id, worker_id, locked_until_ms, last_activity_at_ms)
+        SELECT k.session_id, p_owner_id, c.now + p_session_lock_timeout_ms, c.now
+        FROM cand k, clock c
+        WHERE k.session_id IS NOT NULL
+        ON CONFLICT (session_id) DO UPDATE
+            SET worker_id = EXCLUDED.worker_id,
+                locked_until_ms = EXCLUDED.locked_until_ms,
+                last_activity_at_ms = EXCLUDED.last_activity_at_ms
+            WHERE s.locked_until_ms <= EXCLUDED.last_activity_at_ms
+               OR s.worker_id = EXCLUDED.worker_id
+        RETURNING s.session_id
+    ),
+    leased AS (
+        UPDATE worker_queue w
+        SET lock_token = p_lock_token, locked_until_ms = c.now + p_lock_timeout_ms,
+            attempt_count = w.attempt_count + 1
+        FROM cand k, clock c
+        WHERE w.id = k.id AND (k.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
+        RETURNING w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
+                  w.session_id, w.tag
+    )
+    SELECT l.work_item, l.attempt_count, l.instance_id, l.execution_id, l.activity_id,
+           l.session_id, l.tag, c.now, EXISTS (SELECT 1 FROM cand)
+    FROM clock c LEFT JOIN leased l ON TRUE;
+END;
+$fn$;
+
+-- The claim of one given instance's turn (the instance a worker ack just made runnable),
+-- with the steps of sp_fetch_and_lock for one candidate: its claim-state row if it is
+-- runnable and claimable now (FOR NO KEY UPDATE SKIP LOCKED), the per-instance advisory
+-- try-lock, then claim_instance (lease, capability filter, attempt count, batch). NULLs
+-- when it cannot be claimed now (busy, leased, filtered out): the caller notifies
+-- instead, and any fetch claims it as usual.
+CREATE OR REPLACE FUNCTION claim_instance_turn(
+    p_instance_id      TEXT,
+    p_lock_token       TEXT,
+    p_lock_timeout_ms  BIGINT,
+    p_filter_enabled   BOOLEAN,
+    p_min_major INT, p_min_minor INT, p_min_patch INT,
+    p_max_major INT, p_max_minor INT, p_max_patch INT,
+    OUT o_attempt_count  INT,
+    OUT o_execution_id   BIGINT
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_step RECORD;
+BEGIN
+    PERFORM 1 FROM pending_instances p
+    WHERE p.instance_id = p_instance_id AND p.runnable AND p.claimable_at_ms <= now_ms()
+    FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND
+       OR NOT pg_try_advisory_xact_lock(instance_lock_space(), hashtext(p_instance_id)) THEN
+        RETURN;
+    END IF;
+    SELECT * INTO v_step
+    FROM claim_instance(p_instance_id, p_lock_token, p_lock_timeout_ms, p_filter_enabled,
+                        p_min_major, p_min_minor, p_min_patch,
+                        p_max_major, p_max_minor, p_max_patch);
+    IF v_step.o_outcome = 'claimed' THEN
+        o_attempt_count := v_step.o_attempt_count;
+        o_execution_id := v_step.o_execution_id;
+    END IF;
+END;
+$fn$;
+
+-- ack_orchestration_item, then one worker claim per waiting local worker fetch
+-- (p_handover_*: aligned arrays, one element per waiter: its lease token and length, its
+-- session owner (NULL = it takes no session items) and session lease; one tag filter for
+-- all of them). One row per item handed over (o_lock_token = the waiter's token), or one
+-- row with only o_instance_id when none was. The turn's worker items that are still
+-- unleased afterwards are announced as ack_orchestration_item would have.
+CREATE OR REPLACE FUNCTION ack_orchestration_handover(
+    p_lock_token            TEXT,
+    p_execution_id          BIGINT,
+    p_event_ids             BIGINT[],
+    p_event_types           TEXT[],
+    p_event_data            TEXT[],
+    p_orchestration_name    TEXT,
+    p_orchestration_version TEXT,
+    p_parent_instance_id    TEXT,
+    p_status                TEXT,
+    p_output                TEXT,
+    p_pinned_major          INT,
+    p_pinned_minor          INT,
+    p_pinned_patch          INT,
+    p_custom_status_set     BOOLEAN,
+    p_custom_status         TEXT,
+    p_kv_clear_all          BOOLEAN,
+    p_kv_keys               TEXT[],
+    p_kv_values             TEXT[],
+    p_kv_updated_ms         BIGINT[],
+    p_worker_items          TEXT[],
+    p_worker_instances      TEXT[],
+    p_worker_executions     BIGINT[],
+    p_worker_activities     BIGINT[],
+    p_worker_sessions       TEXT[],
+    p_worker_tags           TEXT[],
+    p_cancel_instances      TEXT[],
+    p_cancel_executions     BIGINT[],
+    p_cancel_activities     BIGINT[],
+    p_orch_instances        TEXT[],
+    p_orch_kinds            TEXT[],
+    p_orch_items            TEXT[],
+    p_orch_visible_at_ms    BIGINT[],
+    p_handover_tokens                  TEXT[],
+    p_handover_lock_timeout_ms         BIGINT[],
+    p_handover_owner_ids               TEXT[],
+    p_handover_session_lock_timeout_ms BIGINT[],
+    p_handover_tag_mode                INT,
+    p_handover_tags                    TEXT[]
+)
+RETURNS TABLE (
+    o_instance_id       TEXT,
+    o_lock_token        TEXT,
+    o_work_item         TEXT,
+    o_attempt_count     INT,
+    o_item_instance_id  TEXT,
+    o_item_execution_id BIGINT,
+    o_item_activity_id  BIGINT,
+    o_item_session_id   TEXT,
+    o_item_tag          TEXT
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_instance TEXT;
+    v_item     RECORD;
+    v_handed   INT := 0;
+BEGIN
+    v_instance := ack_orchestration_item(
+        p_lock_token => p_lock_token, p_execution_id => p_execution_id,
+        p_event_ids => p_event_ids, p_event_types => p_event_types,
+        p_event_data => p_event_data, p_orchestration_name => p_orchestration_name,
+        p_orchestration_version => p_orchestration_version,
+        p_parent_instance_id => p_parent_instance_id, p_status => p_status,
+        p_output => p_output, p_pinned_major => p_pinned_major,
+        p_pinned_minor => p_pinned_minor, p_pinned_patch => p_pinned_patch,
+        p_custom_status_set => p_custom_status_set, p_custom_status => p_custom_status,
+        p_kv_clear_all => p_kv_clear_all, p_kv_keys => p_kv_keys, p_kv_values => p_kv_values,
+        p_kv_updated_ms => p_kv_updated_ms, p_worker_items => p_worker_items,
+        p_worker_instances => p_worker_instances, p_worker_executions => p_worker_executions,
+        p_worker_activities => p_worker_activities, p_worker_sessions => p_worker_sessions,
+        p_worker_tags => p_worker_tags, p_cancel_instances => p_cancel_instances,
+        p_cancel_executions => p_cancel_executions, p_cancel_activities => p_cancel_activities,
+        p_orch_instances => p_orch_instances, p_orch_kinds => p_orch_kinds,
+        p_orch_items => p_orch_items, p_orch_visible_at_ms => p_orch_visible_at_ms,
+        p_notify_worker_items => FALSE);
+
+    FOR i IN 1 .. coalesce(cardinality(p_handover_tokens), 0) LOOP
+        SELECT c.o_work_item, c.o_attempt_count, c.o_instance_id, c.o_execution_id,
+               c.o_activity_id, c.o_session_id, c.o_tag
+        INTO v_item
+        FROM claim_worker_item(p_handover_tokens[i], p_handover_lock_timeout_ms[i],
+                               p_handover_owner_ids[i] IS NOT NULL,
+                               coalesce(p_handover_owner_ids[i], ''),
+                               coalesce(p_handover_session_lock_timeout_ms[i], 0),
+                               p_handover_tag_mode, p_handover_tags) c;
+        CONTINUE WHEN v_item.o_work_item IS NULL;
+        v_handed := v_handed + 1;
+        o_instance_id := v_instance;
+        o_lock_token := p_handover_tokens[i];
+        o_work_item := v_item.o_work_item;
+        o_attempt_count := v_item.o_attempt_count;
+        o_item_instance_id := v_item.o_instance_id;
+        o_item_execution_id := v_item.o_execution_id;
+        o_item_activity_id := v_item.o_activity_id;
+        o_item_session_id := v_item.o_session_id;
+        o_item_tag := v_item.o_tag;
+        RETURN NEXT;
+    END LOOP;
+
+    -- Wake fetches (of any process) for this turn's items nobody here took.
+    PERFORM notify_worker_items(array_agg(w.tag), array_agg(w.session_id))
+    FROM worker_queue w
+    JOIN unnest(p_worker_instances, p_worker_executions, p_worker_activities)
+         AS k(instance_id, execution_id, activity_id)
+      ON w.instance_id = k.instance_id AND w.execution_id = k.execution_id
+     AND w.activity_id = k.activity_id
+    WHERE w.lock_token IS NULL;
+
+    IF v_handed = 0 THEN
+        o_instance_id := v_instance;
+        RETURN NEXT;
+    END IF;
+END;
+$fn$;
+
+-- The worker ack (ack_work_item): deletes the leased item if its lease is live, touches
+-- its session, and enqueues the completion, atomically. Records 'ack:' || p_call_id (one
+-- id per call, reused by its resends) in the enqueue ledger, so a resend of an ack that
+-- committed (its reply was lost) is recognised and answered as done; a second, separate
+-- ack of the token still fails.
+--
+-- Hand-over (p_turn_lock_token not NULL: a local orchestration fetch waits, with this
+-- lease length and capability filter): the completed activity's instance is claimed
+-- under that token when it is claimable now, and on the procedure path (p_read_turn) its
+-- turn is read in the same call (p_history_*: the caller's history cache entry of the
+-- instance, NULLs for none). o_execution_id is NULL when nothing was claimed. A resend
+-- of an ack that committed gives a turn its lost reply had claimed back (attempt not
+-- counted).
+CREATE OR REPLACE FUNCTION ack_work_item_handover(
+    p_lock_token        TEXT,
+    p_instance_id       TEXT,
+    p_kind              TEXT,
+    p_work_item         TEXT,
+    p_call_id           TEXT,
+    p_turn_lock_token   TEXT,
+    p_lock_timeout_ms   BIGINT,
+    p_filter_enabled    BOOLEAN,
+    p_min_major INT, p_min_minor INT, p_min_patch INT,
+    p_max_major INT, p_max_minor INT, p_max_patch INT,
+    p_read_turn                BOOLEAN,
+    p_history_execution_id     BIGINT,
+    p_history_after_event_id   BIGINT,
+    p_history_guard            BIGINT
+)
+RETURNS TABLE (
+    o_acked                  BIGINT,
+    o_acked_before           BOOLEAN,
+    o_execution_id           BIGINT,
+    o_attempt_count          INT,
+    o_has_instance           BOOLEAN,
+    o_orchestration_name     TEXT,
+    o_orchestration_version  TEXT,
+    o_messages               TEXT[],
+    o_history_incremental    BOOLEAN,
+    o_history                TEXT[],
+    o_history_last_event_id  BIGINT,
+    o_history_last_guard     BIGINT,
+    o_kv_keys                TEXT[],
+    o_kv_values              TEXT[],
+    o_kv_updated_ms          BIGINT[]
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_now     BIGINT := now_ms();
+    v_session TEXT;
+    v_queued  BIGINT := 0;
+    v_claim   RECORD;
+    v_turn    RECORD;
+BEGIN
+    o_acked_before := EXISTS (SELECT 1 FROM enqueue_ledger l
+                              WHERE l.enqueue_id = 'ack:' || p_call_id);
+    DELETE FROM worker_queue w
+    WHERE w.lock_token = p_lock_token AND w.locked_until_ms > v_now
+    RETURNING w.session_id INTO v_session;
+    o_acked := CASE WHEN FOUND THEN 1 ELSE 0 END;
+    IF o_acked = 1 THEN
+        UPDATE sessions s SET last_activity_at_ms = v_now
+        WHERE s.session_id = v_session AND s.locked_until_ms > v_now;
+        IF p_work_item IS NOT NULL THEN
+            INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+            VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
+            v_queued := 1;
+        END IF;
+        INSERT INTO enqueue_ledger (enqueue_id, created_at_ms)
+        VALUES ('ack:' || p_call_id, v_now)
+        ON CONFLICT (enqueue_id) DO NOTHING;
+    END IF;
+    DELETE FROM enqueue_ledger l
+    WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
+                           WHERE o.created_at_ms < v_now - 900000
+                           ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED);
+
+    IF v_queued > 0 AND p_turn_lock_token IS NOT NULL THEN
+        SELECT * INTO v_claim
+        FROM claim_instance_turn(p_instance_id, p_turn_lock_token, p_lock_timeout_ms,
+                                 p_filter_enabled, p_min_major, p_min_minor, p_min_patch,
+                                 p_max_major, p_max_minor, p_max_patch);
+        IF v_claim.o_execution_id IS NOT NULL THEN
+            -- The waiter takes the completion: nobody else needs waking for it.
+            v_queued := 0;
+            o_execution_id := v_claim.o_execution_id;
+            o_attempt_count := v_claim.o_attempt_count;
+            IF p_read_turn THEN
+                SELECT * INTO v_turn
+                FROM read_claimed_turn(p_instance_id, p_turn_lock_token, o_execution_id,
+                                       CASE WHEN p_history_execution_id = o_execution_id
+                                            THEN p_history_after_event_id END,
+                                       CASE WHEN p_history_execution_id = o_execution_id
+                                            THEN p_history_guard END);
+                o_has_instance := v_turn.o_has_instance;
+                o_orchestration_name := v_turn.o_orchestration_name;
+                o_orchestration_version := v_turn.o_orchestration_version;
+                o_messages := v_turn.o_messages;
+                o_history_incremental := v_turn.o_history_incremental;
+                o_history := v_turn.o_history;
+                o_history_last_event_id := v_turn.o_history_last_event_id;
+                o_history_last_guard := v_turn.o_history_last_guard;
+                o_kv_keys := v_turn.o_kv_keys;
+                o_kv_values := v_turn.o_kv_values;
+                o_kv_updated_ms := v_turn.o_kv_updated_ms;
+            END IF;
+        END IF;
+    ELSIF o_acked = 0 AND o_acked_before AND p_turn_lock_token IS NOT NULL THEN
+        -- A resend of an ack that committed: the turn its lost reply carried goes back.
+        PERFORM abandon_orchestration_turn(p_turn_lock_token, NULL, TRUE);
+    END IF;
+    PERFORM notify_work_available('orchestrator', v_queued);
+    RETURN NEXT;
+END;
+$fn$;
