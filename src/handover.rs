@@ -45,7 +45,7 @@ pub(crate) enum ClaimSpec {
 /// Work claimed by an ack for a waiting fetch.
 pub(crate) enum Handed {
     /// A worker item, as `fetch_work_item` returns it.
-    Work((WorkItem, String, u32)),
+    Work(Box<(WorkItem, String, u32)>),
     /// A whole turn (procedure path).
     Turn(Box<TurnRows>),
     /// A claimed turn whose reads the fetch runs (hybrid path).
@@ -218,7 +218,7 @@ impl PostgresProvider {
         metrics::counter!("duroxide_pg_handovers_released_total", "queue" => queue.sql_name())
             .increment(1);
         let released = match h {
-            Handed::Work((_, token, _)) => self.abandon_work(&token, None, true).await.map(|_| ()),
+            Handed::Work(w) => self.abandon_work(&w.1, None, true).await.map(|_| ()),
             Handed::Turn(rows) => {
                 self.release_claim(&rows.claim.lock_token, &rows.claim.instance)
                     .await;

@@ -318,7 +318,7 @@ impl PostgresProvider {
             .poll_for(interest, poll_timeout, |handed| async move {
                 match handed {
                     None => self.lease_work(lock_timeout, session, tag_mode, tags).await,
-                    Some(Handed::Work(w)) => Ok(Attempt::Claimed(w)),
+                    Some(Handed::Work(w)) => Ok(Attempt::Claimed(*w)),
                     Some(other) => {
                         // Never happens (orchestration turns go to orchestration fetches);
                         // give it back rather than lose it.

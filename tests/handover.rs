@@ -527,3 +527,47 @@ fn waiters_get_only_what_their_filters_admit() {
         p.close().await;
     });
 }
+
+/// A completion while other activities of the instance are still outstanding (a fan-out
+/// not yet joined) is not handed over: a fetch takes it (and whatever else arrived)
+/// later. The last one is.
+#[test]
+fn only_the_last_outstanding_activity_hands_its_turn_over() {
+    with_metrics(|m| async move {
+        let (p, _guard) = new_provider(FetchPath::Procedure).await;
+        let token = first_turn(&p, "ho-fan").await;
+        ack_with(
+            &p,
+            &token,
+            vec![activity_item("ho-fan", 2), activity_item("ho-fan", 3)],
+        )
+        .await;
+        let mut tokens = Vec::new();
+        for _ in 0..2 {
+            let (_, t, _) = p
+                .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+                .await
+                .unwrap()
+                .unwrap();
+            tokens.push(t);
+        }
+        for (n, (t, id)) in tokens.iter().zip([2u64, 3]).enumerate() {
+            let o = p.clone();
+            let waiter =
+                tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
+            until_waiting().await;
+            p.ack_work_item(t, Some(completion("ho-fan", id)))
+                .await
+                .unwrap();
+            let (item, token, _) = waiter.await.unwrap().unwrap().expect("a turn");
+            assert_eq!(item.messages.len(), 1);
+            assert_eq!(
+                handovers(&m, "orchestrator"),
+                n as u64,
+                "completion {n}: handed over only when nothing else is outstanding"
+            );
+            ack_with(&p, &token, vec![]).await;
+        }
+        p.close().await;
+    });
+}

@@ -89,6 +89,9 @@ impl AnyProvider {
                     fetch_path: Some(fetch_path),
                     auto_migrate: migrate,
                     application_name: format!("duroxide-pg-hybrid-bench-{}", kind.name()),
+                    // DUROXIDE_PG_HANDOVER=false measures without the in-process hand-over.
+                    handover: std::env::var(duroxide_pg_hybrid::options::env::HANDOVER)
+                        .map_or(true, |v| !v.trim().eq_ignore_ascii_case("false")),
                     ..ProviderOptions::default()
                 };
                 Ok(AnyProvider::Hybrid(

@@ -262,7 +262,7 @@ $fn$;
 --
 -- Hand-over (p_turn_lock_token not NULL: a local orchestration fetch waits, with this
 -- lease length and capability filter): the completed activity's instance is claimed
--- under that token when it is claimable now, and on the procedure path (p_read_turn) its
+-- under that token when it is claimable now and has no other activity outstanding, and on the procedure path (p_read_turn) its
 -- turn is read in the same call (p_history_*: the caller's history cache entry of the
 -- instance, NULLs for none). o_execution_id is NULL when nothing was claimed. A resend
 -- of an ack that committed gives a turn its lost reply had claimed back (attempt not
@@ -333,7 +333,11 @@ BEGIN
                            WHERE o.created_at_ms < v_now - 900000
                            ORDER BY o.created_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED);
 
-    IF v_queued > 0 AND p_turn_lock_token IS NOT NULL THEN
+    -- Only the instance's last outstanding activity hands its turn over: while others of
+    -- a fan-out are still queued or running, a turn now would hold one completion and
+    -- lease the instance while the rest arrive; a fetch later takes them together.
+    IF v_queued > 0 AND p_turn_lock_token IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM worker_queue w WHERE w.instance_id = p_instance_id) THEN
         SELECT * INTO v_claim
         FROM claim_instance_turn(p_instance_id, p_turn_lock_token, p_lock_timeout_ms,
                                  p_filter_enabled, p_min_major, p_min_minor, p_min_patch,

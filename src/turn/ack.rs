@@ -421,7 +421,7 @@ impl PostgresProvider {
                         },
                         token,
                     );
-                    self.hand_over(reservation, Handed::Work(item));
+                    self.hand_over(reservation, Handed::Work(Box::new(item)));
                 }
                 if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
                     // The instance is done: its history will not be read for a turn again.
