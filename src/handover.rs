@@ -12,12 +12,13 @@
 //!   the procedure path reads the turn too. On the hybrid path the fetch then runs its
 //!   four concurrent reads.
 //!
-//! Only fetches already waiting are reserved, one item each; a reserved fetch does not
-//! claim on its own until the ack's reply settles the reservation. When the fetch is gone
-//! (its future dropped, its poll timeout over, or it claimed something itself meanwhile)
-//! by the time the reply arrives, the item's lease is released at once and its attempt
-//! is not counted (abandon with ignore-attempt). What a fetch returns is the same
-//! whichever way the item came, so renew, abandon, poison and lock expiry behave alike.
+//! Only fetches already waiting (after an empty claim of their own, not while claiming)
+//! are reserved, one item each; a reserved fetch does not claim on its own until the
+//! ack's reply settles the reservation. When the fetch is gone (its future dropped or its
+//! poll timeout over) by the time the reply arrives, the item's lease is released at once
+//! and its attempt is not counted (abandon with ignore-attempt). What a fetch returns is
+//! the same whichever way the item came, so renew, abandon, poison and lock expiry behave
+//! alike.
 //! `ProviderOptions::handover` (`DUROXIDE_PG_HANDOVER`) turns it off; it needs long
 //! polling (without it no fetch ever waits).
 
@@ -63,8 +64,11 @@ impl Handed {
 
 #[derive(Default)]
 enum State {
-    /// Waiting (or claiming), may be reserved.
+    /// Claiming on its own: not reserved (it might claim something itself and then
+    /// have to give a handed item back).
     #[default]
+    Claiming,
+    /// Waiting after an empty claim: may be reserved.
     Open,
     /// An ack in flight may hand it something: it does not claim on its own meanwhile.
     Reserved,
@@ -89,6 +93,27 @@ impl Slot {
             true
         } else {
             false
+        }
+    }
+
+    /// Before a claim of its own: false when an ack has reserved the fetch (it waits
+    /// for the reply instead) or handed it something.
+    pub(crate) fn try_start_claim(&self) -> bool {
+        let mut s = self.state();
+        match *s {
+            State::Open | State::Claiming => {
+                *s = State::Claiming;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After an empty claim: the fetch waits and may be reserved.
+    pub(crate) fn open(&self) {
+        let mut s = self.state();
+        if matches!(*s, State::Claiming) {
+            *s = State::Open;
         }
     }
 

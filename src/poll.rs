@@ -89,7 +89,7 @@ impl PostgresProvider {
             }
             // Reserved by an ack in flight: no claim of its own until the reply settles
             // it (delivered or cancelled, both wake this fetch).
-            let wake_in = if waiter.slot().is_reserved() {
+            let wake_in = if !waiter.slot().try_start_claim() {
                 None
             } else {
                 // Acting on the wake-up now; handed on if this future is dropped mid-claim.
@@ -102,13 +102,13 @@ impl PostgresProvider {
                     Attempt::Claimed(t) => {
                         metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "claimed")
                             .increment(1);
-                        // An ack may have handed this fetch something while it claimed:
-                        // it gives that back (released by the guard).
                         return Ok(Some(t));
                     }
                     Attempt::Empty { wake_in } => {
                         metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "empty")
                             .increment(1);
+                        // Waiting from here on: an ack may claim for this fetch.
+                        waiter.slot().open();
                         wake_in
                     }
                 }
