@@ -20,9 +20,12 @@
 use std::sync::Weak;
 use std::time::Duration;
 
+use duroxide::providers::ProviderError;
 use sqlx::{Executor, PgPool};
 
+use crate::errors::db_error;
 use crate::incumbent;
+use crate::provider::PostgresProvider;
 use crate::schema::{quote_ident, validate_schema_name};
 
 /// The install script; `{old}` / `{new}` are replaced by quoted schema names.
@@ -494,6 +497,137 @@ pub(crate) fn spawn_mover(
 /// The move functions are gone (42883) or the duroxide-pg tables are (42P01): finalized.
 fn finalized(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42883") | Some("42P01")))
+}
+
+/// Client reads of instances that still live in the duroxide-pg tables. A read of this
+/// crate's tables that finds nothing asks duroxide-pg's own read functions (through the
+/// dispatchers `install.sql` puts in their place), so this crate's client sees an instance
+/// before the mover reaches it. After finalize those functions are gone: nothing found.
+impl PostgresProvider {
+    async fn old_read<T, F>(
+        &self,
+        op: &str,
+        instance: &str,
+        run: F,
+    ) -> Result<Option<T>, ProviderError>
+    where
+        F: AsyncFnOnce(&PostgresProvider, &str) -> Result<T, sqlx::Error>,
+    {
+        let Some(old) = self.inner.adopting_q.as_deref() else {
+            return Ok(None);
+        };
+        match run(self, old).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if finalized(&e) => Ok(None),
+            Err(e) => Err(db_error(op, Some(instance), e)),
+        }
+    }
+
+    /// Serialized events of the latest (`None`) or a given execution.
+    pub(crate) async fn old_history(
+        &self,
+        op: &str,
+        instance: &str,
+        execution_id: Option<i64>,
+    ) -> Result<Vec<String>, ProviderError> {
+        let rows = self
+            .old_read(
+                op,
+                instance,
+                async |p: &PostgresProvider, old: &str| match execution_id {
+                    None => on_conn!(
+                        idempotent: p,
+                        fetch_all,
+                        sqlx::query_scalar::<_, String>(&format!(
+                            "SELECT out_event_data FROM {old}.fetch_history($1)"
+                        ))
+                        .bind(instance)
+                    ),
+                    Some(exec) => on_conn!(
+                        idempotent: p,
+                        fetch_all,
+                        sqlx::query_scalar::<_, String>(&format!(
+                            "SELECT out_event_data FROM {old}.fetch_history_with_execution($1, $2)"
+                        ))
+                        .bind(instance)
+                        .bind(exec)
+                    ),
+                },
+            )
+            .await?;
+        Ok(rows.unwrap_or_default())
+    }
+
+    pub(crate) async fn old_custom_status(
+        &self,
+        instance: &str,
+        last_seen_version: i64,
+    ) -> Result<Option<(Option<String>, i64)>, ProviderError> {
+        let row = self
+            .old_read("get_custom_status", instance, async |p: &PostgresProvider, old: &str| {
+                on_conn!(
+                    idempotent: p,
+                    fetch_optional,
+                    sqlx::query_as::<_, (Option<String>, i64)>(&format!(
+                        "SELECT out_custom_status, out_custom_status_version FROM {old}.get_custom_status($1, $2)"
+                    ))
+                    .bind(instance)
+                    .bind(last_seen_version)
+                )
+            })
+            .await?;
+        Ok(row.flatten())
+    }
+
+    pub(crate) async fn old_kv_value(
+        &self,
+        instance: &str,
+        key: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let row = self
+            .old_read(
+                "get_kv_value",
+                instance,
+                async |p: &PostgresProvider, old: &str| {
+                    on_conn!(
+                        idempotent: p,
+                        fetch_optional,
+                        sqlx::query_as::<_, (Option<String>, bool)>(&format!(
+                            "SELECT out_value, out_found FROM {old}.get_kv_value($1, $2)"
+                        ))
+                        .bind(instance)
+                        .bind(key)
+                    )
+                },
+            )
+            .await?;
+        Ok(row
+            .flatten()
+            .and_then(|(v, found)| if found { v } else { None }))
+    }
+
+    pub(crate) async fn old_kv_all(
+        &self,
+        instance: &str,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
+        let rows = self
+            .old_read(
+                "get_kv_all_values",
+                instance,
+                async |p: &PostgresProvider, old: &str| {
+                    on_conn!(
+                        idempotent: p,
+                        fetch_all,
+                        sqlx::query_as::<_, (String, String)>(&format!(
+                            "SELECT out_key, out_value FROM {old}.get_kv_all_values($1)"
+                        ))
+                        .bind(instance)
+                    )
+                },
+            )
+            .await?;
+        Ok(rows.unwrap_or_default())
+    }
 }
 
 /// What [`finalize`] did.

@@ -94,6 +94,12 @@ impl IncumbentSchema {
     /// Why this crate refuses the schema and what to do instead.
     pub fn refusal(&self) -> String {
         let what = match self.latest().map(|r| r.version) {
+            _ if self.is_adoptable() => format!(
+                "duroxide-pg-hybrid's provider and CLI adopt it: this crate's tables live in \
+                 the companion schema {:?} (pass that schema to schema-level functions such \
+                 as schema::status)",
+                format!("{}{}", self.schema, crate::adopt::SCHEMA_SUFFIX)
+            ),
             Some(v) if v > ADOPTABLE_MIGRATION => format!(
                 "this release of duroxide-pg-hybrid adopts only duroxide-pg {ADOPTABLE_RELEASE} \
                  schemas, and this one is newer; use a duroxide-pg-hybrid release that knows it"

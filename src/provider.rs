@@ -52,6 +52,9 @@ pub(crate) struct Inner {
     pub(crate) credentials: Arc<Credentials>,
     /// Decoded histories of instances this provider ran recently (`history_cache.rs`).
     pub(crate) history_cache: crate::history_cache::HistoryCache,
+    /// The duroxide-pg schema being adopted, quoted (client reads that find nothing here
+    /// also ask it: `adopt.rs`).
+    pub(crate) adopting_q: Option<String>,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -282,6 +285,7 @@ impl PostgresProvider {
             pool_has_sessions: routes.pool_has_sessions,
             credentials: credentials.clone(),
             history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
+            adopting_q: resolved.adopting.as_deref().map(quote_ident),
         });
         if let Some(old) = resolved.adopting {
             if options.adoption_mover {

@@ -378,6 +378,51 @@ async fn scenario(exit: Exit) {
         "{before_move:?}"
     );
 
+    // Before anything moved, this crate's client already sees duroxide-pg's instances
+    // (status, custom status, KV), and duroxide-pg's client sees this crate's.
+    let waiting_old = started
+        .iter()
+        .find(|s| s.kind == "WaitEvent" && s.id.starts_with("old-") && s.event.is_empty())
+        .expect("an old instance still waiting");
+    match new_client
+        .get_orchestration_status(&waiting_old.id)
+        .await
+        .unwrap()
+    {
+        OrchestrationStatus::Running { custom_status, .. } => {
+            assert_eq!(
+                custom_status.as_deref(),
+                Some("waiting"),
+                "{}",
+                waiting_old.id
+            )
+        }
+        other => panic!("{} via this crate's client: {other:?}", waiting_old.id),
+    }
+    assert_eq!(
+        new_client
+            .get_kv_value(&waiting_old.id, "phase")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("waiting")
+    );
+    let waiting_new = started
+        .iter()
+        .find(|s| s.kind == "WaitEvent" && s.id.starts_with("new-"))
+        .unwrap();
+    assert!(
+        matches!(
+            old_client
+                .get_orchestration_status(&waiting_new.id)
+                .await
+                .unwrap(),
+            OrchestrationStatus::Running { .. } | OrchestrationStatus::Completed { .. }
+        ),
+        "{} via duroxide-pg's client",
+        waiting_new.id
+    );
+
     // Another process of this crate, with the mover on (the default), starts moving.
     let mover = PostgresProvider::connect_with(
         &url,

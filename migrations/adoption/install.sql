@@ -108,8 +108,8 @@ $fn$;
 -- Moves one instance out of {old}: instance row, executions (pinned versions), history,
 -- KV store and delta, queued messages (timers keep their fire time), and its activities
 -- no duroxide-pg worker holds (a held one completes there; the completion is routed).
--- Returns 'moved', 'busy' (a duroxide-pg process holds it: try later) or 'adopted'
--- (already moved). Never waits for a lock.
+-- Returns 'moved', 'busy' (a duroxide-pg process holds it: try later), 'adopted'
+-- (already moved) or 'absent' (duroxide-pg has nothing of it). Never waits for a lock.
 CREATE OR REPLACE FUNCTION adopt_instance(p_instance_id TEXT) RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -135,6 +135,11 @@ BEGIN
     -- A mover that committed between the check above and the locks.
     IF EXISTS (SELECT 1 FROM adopted_instances a WHERE a.instance_id = p_instance_id) THEN
         RETURN 'adopted';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM {old}.instances i WHERE i.instance_id = p_instance_id)
+       AND NOT EXISTS (SELECT 1 FROM {old}.orchestrator_queue q WHERE q.instance_id = p_instance_id)
+       AND NOT EXISTS (SELECT 1 FROM {old}.worker_queue w WHERE w.instance_id = p_instance_id) THEN
+        RETURN 'absent';
     END IF;
     -- duroxide-pg leases end at the later of its caller's and the database's clock plus
     -- the timeout, so the database clock never sees a live lease as ended.
@@ -410,8 +415,12 @@ BEGIN
         'get_kv_all_values', 'get_instance_info', 'get_execution_info', 'list_instances',
         'list_instances_by_status', 'list_children', 'get_parent_id']
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                       WHERE n.nspname = {old_literal} AND p.proname = v_name || '_before_adoption') THEN
+        -- Only at the first install (a re-install must not rename a replacement).
+        IF NOT EXISTS (SELECT 1 FROM {new}.adoption_source)
+           AND NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                           WHERE n.nspname = {old_literal} AND p.proname = v_name || '_before_adoption')
+           AND EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                       WHERE n.nspname = {old_literal} AND p.proname = v_name) THEN
             EXECUTE format('ALTER FUNCTION %s.%I RENAME TO %I', {old_literal_ident}, v_name,
                            v_name || '_before_adoption');
         END IF;
