@@ -535,6 +535,32 @@ async fn scenario(exit: Exit) {
         ));
     }
 
+    // Management through duroxide-pg's client reaches moved instances too.
+    let listed = old_client.list_all_instances().await.unwrap();
+    for id in ["old-Chain-0", "new-Chain", "late-Chain", "old-Far"] {
+        assert!(
+            listed.iter().any(|l| l == id),
+            "{id} not listed: {listed:?}"
+        );
+    }
+    let deleted = old_client
+        .delete_instance("old-Parent-1", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted.instances_deleted, 2,
+        "the parent and its child: {deleted:?}"
+    );
+    for client in [&new_client, &old_client] {
+        assert!(matches!(
+            client
+                .get_orchestration_status("old-Parent-1")
+                .await
+                .unwrap(),
+            OrchestrationStatus::NotFound
+        ));
+    }
+
     // 8. Finalize: only this crate's objects remain; the configured schema still finds them.
     new_runtime.shutdown(Some(5_000)).await;
     let done = adopt::finalize(&admin, &schema).await.expect("finalize");

@@ -413,7 +413,8 @@ BEGIN
     FOREACH v_name IN ARRAY ARRAY['fetch_history', 'fetch_history_with_execution',
         'latest_execution_id', 'list_executions', 'get_custom_status', 'get_kv_value',
         'get_kv_all_values', 'get_instance_info', 'get_execution_info', 'list_instances',
-        'list_instances_by_status', 'list_children', 'get_parent_id']
+        'list_instances_by_status', 'list_children', 'get_parent_id',
+        'delete_instances_atomic', 'prune_executions']
     LOOP
         -- Only at the first install (a re-install must not rename a replacement).
         IF NOT EXISTS (SELECT 1 FROM {new}.adoption_source)
@@ -651,5 +652,48 @@ BEGIN
         RETURN (SELECT i.parent_instance_id FROM {new}.instances i WHERE i.instance_id = p_instance_id);
     END IF;
     RETURN {old}.get_parent_id_before_adoption(p_instance_id);
+END;
+$fn$;
+
+-- Management: each side deletes or prunes what lives in its tables (a tree that spans both
+-- homes is deleted in both, under each side's rules).
+CREATE OR REPLACE FUNCTION {old}.delete_instances_atomic(p_instance_ids TEXT[], p_force BOOLEAN)
+RETURNS TABLE(instances_deleted BIGINT, executions_deleted BIGINT, events_deleted BIGINT,
+              queue_messages_deleted BIGINT)
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+DECLARE
+    v_new  TEXT[] := ARRAY(SELECT x FROM unnest(p_instance_ids) x WHERE {new}.adoption_lives_in_new(x));
+    v_old  TEXT[] := ARRAY(SELECT x FROM unnest(p_instance_ids) x WHERE NOT {new}.adoption_lives_in_new(x));
+    v_a    BIGINT[] := ARRAY[0, 0, 0, 0];
+    v_b    BIGINT[] := ARRAY[0, 0, 0, 0];
+BEGIN
+    IF cardinality(v_new) > 0 THEN
+        SELECT ARRAY[d.o_instances_deleted, d.o_executions_deleted, d.o_events_deleted,
+                     d.o_queue_messages_deleted]
+        INTO v_a FROM {new}.admin_delete_instances(v_new, p_force) d;
+    END IF;
+    IF cardinality(v_old) > 0 OR cardinality(v_new) = 0 THEN
+        SELECT ARRAY[d.instances_deleted, d.executions_deleted, d.events_deleted,
+                     d.queue_messages_deleted]
+        INTO v_b FROM {old}.delete_instances_atomic_before_adoption(v_old, p_force) d;
+    END IF;
+    RETURN QUERY SELECT v_a[1] + v_b[1], v_a[2] + v_b[2], v_a[3] + v_b[3], v_a[4] + v_b[4];
+END;
+$fn$;
+
+CREATE OR REPLACE FUNCTION {old}.prune_executions(p_instance_id TEXT, p_keep_last INTEGER DEFAULT NULL,
+                                                  p_completed_before_ms BIGINT DEFAULT NULL)
+RETURNS TABLE(instances_processed BIGINT, executions_deleted BIGINT, events_deleted BIGINT)
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+BEGIN
+    IF {new}.adoption_lives_in_new(p_instance_id) THEN
+        RETURN QUERY SELECT p.o_instances_processed, p.o_executions_deleted, p.o_events_deleted
+        FROM {new}.admin_prune_executions(p_instance_id, p_keep_last::BIGINT, p_completed_before_ms) p;
+    ELSE
+        RETURN QUERY SELECT * FROM {old}.prune_executions_before_adoption(p_instance_id, p_keep_last,
+                                                                        p_completed_before_ms);
+    END IF;
 END;
 $fn$;
