@@ -699,7 +699,13 @@ fn duroxide_pg_schemas_are_named_refused_or_adopted() {
     assert_eq!(progress["schema"], companion.as_str());
     assert_eq!(progress["old_instances"], 0);
     assert_eq!(progress["done"], true);
-    cli(&with(&["stats"]), &[]).ok();
+    let stats = cli(&with(&["stats"]), &[]).ok();
+    assert!(
+        stats.stdout.contains("adoption of duroxide-pg schema"),
+        "{stats:#?}"
+    );
+    let stats = cli(&with(&["--json", "stats"]), &[]).ok().json();
+    assert_eq!(stats["adoption"]["old_instances"], 0, "{stats}");
     let fin = cli(&with(&["--json", "adopt", "finalize"]), &[])
         .ok()
         .json();

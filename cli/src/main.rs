@@ -370,7 +370,26 @@ async fn run(cli: &Cli) -> Result<Output, Failure> {
         Command::Stats => {
             let pool = connect_for_inspect(cli, schema).await?;
             let stats = inspect::stats_in(&pool, schema).await?;
-            Ok(output::stats(schema, &stats))
+            let mut out = output::stats(schema, &stats);
+            if let Some(old) = resolved.as_ref().and_then(|r| r.adopting.as_deref()) {
+                // The move's progress belongs to the picture while it runs.
+                let p = adopt::progress(&pool, schema)
+                    .await
+                    .map_err(|e| Failure::op(sqlx_message(&e)))?;
+                out.text.push_str(&format!(
+                    "adoption of duroxide-pg schema {old:?}: {} moved; left {} instance(s), {} message(s), {} activit(y/ies)\n",
+                    p.adopted, p.old_instances, p.old_messages, p.old_activities
+                ));
+                out.json["adoption"] = json!({
+                    "duroxide_pg_schema": old,
+                    "adopted": p.adopted,
+                    "old_instances": p.old_instances,
+                    "old_messages": p.old_messages,
+                    "old_activities": p.old_activities,
+                    "done": p.is_done(),
+                });
+            }
+            Ok(out)
         }
         Command::Instances {
             action: InstancesCmd::List { status, limit },
