@@ -9,7 +9,7 @@
 //! * [`install`] (start-up with migrations on) puts routing triggers on duroxide-pg's queues
 //!   and the move functions into `S_hybrid` (`migrations/adoption/install.sql`, which
 //!   explains the locking);
-//! * every provider of this crate runs a mover task ([`spawn_mover`]) that calls
+//! * every provider of this crate runs a mover task (`spawn_mover`) that calls
 //!   `adopt_batch` until nothing is left, logging each batch and counting
 //!   `duroxide_pg_adopted_instances_total`;
 //! * [`finalize`] (CLI `adopt finalize`), once no duroxide-pg process is left and nothing

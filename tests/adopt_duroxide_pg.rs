@@ -295,7 +295,7 @@ async fn scenario(exit: Exit) {
     let schema = unique_schema();
     let companion = adopt::companion_schema(&schema).unwrap();
     let admin = PgPool::connect(&url).await.unwrap();
-    let _cleanup = DropSchemas(url.clone(), vec![schema.clone(), companion.clone()]);
+    let _cleanup = common::SchemaCleanup::for_schemas(&[schema.clone(), companion.clone()]);
     let runs: Runs = Arc::default();
 
     // 1. duroxide-pg 0.1.38 runs the workload alone.
@@ -622,35 +622,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-/// Drops the test's schemas when dropped.
-struct DropSchemas(String, Vec<String>);
-
-impl Drop for DropSchemas {
-    fn drop(&mut self) {
-        let url = self.0.clone();
-        let schemas = self.1.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(pool) = PgPool::connect(&url).await {
-                    for s in schemas {
-                        let _ = sqlx::query(&format!(
-                            "DROP SCHEMA IF EXISTS {} CASCADE",
-                            quote_ident(&s)
-                        ))
-                        .execute(&pool)
-                        .await;
-                    }
-                }
-            });
-        })
-        .join();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

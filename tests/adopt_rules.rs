@@ -29,8 +29,8 @@ use duroxide_pg_hybrid::{PostgresProvider, ProviderOptions};
 use sqlx::{PgPool, Row};
 
 struct Fixture {
+    _cleanup: common::SchemaCleanup,
     admin: PgPool,
-    old: String,
     new: String,
     o: String,
     n: String,
@@ -42,6 +42,7 @@ impl Fixture {
         let url = database_url();
         let old = unique_schema();
         let new = adopt::companion_schema(&old).unwrap();
+        let cleanup = common::SchemaCleanup::for_schemas(&[old.clone(), new.clone()]);
         let admin = PgPool::connect(&url).await.unwrap();
         let mut conn = admin.acquire().await.unwrap();
         incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &old, 26).await;
@@ -60,10 +61,10 @@ impl Fixture {
         .unwrap();
         assert_eq!(provider.schema(), new);
         let f = Fixture {
+            _cleanup: cleanup,
             o: quote_ident(&old),
             n: quote_ident(&new),
             admin,
-            old,
             new,
         };
         (f, provider)
@@ -120,32 +121,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let url = database_url();
-        let schemas = [self.old.clone(), self.new.clone()];
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(pool) = PgPool::connect(&url).await {
-                    for s in schemas {
-                        let _ = sqlx::query(&format!(
-                            "DROP SCHEMA IF EXISTS {} CASCADE",
-                            quote_ident(&s)
-                        ))
-                        .execute(&pool)
-                        .await;
-                    }
-                }
-            });
-        })
-        .join();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,7 +144,7 @@ BEGIN
     -- duroxide-pg leases end at the later of its caller's and the database's clock plus
     -- the timeout, so the database clock never sees a live lease as ended.
     SELECT l.locked_until INTO v_lease_end
-    FROM {old}.instance_locks l WHERE l.instance_id = p_instance_id FOR UPDATE;
+    FROM {old}.instance_locks l WHERE l.instance_id = p_instance_id FOR UPDATE NOWAIT;
     IF FOUND AND v_lease_end > v_now THEN
         RETURN 'busy';
     END IF;
@@ -326,7 +326,7 @@ BEGIN
                 NULL;
             END IF;
         EXCEPTION
-            WHEN SQLSTATE 'DH001' THEN
+            WHEN SQLSTATE 'DH001' OR lock_not_available THEN
                 busy := busy + 1;
             WHEN OTHERS THEN
                 -- One instance that cannot move must not stop the others; the caller
