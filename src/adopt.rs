@@ -148,6 +148,25 @@ pub fn companion_schema(old: &str) -> Result<String, sqlx::Error> {
 /// # Errors
 /// The refusal, or database errors of the catalog queries.
 pub async fn resolve(conn: &mut sqlx::PgConnection, schema: &str) -> Result<Resolved, sqlx::Error> {
+    // The common case (neither table) in one round trip.
+    let (ledger, marker): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                        WHERE n.nspname = $1 AND c.relname = $2), \
+                EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $3)",
+    )
+    .bind(schema)
+    .bind(incumbent::LEDGER_TABLE)
+    .bind(MARKER_TABLE)
+    .persistent(false)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !ledger && !marker {
+        return Ok(Resolved {
+            data_schema: schema.to_string(),
+            adopting: None,
+        });
+    }
     if let Some(found) = incumbent::detect_on(&mut *conn, schema).await? {
         if !found.is_adoptable() {
             return Err(sqlx::Error::Configuration(found.refusal().into()));
@@ -173,17 +192,6 @@ async fn read_marker(
     conn: &mut sqlx::PgConnection,
     schema: &str,
 ) -> Result<Option<String>, sqlx::Error> {
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
-    )
-    .bind(schema)
-    .bind(MARKER_TABLE)
-    .persistent(false)
-    .fetch_one(&mut *conn)
-    .await?;
-    if !exists {
-        return Ok(None);
-    }
     let data: Option<String> = sqlx::query_scalar(&format!(
         "SELECT data_schema FROM {}.{} LIMIT 1",
         quote_ident(schema),

@@ -115,7 +115,9 @@ impl PostgresProvider {
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .min_connections(0)
-            .acquire_timeout(options.acquire_timeout)
+            // Start-up (catalog checks, migrations) opens the first connection here: a
+            // call-sized acquire_timeout would fail start-up on a slow connect.
+            .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(5)))
             .test_before_acquire(false)
             .connect_lazy_with(pool_connect);
         Self::build(
