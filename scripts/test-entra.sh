@@ -5,7 +5,8 @@
 #
 #   entra              clippy, docs, unit tests and doctests of src/entra.rs; the
 #                      compat-check crate with the Entra items of duroxide-pg's API
-#   duroxide-pg-tests  tests/compat.rs also against a schema made by duroxide-pg 0.1.38
+#   duroxide-pg-tests  (also run by scripts/test.sh) tests/compat.rs against a schema made
+#                      by duroxide-pg 0.1.38, tests/adopt_duroxide_pg.rs
 #
 #   scripts/test-entra.sh
 set -euo pipefail

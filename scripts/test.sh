@@ -4,8 +4,11 @@
 # polling, round trips, mixed fleet, faults, TLS, CLI) against a PostgreSQL found or
 # started by scripts/with-postgres.sh; then the tests that depend on the default fetch
 # path again, built with the `full-procedure` feature; then the duroxide-pg API compile
-# test (`compat-check/`). The features that pull in the Azure SDK (`entra`,
-# `duroxide-pg-tests`) are checked by scripts/test-entra.sh (a cold build takes ~3 min).
+# test (`compat-check/`); then, with `--features duroxide-pg-tests` (duroxide-pg 0.1.38
+# itself, and with it the Azure SDK: ~3 min of a cold build), the live adoption of a
+# running duroxide-pg deployment (`tests/adopt_duroxide_pg.rs`) and `tests/compat.rs`
+# against a real duroxide-pg schema. The `entra` feature is checked by
+# scripts/test-entra.sh.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh hybrid::        # extra arguments go to the test harness (filters etc.)
@@ -23,6 +26,9 @@ exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
   cargo test --release --doc -p duroxide-pg-hybrid &&
   cargo test --release --all-targets -- --test-threads="$0" "$@" &&
   cargo test --release -p duroxide-pg-compat-check &&
+  echo "== with --features duroxide-pg-tests: adopting running duroxide-pg 0.1.38 processes" &&
+  cargo test --release --features duroxide-pg-tests --test adopt_duroxide_pg --test compat \
+    -- --test-threads="$0" "$@" &&
   echo "== with --features full-procedure (procedure path as the default)" &&
   cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
     -- --test-threads="$0" "$@" &&

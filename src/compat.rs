@@ -25,8 +25,9 @@
 //!   `public` drops only this crate's objects, never the schema.
 //!
 //! Everything else is this crate's behaviour (long polling, its own table layout). A
-//! schema that holds duroxide-pg's tables is recognised and refused with a message
-//! ([`incumbent`](crate::incumbent)): taking over live duroxide-pg data is not supported yet.
+//! schema that holds duroxide-pg 0.1.38's tables is adopted live ([`adopt`](crate::adopt));
+//! one of another duroxide-pg release is refused with a message
+//! ([`incumbent`](crate::incumbent)).
 //!
 //! Not provided: duroxide-pg's `migrations::MigrationRunner` (use
 //! [`schema::migrate`] / [`schema::verify`]).

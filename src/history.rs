@@ -41,6 +41,11 @@ impl PostgresProvider {
             sqlx::query_scalar(&self.sql(READ_LATEST)).bind(instance)
         )
         .map_err(|e| db_error(OP, Some(instance), e))?;
+        let rows = if rows.is_empty() {
+            self.old_history(OP, instance, None).await?
+        } else {
+            rows
+        };
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
     }
 
@@ -60,6 +65,11 @@ impl PostgresProvider {
                 .bind(exec)
         )
         .map_err(|e| db_error(operation, Some(instance), e))?;
+        let rows = if rows.is_empty() {
+            self.old_history(operation, instance, Some(exec)).await?
+        } else {
+            rows
+        };
         decode_history(&rows).map_err(|m| decode_error(operation, Some(instance), m))
     }
 

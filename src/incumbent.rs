@@ -7,9 +7,9 @@
 //! inside a `CREATE TABLE`. Start-up (migrate or verify), `migrate status` and `verify`
 //! look for that ledger first and refuse with a message that names what was found.
 //!
-//! Live adoption of a running duroxide-pg deployment is not implemented yet; this module
-//! is where it will find out whether a schema can be adopted
-//! ([`IncumbentSchema::is_adoptable`]).
+//! A schema at duroxide-pg 0.1.38's last migration is adopted live (`adopt.rs`,
+//! [`IncumbentSchema::is_adoptable`]); any other duroxide-pg schema is refused with what was
+//! found and what to do.
 
 use sqlx::PgPool;
 
@@ -65,7 +65,7 @@ impl IncumbentSchema {
     }
 
     /// Whether the ledger is exactly at duroxide-pg 0.1.38's last migration (the only
-    /// layout a future adoption will accept).
+    /// layout adoption accepts).
     pub fn is_adoptable(&self) -> bool {
         self.unreadable.is_none() && self.latest().map(|r| r.version) == Some(ADOPTABLE_MIGRATION)
     }
@@ -93,13 +93,28 @@ impl IncumbentSchema {
 
     /// Why this crate refuses the schema and what to do instead.
     pub fn refusal(&self) -> String {
+        let what = match self.latest().map(|r| r.version) {
+            _ if self.is_adoptable() => format!(
+                "duroxide-pg-hybrid's provider and CLI adopt it: this crate's tables live in \
+                 the companion schema {:?} (pass that schema to schema-level functions such \
+                 as schema::status)",
+                format!("{}{}", self.schema, crate::adopt::SCHEMA_SUFFIX)
+            ),
+            Some(v) if v > ADOPTABLE_MIGRATION => format!(
+                "this release of duroxide-pg-hybrid adopts only duroxide-pg {ADOPTABLE_RELEASE} \
+                 schemas, and this one is newer; use a duroxide-pg-hybrid release that knows it"
+            ),
+            _ => format!(
+                "duroxide-pg-hybrid adopts a running duroxide-pg deployment only from \
+                 duroxide-pg {ADOPTABLE_RELEASE} (ledger at migration {ADOPTABLE_MIGRATION}): \
+                 upgrade the duroxide-pg processes to {ADOPTABLE_RELEASE} first (they migrate \
+                 the schema), then start duroxide-pg-hybrid on it"
+            ),
+        };
         format!(
-            "{}. duroxide-pg-hybrid cannot use it: taking over a running duroxide-pg \
-             deployment in place (live adoption) is not supported yet. Point duroxide-pg-hybrid \
-             at a different schema (ProviderOptions::schema, new_with_schema, \
-             ProviderConfig::schema_name or --schema), or drain the duroxide-pg deployment \
-             (let running orchestrations finish), then drop its objects before reusing \
-             this schema. See README \"Switching from duroxide-pg\".",
+            "{}. {what}; or point duroxide-pg-hybrid at a different schema \
+             (ProviderOptions::schema, new_with_schema, ProviderConfig::schema_name or \
+             --schema). See README \"Adopting a running duroxide-pg deployment\".",
             self.describe()
         )
     }
@@ -209,16 +224,15 @@ mod tests {
 
     #[test]
     fn names_release_and_advice() {
-        let s = at(&[1, 2, 25, 26]);
-        assert!(s.is_adoptable());
+        assert!(at(&[1, 2, 25, 26]).is_adoptable());
+        let s = at(&[1, 2, 25]);
         let msg = s.refusal();
         for needle in [
             "\"public\"",
-            "migration 26 (0026_x.sql)",
-            "duroxide-pg 0.1.38",
-            "not supported yet",
+            "migration 25 (0025_x.sql)",
+            "duroxide-pg 0.1.36 or 0.1.37",
+            "upgrade the duroxide-pg processes to 0.1.38",
             "different schema",
-            "drain",
         ] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
         }
@@ -226,6 +240,7 @@ mod tests {
         assert!(!at(&[1, 25]).is_adoptable());
         assert_eq!(at(&[27]).release(), "a release newer than 0.1.38");
         assert_eq!(at(&[1, 21]).release(), "a release older than 0.1.35");
+        assert!(at(&[1, 27]).refusal().contains("newer"));
         assert!(
             at(&[])
                 .refusal()

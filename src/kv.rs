@@ -72,7 +72,11 @@ impl PostgresProvider {
                 .bind(key)
         )
         .map_err(|e| db_error("get_kv_value", Some(instance), e))?;
-        Ok(v.flatten())
+        match v.flatten() {
+            Some(v) => Ok(Some(v)),
+            // The instance may still live in an adopted duroxide-pg schema.
+            None => self.old_kv_value(instance, key).await,
+        }
     }
 
     pub(crate) async fn kv_all(
@@ -85,6 +89,9 @@ impl PostgresProvider {
             sqlx::query_as(&self.sql(KV_MERGED)).bind(instance)
         )
         .map_err(|e| db_error("get_kv_all_values", Some(instance), e))?;
+        if rows.is_empty() {
+            return Ok(self.old_kv_all(instance).await?.into_iter().collect());
+        }
         Ok(rows
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -104,6 +111,16 @@ impl PostgresProvider {
                 .bind(i64::try_from(last_seen_version).unwrap_or(i64::MAX))
         )
         .map_err(|e| db_error("get_custom_status", Some(instance), e))?;
+        let row = match row {
+            Some(row) => Some(row),
+            None => {
+                self.old_custom_status(
+                    instance,
+                    i64::try_from(last_seen_version).unwrap_or(i64::MAX),
+                )
+                .await?
+            }
+        };
         Ok(row.map(|(s, v)| (s, u(v))))
     }
 

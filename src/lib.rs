@@ -53,6 +53,7 @@ macro_rules! on_conn {
 }
 
 mod admin;
+pub mod adopt;
 mod codec;
 pub mod compat;
 mod contract;

@@ -128,6 +128,14 @@ pub struct ProviderOptions {
     /// (`None` = no limit): spreads connections across servers after a failover or a
     /// scale-out behind a pooler, and bounds per-backend memory growth. Default 30 min.
     pub max_lifetime: Option<Duration>,
+    /// While adopting a duroxide-pg schema (see README "Adopting a running duroxide-pg
+    /// deployment"), run the background task that moves instances over (default). Every
+    /// process may run it; processes that should not touch duroxide-pg's tables turn it
+    /// off. Env `DUROXIDE_PG_ADOPTION_MOVER`.
+    pub adoption_mover: bool,
+    /// How often an idle mover looks for instances left in the duroxide-pg tables
+    /// (default 1 s; a busy one continues at once).
+    pub adoption_interval: Duration,
     /// Decoded history events kept in memory, over all cached instances, so that the
     /// next turn of an instance this process ran reads only the events it has not seen
     /// (`0` = no cache: every turn reads the whole execution). Least recently run
@@ -227,6 +235,8 @@ impl Default for ProviderOptions {
             password_source: None,
             idle_timeout: Some(Duration::from_secs(5 * 60)),
             max_lifetime: Some(Duration::from_secs(30 * 60)),
+            adoption_mover: true,
+            adoption_interval: Duration::from_secs(1),
             history_cache_events: 50_000,
             handover: true,
             pooler: PoolerMode::Off,
@@ -252,6 +262,8 @@ impl fmt::Debug for ProviderOptions {
             .field("password_source", &self.password_source)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
+            .field("adoption_mover", &self.adoption_mover)
+            .field("adoption_interval", &self.adoption_interval)
             .field("history_cache_events", &self.history_cache_events)
             .field("handover", &self.handover)
             .field("pooler", &self.pooler)
@@ -272,6 +284,8 @@ pub mod env {
     pub const FETCH_PATH: &str = "DUROXIDE_PG_FETCH_PATH";
     /// `true`/`false`: apply migrations on connect.
     pub const AUTO_MIGRATE: &str = "DUROXIDE_PG_AUTO_MIGRATE";
+    /// [`ProviderOptions::adoption_mover`](super::ProviderOptions::adoption_mover).
+    pub const ADOPTION_MOVER: &str = "DUROXIDE_PG_ADOPTION_MOVER";
     /// Pool acquire timeout in milliseconds.
     pub const ACQUIRE_TIMEOUT_MS: &str = "DUROXIDE_PG_ACQUIRE_TIMEOUT_MS";
     /// Server statement timeout in milliseconds.
@@ -327,6 +341,9 @@ impl ProviderOptions {
         }
         if let Some(v) = read_env(env::AUTO_MIGRATE) {
             self.auto_migrate = parse_bool(env::AUTO_MIGRATE, &v)?;
+        }
+        if let Some(v) = read_env(env::ADOPTION_MOVER) {
+            self.adoption_mover = parse_bool(env::ADOPTION_MOVER, &v)?;
         }
         if let Some(v) = read_env(env::ACQUIRE_TIMEOUT_MS) {
             self.acquire_timeout = Duration::from_millis(parse_env(env::ACQUIRE_TIMEOUT_MS, &v)?);

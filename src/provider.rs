@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(crate) history_cache: crate::history_cache::HistoryCache,
     /// Acks hand work to waiting fetches of this provider (`handover.rs`).
     pub(crate) handover: bool,
+    /// The duroxide-pg schema being adopted, quoted (client reads that find nothing here
+    /// also ask it: `adopt.rs`).
+    pub(crate) adopting_q: Option<String>,
 }
 
 impl fmt::Debug for PostgresProvider {
@@ -114,7 +117,9 @@ impl PostgresProvider {
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .min_connections(0)
-            .acquire_timeout(options.acquire_timeout)
+            // Start-up (catalog checks, migrations) opens the first connection here: a
+            // call-sized acquire_timeout would fail start-up on a slow connect.
+            .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(5)))
             .test_before_acquire(false)
             .connect_lazy_with(pool_connect);
         Self::build(
@@ -184,6 +189,14 @@ impl PostgresProvider {
             .refresh(&pool)
             .await
             .map_err(|e| db_error("connect", None, e))?;
+        // A duroxide-pg 0.1.38 schema is adopted: our tables live in a companion schema
+        // (`adopt.rs`).
+        let resolved = async { crate::adopt::resolve(&mut *pool.acquire().await?, &schema).await }
+            .await
+            .map_err(|e| db_error("resolve_schema", None, e))
+            .map_err(|e| with_schema_context(e, &schema))?;
+        let configured_schema = schema;
+        let schema = resolved.data_schema.clone();
         let (migrate_op, result) = match (options.auto_migrate, routes.pool_has_sessions) {
             (true, true) => ("migrate", schema::migrate(&pool, &schema).await),
             (true, false) => (
@@ -199,6 +212,16 @@ impl PostgresProvider {
         result
             .map_err(|e| db_error(migrate_op, None, e))
             .map_err(|e| with_schema_context(e, &schema))?;
+        if let Some(old) = &resolved.adopting {
+            let adoption = if options.auto_migrate {
+                crate::adopt::install(&pool, old, &schema).await
+            } else {
+                crate::adopt::verify_installed(&pool, old, &schema).await
+            };
+            adoption
+                .map_err(|e| db_error("adopt_install", None, e))
+                .map_err(|e| with_schema_context(e, &configured_schema))?;
+        }
         let call_credentials = match routes.calls {
             Some(c) => Arc::new(Credentials::new(c, options.password_source.clone())),
             None => credentials.clone(),
@@ -267,7 +290,19 @@ impl PostgresProvider {
             credentials: credentials.clone(),
             history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
             handover: options.handover,
+            adopting_q: resolved.adopting.as_deref().map(quote_ident),
         });
+        if let Some(old) = resolved.adopting {
+            if options.adoption_mover {
+                crate::adopt::spawn_mover(
+                    pool.clone(),
+                    old,
+                    inner.schema.clone(),
+                    options.adoption_interval,
+                    Arc::downgrade(&inner),
+                );
+            }
+        }
         // The application-facing pool cannot ask the source per connection: keep its
         // options fresh while the provider lives.
         credentials.keep_refreshed(pool, Arc::downgrade(&inner));

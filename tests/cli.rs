@@ -602,17 +602,21 @@ fn fetch_path_resolution_needs_no_database() {
     assert!(bad.stderr.contains("turbo"), "{bad:#?}");
 }
 
-/// Issue 12, item 4: a schema holding duroxide-pg's ledger is named as such by `migrate
-/// status`, `verify`, `migrate up` and the inspection commands, which all refuse it and
-/// change nothing.
+/// Issue 12, item 4: a schema holding the ledger of a duroxide-pg release other than
+/// 0.1.38 is named as such by `migrate status`, `verify`, `migrate up` and the inspection
+/// commands, which all refuse it and change nothing. One at 0.1.38 is adopted: the
+/// commands work on the companion schema and say so, `adopt status` shows the move,
+/// `adopt finalize` ends it.
 #[test]
-fn a_duroxide_pg_schema_is_named_and_refused() {
+fn duroxide_pg_schemas_are_named_refused_or_adopted() {
     let url = database_url();
     let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-    let _guard = SchemaGuard {
+    let adopted = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let companion = format!("{adopted}_hybrid");
+    let _guards = [&schema, &adopted, &companion].map(|s| SchemaGuard {
         url: url.clone(),
-        schema: schema.clone(),
-    };
+        schema: s.clone(),
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -620,7 +624,8 @@ fn a_duroxide_pg_schema_is_named_and_refused() {
     rt.block_on(async {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &schema, 26).await;
+        incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &schema, 25).await;
+        incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &adopted, 26).await;
         conn.close().await.unwrap();
     });
     let base = ["--database-url", url.as_str(), "--schema", schema.as_str()];
@@ -634,9 +639,9 @@ fn a_duroxide_pg_schema_is_named_and_refused() {
         let r = cli(&args, &[]).fails(1).one_error_line();
         for needle in [
             schema.as_str(),
-            "duroxide-pg 0.1.38",
-            "migration 26 (0026_serialize_orchestration_lock_mutations.sql)",
-            "not supported yet",
+            "duroxide-pg 0.1.36 or 0.1.37",
+            "migration 25 (0025_fetch_orchestration_lease_at_claim.sql)",
+            "upgrade the duroxide-pg processes to 0.1.38",
         ] {
             assert!(
                 r.stderr.contains(needle),
@@ -647,23 +652,79 @@ fn a_duroxide_pg_schema_is_named_and_refused() {
         json_args.push("--json");
         let j = cli(&json_args, &[]).fails(1).json();
         assert!(
-            j["error"].as_str().unwrap().contains("duroxide-pg 0.1.38"),
+            j["error"]
+                .as_str()
+                .unwrap()
+                .contains("duroxide-pg 0.1.36 or 0.1.37"),
             "{command:?}: {j}"
         );
     }
     // `migrate up` created nothing of ours.
-    let ours: i64 = rt.block_on(async {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query_scalar(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')",
-        )
-        .bind(&schema)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-    });
-    assert_eq!(ours, 0);
+    let count = |sql: &str, bind: &str| -> i64 {
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar(sql)
+                .bind(bind)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        })
+    };
+    let ours_sql = "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')";
+    assert_eq!(count(ours_sql, &schema), 0);
+
+    // 0.1.38: adopted into the companion schema.
+    let base = ["--database-url", url.as_str(), "--schema", adopted.as_str()];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let status = cli(&with(&["adopt", "status"]), &[]).fails(1);
+    assert!(status.stderr.contains("migrate up"), "{status:#?}");
+    let up = cli(&with(&["migrate", "up"]), &[]).ok();
+    assert!(
+        up.stderr.contains("being adopted") && up.stderr.contains(&companion),
+        "{up:#?}"
+    );
+    assert!(up.stderr.contains("installed"), "{up:#?}");
+    assert_eq!(
+        count(ours_sql, &adopted),
+        0,
+        "nothing of ours in the duroxide-pg schema"
+    );
+    assert_eq!(count(ours_sql, &companion), 1);
+    let verify = cli(&with(&["verify"]), &[]).ok();
+    assert!(verify.stdout.contains(&companion), "{verify:#?}");
+    let progress = cli(&with(&["--json", "adopt", "status"]), &[]).ok().json();
+    assert_eq!(progress["schema"], companion.as_str());
+    assert_eq!(progress["old_instances"], 0);
+    assert_eq!(progress["done"], true);
+    let stats = cli(&with(&["stats"]), &[]).ok();
+    assert!(
+        stats.stdout.contains("adoption of duroxide-pg schema"),
+        "{stats:#?}"
+    );
+    let stats = cli(&with(&["--json", "stats"]), &[]).ok().json();
+    assert_eq!(stats["adoption"]["old_instances"], 0, "{stats}");
+    let fin = cli(&with(&["--json", "adopt", "finalize"]), &[])
+        .ok()
+        .json();
+    assert_eq!(fin["finalized"], true);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
+            &adopted
+        ),
+        1,
+        "only the marker is left"
+    );
+    let after = cli(&with(&["migrate", "status"]), &[]).ok();
+    assert!(after.stderr.contains("was adopted"), "{after:#?}");
+    let again = cli(&with(&["adopt", "finalize"]), &[]).fails(1);
+    assert!(
+        again.stderr.contains("no duroxide-pg schema being adopted"),
+        "{again:#?}"
+    );
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! * duroxide-pg's constructors put data where duroxide-pg puts it: `new(url)` and
 //!   `None` schemas in `public`, names folded to lower case, `VerifyOnly` runs no DDL;
 //!   `cleanup_schema` keeps `public` (and the application's own tables in it);
-//! * a schema holding duroxide-pg's ledger is refused at start-up (migrate and verify)
-//!   with a message naming the release and migration found; nothing is created in it.
-//!   With `--features duroxide-pg-tests` the same runs against a schema made by
+//! * a schema holding the ledger of a duroxide-pg release other than 0.1.38 is refused at
+//!   start-up (migrate and verify) with a message naming the release and migration found;
+//!   nothing is created in it. One at 0.1.38 is adopted (`adopt.rs`; the live move is
+//!   `tests/adopt_duroxide_pg.rs`): a VerifyOnly process waits for a process with
+//!   migrations to install it. With `--features duroxide-pg-tests` a schema made by
 //!   duroxide-pg 0.1.38 itself, which also checks the hand-made ledger used elsewhere.
 //!
 //! The `public` test runs on a throwaway cluster of its own (`faults/cluster.rs`), so it
@@ -225,51 +227,97 @@ async fn duroxide_pg_constructors_put_data_where_duroxide_pg_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_duroxide_pg_schema_is_recognised_and_refused() {
+async fn a_duroxide_pg_schema_is_recognised_refused_or_adopted() {
     init_tracing();
     let url = database_url();
     let at_38 = unique_schema();
     let at_25 = unique_schema();
     let plain = unique_schema();
-    let _cleanup = Schemas(vec![at_38.clone(), at_25.clone(), plain.clone()]);
+    let companion = duroxide_pg_hybrid::adopt::companion_schema(&at_38).unwrap();
+    let _cleanup = Schemas(vec![
+        at_38.clone(),
+        at_25.clone(),
+        plain.clone(),
+        companion.clone(),
+    ]);
     let mut conn = PgConnection::connect(&url).await.unwrap();
     create_duroxide_pg_skeleton(&mut conn, &at_38, 26).await;
     create_duroxide_pg_skeleton(&mut conn, &at_25, 25).await;
 
+    // An older duroxide-pg: refused at start-up (migrating or not), nothing created.
     for auto_migrate in [true, false] {
         let options = ProviderOptions {
-            schema: at_38.clone(),
+            schema: at_25.clone(),
             auto_migrate,
             max_connections: 2,
             ..ProviderOptions::default()
         };
         let e = PostgresProvider::connect_with(&url, options)
             .await
-            .expect_err("a duroxide-pg schema must be refused");
+            .expect_err("a duroxide-pg 0.1.37 schema must be refused");
         assert!(!e.is_retryable(), "{e}");
         for needle in [
-            at_38.as_str(),
-            "duroxide-pg 0.1.38",
-            "migration 26 (0026_serialize_orchestration_lock_mutations.sql)",
-            "not supported yet",
+            at_25.as_str(),
+            "duroxide-pg 0.1.36 or 0.1.37",
+            "migration 25 (0025_fetch_orchestration_lease_at_claim.sql)",
+            "upgrade the duroxide-pg processes to 0.1.38",
             "different schema",
         ] {
             assert!(e.message.contains(needle), "{needle:?} not in: {e}");
         }
     }
     // duroxide-pg's own constructor name says the same through anyhow.
-    let e = PostgresProvider::new_with_schema(&url, Some(&at_38))
+    let e = PostgresProvider::new_with_schema(&url, Some(&at_25))
         .await
         .expect_err("refused");
-    assert!(e.to_string().contains("duroxide-pg 0.1.38"), "{e}");
-    // Nothing of ours was created, the incumbent's tables are untouched.
-    let ours = scalar_i64(
-        &mut conn,
-        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')",
-        &at_38,
-    )
-    .await;
-    assert_eq!(ours, 0);
+    assert!(
+        e.to_string().contains("duroxide-pg 0.1.36 or 0.1.37"),
+        "{e}"
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for schema in [&at_25, &at_38] {
+        let ours = scalar_i64(
+            &mut conn,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('_sqlx_migrations', '_duroxide_pg_hybrid_migrations')",
+            schema,
+        )
+        .await;
+        assert_eq!(ours, 0);
+    }
+    let older = incumbent::detect(&pool, &at_25).await.unwrap().unwrap();
+    assert!(!older.is_adoptable());
+    let e = schema::status(&pool, &at_25).await.unwrap_err().to_string();
+    assert!(
+        e.contains("migration 25") && e.contains("duroxide-pg 0.1.36 or 0.1.37"),
+        "{e}"
+    );
+
+    // 0.1.38: a process that must not run DDL refuses until the adoption is installed,
+    // naming what to run; then one with migrations installs it and both run.
+    let found = incumbent::detect(&pool, &at_38).await.unwrap().unwrap();
+    assert!(found.is_adoptable());
+    let verify_only = || ProviderOptions {
+        schema: at_38.clone(),
+        auto_migrate: false,
+        max_connections: 2,
+        ..ProviderOptions::default()
+    };
+    let e = PostgresProvider::connect_with(&url, verify_only())
+        .await
+        .expect_err("nothing installed yet");
+    assert!(
+        e.message.contains(&at_38) && e.message.contains("migrate"),
+        "{e}"
+    );
+    let applier = PostgresProvider::new_with_schema(&url, Some(&at_38))
+        .await
+        .expect("duroxide-pg's constructor adopts a 0.1.38 schema");
+    assert_eq!(applier.schema(), companion);
+    let verifier = PostgresProvider::connect_with(&url, verify_only())
+        .await
+        .expect("VerifyOnly runs once the adoption is installed");
+    assert_eq!(verifier.schema(), companion);
+    // The duroxide-pg tables are unchanged (only triggers were added), its ledger too.
     let ledger = scalar_i64(
         &mut conn,
         &format!(
@@ -280,25 +328,18 @@ async fn a_duroxide_pg_schema_is_recognised_and_refused() {
     )
     .await;
     assert_eq!(ledger, MIGRATIONS_0_1_38.len() as i64);
-
-    // The library's view, as `migrate status`/`verify` and the future adoption use it.
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let found = incumbent::detect(&pool, &at_38).await.unwrap().unwrap();
-    assert!(found.is_adoptable());
-    assert_eq!(found.latest().unwrap().version, 26);
-    let e = schema::status(&pool, &at_38).await.unwrap_err().to_string();
-    assert!(e.contains("duroxide-pg 0.1.38"), "{e}");
-    let e = schema::verify(&pool, &at_38).await.unwrap_err().to_string();
-    assert!(e.contains("duroxide-pg 0.1.38"), "{e}");
-
-    // An older duroxide-pg: named as such, not adoptable.
-    let older = incumbent::detect(&pool, &at_25).await.unwrap().unwrap();
-    assert!(!older.is_adoptable());
-    let e = schema::status(&pool, &at_25).await.unwrap_err().to_string();
-    assert!(
-        e.contains("migration 25") && e.contains("duroxide-pg 0.1.36 or 0.1.37"),
-        "{e}"
-    );
+    let installs = scalar_i64(
+        &mut conn,
+        &format!(
+            "SELECT count(*) FROM {}.adoption_source WHERE source_schema = $1",
+            quote_ident(&companion)
+        ),
+        &at_38,
+    )
+    .await;
+    assert_eq!(installs, 1);
+    verifier.close().await;
+    applier.close().await;
 
     // No ledger: nothing detected, and our own schema is not mistaken for one.
     assert!(incumbent::detect(&pool, &plain).await.unwrap().is_none());
@@ -312,6 +353,7 @@ async fn a_duroxide_pg_schema_is_recognised_and_refused() {
     )
     .await
     .unwrap();
+    assert_eq!(ours.schema(), plain);
     assert!(incumbent::detect(&pool, &plain).await.unwrap().is_none());
     ours.close().await;
     pool.close().await;
@@ -321,11 +363,14 @@ async fn a_duroxide_pg_schema_is_recognised_and_refused() {
 /// The real thing: duroxide-pg 0.1.38 creates the schema with its own migrations.
 #[cfg(feature = "duroxide-pg-tests")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_made_by_duroxide_pg_0_1_38_is_refused() {
+async fn a_schema_made_by_duroxide_pg_0_1_38_is_adopted() {
     init_tracing();
     let url = database_url();
     let schema = unique_schema();
-    let _cleanup = Schemas(vec![schema.clone()]);
+    let _cleanup = Schemas(vec![
+        schema.clone(),
+        duroxide_pg_hybrid::adopt::companion_schema(&schema).unwrap(),
+    ]);
     let incumbent_provider = duroxide_pg::PostgresProvider::new_with_schema(&url, Some(&schema))
         .await
         .expect("duroxide-pg 0.1.38 creates its schema");
@@ -347,7 +392,7 @@ async fn a_schema_made_by_duroxide_pg_0_1_38_is_refused() {
     );
     assert!(found.is_adoptable());
 
-    let e = PostgresProvider::connect_with(
+    let ours = PostgresProvider::connect_with(
         &url,
         ProviderOptions {
             schema: schema.clone(),
@@ -356,14 +401,14 @@ async fn a_schema_made_by_duroxide_pg_0_1_38_is_refused() {
         },
     )
     .await
-    .expect_err("refused");
-    assert!(
-        e.message.contains("duroxide-pg 0.1.38")
-            && e.message
-                .contains("0026_serialize_orchestration_lock_mutations.sql"),
-        "{e}"
+    .expect("adopted");
+    assert_eq!(
+        ours.schema(),
+        duroxide_pg_hybrid::adopt::companion_schema(&schema).unwrap()
     );
-    // duroxide-pg still works on its schema afterwards (we changed nothing).
+    ours.close().await;
+    // duroxide-pg still opens its schema with the adoption installed (it checks its ledger
+    // and its tables, which only gained triggers).
     duroxide_pg::PostgresProvider::new_with_schema(&url, Some(&schema))
         .await
         .expect("duroxide-pg reopens its schema");

@@ -11,9 +11,12 @@
 //! plain pool: a schema without any migration is an error (run `migrate up`), a schema
 //! behind or ahead of this binary is inspected anyway with a warning on stderr.
 //!
-//! A schema holding duroxide-pg's tables (its `_duroxide_migrations` ledger) is named as
-//! such, with the duroxide-pg release and migration found, and refused by every command
-//! that reads the schema (`migrate up|status`, `verify`, inspection).
+//! A schema holding duroxide-pg 0.1.38's tables (its `_duroxide_migrations` ledger at
+//! migration 26) is being adopted: every command works on the companion schema that holds
+//! this crate's tables (`<schema>_hybrid`) and says so on stderr; `migrate up` also
+//! installs the adoption, `adopt status` shows what is left, `adopt finalize` ends it. A
+//! duroxide-pg schema of another release is named as such (release and migration found)
+//! and refused.
 
 mod output;
 
@@ -23,7 +26,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use duroxide_pg_hybrid::options::{env as env_vars, redact_url};
 use duroxide_pg_hybrid::schema::{self, MIGRATOR};
-use duroxide_pg_hybrid::{FetchPath, ProviderOptions, inspect};
+use duroxide_pg_hybrid::{FetchPath, ProviderOptions, adopt, inspect};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -79,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         action: InstanceCmd,
     },
+    /// Adoption of a running duroxide-pg 0.1.38 deployment (--schema = its schema).
+    Adopt {
+        #[command(subcommand)]
+        action: AdoptCmd,
+    },
     /// Which fetch path the configuration resolves to, and why (needs no database).
     FetchPath {
         /// Resolve as if the program set `ProviderOptions::fetch_path` to this value
@@ -96,6 +104,15 @@ enum MigrateCmd {
     Status,
     /// The SQL a DBA would run by hand to create or upgrade the schema (needs no database).
     PrintSql,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdoptCmd {
+    /// What is left in the duroxide-pg tables and how many instances moved.
+    Status,
+    /// When no duroxide-pg process is left and nothing remains in its tables: drop
+    /// duroxide-pg's objects and leave a marker naming the companion schema.
+    Finalize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,9 +278,47 @@ fn url_password(url: &str) -> Option<&str> {
     (password.len() >= 4).then_some(password)
 }
 
+/// The schema holding this crate's tables for `--schema` (the companion schema of an
+/// adopted duroxide-pg schema), and the duroxide-pg schema being adopted, if any.
+async fn resolve(pool: &PgPool, schema: &str) -> Result<adopt::Resolved, Failure> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| Failure::op(sqlx_message(&e)))?;
+    let resolved = adopt::resolve(&mut conn, schema)
+        .await
+        .map_err(|e| Failure::op(sqlx_message(&e)))?;
+    if let Some(old) = &resolved.adopting {
+        eprintln!(
+            "schema {old:?} holds a duroxide-pg 0.1.38 schema being adopted; this crate's tables are in {:?}",
+            resolved.data_schema
+        );
+    } else if resolved.data_schema != schema {
+        eprintln!(
+            "schema {schema:?} was adopted from duroxide-pg; this crate's tables are in {:?}",
+            resolved.data_schema
+        );
+    }
+    Ok(resolved)
+}
+
 async fn run(cli: &Cli) -> Result<Output, Failure> {
-    let schema = cli.schema.as_str();
+    if let Command::Adopt { action } = &cli.command {
+        let pool = connect(cli).await?;
+        return adopt_command(&pool, &cli.schema, action).await;
+    }
+    let resolved = match &cli.command {
+        Command::FetchPath { .. }
+        | Command::Migrate {
+            action: MigrateCmd::PrintSql,
+        } => None,
+        _ => Some(resolve(&connect(cli).await?, &cli.schema).await?),
+    };
+    let schema = resolved
+        .as_ref()
+        .map_or(cli.schema.as_str(), |r| r.data_schema.as_str());
     match &cli.command {
+        Command::Adopt { .. } => unreachable!("handled above"),
         Command::FetchPath { explicit } => fetch_path(*explicit),
         Command::Migrate {
             action: MigrateCmd::PrintSql,
@@ -278,7 +333,17 @@ async fn run(cli: &Cli) -> Result<Output, Failure> {
             action: MigrateCmd::Up,
         } => {
             let pool = connect(cli).await?;
-            migrate_up(&pool, schema).await
+            let out = migrate_up(&pool, schema).await?;
+            if let Some(old) = resolved.as_ref().and_then(|r| r.adopting.as_deref()) {
+                adopt::install(&pool, old, schema).await.map_err(|e| {
+                    Failure::op(format!(
+                        "install the adoption of {old:?}: {}",
+                        sqlx_message(&e)
+                    ))
+                })?;
+                eprintln!("adoption of duroxide-pg schema {old:?} into {schema:?} installed");
+            }
+            Ok(out)
         }
         Command::Migrate {
             action: MigrateCmd::Status,
@@ -303,21 +368,40 @@ async fn run(cli: &Cli) -> Result<Output, Failure> {
             })
         }
         Command::Stats => {
-            let pool = connect_for_inspect(cli).await?;
+            let pool = connect_for_inspect(cli, schema).await?;
             let stats = inspect::stats_in(&pool, schema).await?;
-            Ok(output::stats(schema, &stats))
+            let mut out = output::stats(schema, &stats);
+            if let Some(old) = resolved.as_ref().and_then(|r| r.adopting.as_deref()) {
+                // The move's progress belongs to the picture while it runs.
+                let p = adopt::progress(&pool, schema)
+                    .await
+                    .map_err(|e| Failure::op(sqlx_message(&e)))?;
+                out.text.push_str(&format!(
+                    "adoption of duroxide-pg schema {old:?}: {} moved; left {} instance(s), {} message(s), {} activit(y/ies)\n",
+                    p.adopted, p.old_instances, p.old_messages, p.old_activities
+                ));
+                out.json["adoption"] = json!({
+                    "duroxide_pg_schema": old,
+                    "adopted": p.adopted,
+                    "old_instances": p.old_instances,
+                    "old_messages": p.old_messages,
+                    "old_activities": p.old_activities,
+                    "done": p.is_done(),
+                });
+            }
+            Ok(out)
         }
         Command::Instances {
             action: InstancesCmd::List { status, limit },
         } => {
-            let pool = connect_for_inspect(cli).await?;
+            let pool = connect_for_inspect(cli, schema).await?;
             let list = inspect::list_instances_in(&pool, schema, status.as_deref(), *limit).await?;
             Ok(output::instance_list(&list))
         }
         Command::Instance {
             action: InstanceCmd::Show { id },
         } => {
-            let pool = connect_for_inspect(cli).await?;
+            let pool = connect_for_inspect(cli, schema).await?;
             match inspect::instance_detail_in(&pool, schema, id).await? {
                 Some(detail) => Ok(output::instance_detail(&detail)),
                 None => Err(Failure::op(format!(
@@ -396,9 +480,73 @@ async fn connect(cli: &Cli) -> Result<PgPool, Failure> {
 /// Connects without migrating. A schema with no migration at all is an error; one at
 /// another version is inspected with a warning (the inspect queries read only the core
 /// tables).
-async fn connect_for_inspect(cli: &Cli) -> Result<PgPool, Failure> {
+async fn adopt_command(pool: &PgPool, schema: &str, action: &AdoptCmd) -> Result<Output, Failure> {
+    let resolved = resolve(pool, schema).await?;
+    let Some(old) = resolved.adopting.as_deref() else {
+        return Err(Failure::op(format!(
+            "schema {schema:?} holds no duroxide-pg schema being adopted"
+        )));
+    };
+    let new = resolved.data_schema.as_str();
+    match action {
+        AdoptCmd::Status => {
+            let p = adopt::progress(pool, new).await.map_err(|e| {
+                Failure::op(format!(
+                    "{} (is the adoption installed? start a provider or run `migrate up`)",
+                    sqlx_message(&e)
+                ))
+            })?;
+            Ok(Output {
+                text: format!(
+                    "adopting duroxide-pg schema {old:?} into {new:?}\n\
+                     moved:                 {}\n\
+                     left in duroxide-pg:   {} instance(s), {} message(s), {} activit(y/ies) ({} held by a duroxide-pg worker)\n\
+                     ready to finalize:     {}\n",
+                    p.adopted,
+                    p.old_instances,
+                    p.old_messages,
+                    p.old_activities,
+                    p.old_leased_activities,
+                    if p.is_done() {
+                        "yes, once no duroxide-pg process is left"
+                    } else {
+                        "no"
+                    }
+                ),
+                json: json!({
+                    "duroxide_pg_schema": old,
+                    "schema": new,
+                    "adopted": p.adopted,
+                    "old_instances": p.old_instances,
+                    "old_messages": p.old_messages,
+                    "old_activities": p.old_activities,
+                    "old_leased_activities": p.old_leased_activities,
+                    "done": p.is_done(),
+                }),
+            })
+        }
+        AdoptCmd::Finalize => {
+            let f = adopt::finalize(pool, old)
+                .await
+                .map_err(|e| Failure::op(sqlx_message(&e)))?;
+            Ok(Output {
+                text: format!(
+                    "adoption finalized: duroxide-pg objects dropped from {:?}; {} instance(s) moved; data in {:?}\n",
+                    f.old, f.adopted, f.data_schema
+                ),
+                json: json!({
+                    "duroxide_pg_schema": f.old,
+                    "schema": f.data_schema,
+                    "adopted": f.adopted,
+                    "finalized": true,
+                }),
+            })
+        }
+    }
+}
+
+async fn connect_for_inspect(cli: &Cli, schema: &str) -> Result<PgPool, Failure> {
     let pool = connect(cli).await?;
-    let schema = cli.schema.as_str();
     let st = schema::status(&pool, schema)
         .await
         .map_err(|e| Failure::op(sqlx_message(&e)))?;

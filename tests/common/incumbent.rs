@@ -1,8 +1,8 @@
 //! A hand-made duroxide-pg 0.1.38 schema skeleton for detection tests that do not build
 //! duroxide-pg itself: its migration ledger `_duroxide_migrations` (same columns as
 //! duroxide-pg creates) filled with the 24 migration file names 0.1.38 ships, plus an
-//! `instances` table of its shape (so a provider that ignored the ledger would fail
-//! inside `CREATE TABLE`, as the issue describes).
+//! tables of 0.1.38's shape (columns and keys; no functions, no indexes), enough for the
+//! adoption to install on and move hand-written rows.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -37,7 +37,7 @@ pub const MIGRATIONS_0_1_38: [(i64, &str); 24] = [
 ];
 
 /// Creates `schema` (quoted name, must not exist) with the ledger at migration `up_to`
-/// and a duroxide-pg-shaped `instances` table.
+/// and duroxide-pg 0.1.38-shaped tables.
 pub async fn create_duroxide_pg_skeleton(conn: &mut PgConnection, schema: &str, up_to: i64) {
     let q = format!("\"{}\"", schema.replace('"', "\"\""));
     sqlx::raw_sql(&format!(
@@ -50,7 +50,46 @@ pub async fn create_duroxide_pg_skeleton(conn: &mut PgConnection, schema: &str, 
              instance_id TEXT PRIMARY KEY,
              orchestration_name TEXT NOT NULL,
              orchestration_version TEXT,
-             current_execution_id BIGINT NOT NULL DEFAULT 1);"
+             current_execution_id BIGINT NOT NULL DEFAULT 1,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             parent_instance_id TEXT,
+             custom_status TEXT,
+             custom_status_version INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE {q}.executions (
+             instance_id TEXT NOT NULL, execution_id BIGINT NOT NULL,
+             status TEXT NOT NULL DEFAULT 'Running', output TEXT,
+             started_at TIMESTAMPTZ NOT NULL DEFAULT now(), completed_at TIMESTAMPTZ,
+             duroxide_version_major INTEGER, duroxide_version_minor INTEGER,
+             duroxide_version_patch INTEGER,
+             PRIMARY KEY (instance_id, execution_id));
+         CREATE TABLE {q}.history (
+             instance_id TEXT NOT NULL, execution_id BIGINT NOT NULL, event_id BIGINT NOT NULL,
+             event_type TEXT NOT NULL, event_data TEXT NOT NULL,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             PRIMARY KEY (instance_id, execution_id, event_id));
+         CREATE TABLE {q}.orchestrator_queue (
+             id BIGSERIAL PRIMARY KEY, instance_id TEXT NOT NULL, work_item TEXT NOT NULL,
+             visible_at TIMESTAMPTZ NOT NULL DEFAULT now(), lock_token TEXT, locked_until BIGINT,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now(), attempt_count INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE {q}.worker_queue (
+             id BIGSERIAL PRIMARY KEY, work_item TEXT NOT NULL,
+             visible_at TIMESTAMPTZ NOT NULL DEFAULT now(), lock_token TEXT, locked_until BIGINT,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now(), attempt_count INTEGER NOT NULL DEFAULT 0,
+             instance_id TEXT, execution_id BIGINT, activity_id BIGINT, session_id TEXT, tag TEXT);
+         CREATE TABLE {q}.instance_locks (
+             instance_id TEXT PRIMARY KEY, lock_token TEXT NOT NULL UNIQUE,
+             locked_until BIGINT NOT NULL, locked_at BIGINT NOT NULL);
+         CREATE TABLE {q}.sessions (
+             session_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL,
+             locked_until BIGINT NOT NULL, last_activity_at BIGINT NOT NULL);
+         CREATE TABLE {q}.kv_store (
+             instance_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+             execution_id BIGINT NOT NULL, last_updated_at_ms BIGINT NOT NULL DEFAULT 0,
+             PRIMARY KEY (instance_id, key));
+         CREATE TABLE {q}.kv_delta (
+             instance_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT,
+             last_updated_at_ms BIGINT NOT NULL, PRIMARY KEY (instance_id, key));"
     ))
     .execute(&mut *conn)
     .await

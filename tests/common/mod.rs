@@ -158,7 +158,7 @@ pub fn init_tracing() {
 
 /// Schemas (and the providers using them) that are dropped together when this value is
 /// dropped, whether the test passed or panicked.
-struct SchemaCleanup {
+pub struct SchemaCleanup {
     url: String,
     owned: Mutex<Owned>,
 }
@@ -182,6 +182,14 @@ impl SchemaCleanup {
 
     fn owned(&self) -> std::sync::MutexGuard<'_, Owned> {
         self.owned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops `schemas` of the shared database when the returned value is dropped (test
+    /// passed or panicked), for tests that create schemas themselves.
+    pub fn for_schemas(schemas: &[String]) -> Self {
+        let cleanup = Self::new(database_url());
+        cleanup.owned().schemas.extend(schemas.iter().cloned());
+        cleanup
     }
 
     /// Creates a provider on a new schema. The schema is registered before connecting, so
