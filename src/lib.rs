@@ -35,7 +35,7 @@ macro_rules! on_conn {
                 }
                 Err(e) => $crate::pool::Failed::Checkout(e),
             };
-            if resends < 2 && failed.may_resend($idempotent) {
+            if resends < failed.resend_limit() && failed.may_resend($idempotent) {
                 resends += 1;
                 metrics::counter!("duroxide_pg_resends_total").increment(1);
                 tokio::time::sleep(std::time::Duration::from_millis(10 * resends)).await;

@@ -234,6 +234,17 @@ impl Failed {
         }
     }
 
+    /// How many times one call may be resent after this failure. A session the server
+    /// ended before running the statement (`57P01`: every pooled connection of a killed
+    /// batch fails this way once, on its next use) is safe to resend as often as the pool
+    /// may hold dead connections; anything else at most twice.
+    pub(crate) fn resend_limit(&self) -> u64 {
+        match self {
+            Failed::Statement(e) if ended_before_commit(e) => 10,
+            _ => 2,
+        }
+    }
+
     pub(crate) fn into_error(self) -> sqlx::Error {
         match self {
             Failed::Checkout(e) | Failed::Statement(e) => e,
