@@ -188,6 +188,18 @@ pub async fn resolve(conn: &mut sqlx::PgConnection, schema: &str) -> Result<Reso
     })
 }
 
+/// [`resolve`] in a transaction of its own: behind a transaction pooler an unnamed
+/// statement's Parse and Bind stay on one server connection only inside a transaction.
+///
+/// # Errors
+/// As [`resolve`].
+pub async fn resolve_in_transaction(pool: &PgPool, schema: &str) -> Result<Resolved, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let resolved = resolve(&mut tx, schema).await?;
+    tx.commit().await?;
+    Ok(resolved)
+}
+
 async fn read_marker(
     conn: &mut sqlx::PgConnection,
     schema: &str,
@@ -288,13 +300,17 @@ pub async fn install(pool: &PgPool, old: &str, new: &str) -> Result<(), sqlx::Er
 /// # Errors
 /// A configuration error saying what to run; database errors.
 pub async fn verify_installed(pool: &PgPool, old: &str, new: &str) -> Result<(), sqlx::Error> {
+    // In a transaction: unnamed statements through a transaction pooler (see
+    // `resolve_in_transaction`); likewise below.
+    let mut tx = pool.begin().await?;
     let row: Option<(String, i32)> = sqlx::query_as(&format!(
         "SELECT source_schema, install_revision FROM {}.adoption_source",
         quote_ident(new)
     ))
     .persistent(false)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    tx.commit().await?;
     match row {
         Some((source, revision)) if source == old && revision >= install_revision() => Ok(()),
         _ => Err(sqlx::Error::Configuration(
@@ -336,6 +352,7 @@ impl Progress {
 /// # Errors
 /// Database errors (e.g. no adoption installed in `new`).
 pub async fn progress(pool: &PgPool, new: &str) -> Result<Progress, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let (old_instances, old_messages, old_activities, old_leased_activities, adopted): (
         i64,
         i64,
@@ -348,8 +365,9 @@ pub async fn progress(pool: &PgPool, new: &str) -> Result<Progress, sqlx::Error>
         quote_ident(new)
     ))
     .persistent(false)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(Progress {
         old_instances,
         old_messages,
@@ -386,6 +404,7 @@ pub async fn adopt_batch(
     after: &str,
     limit: i32,
 ) -> Result<Batch, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     #[allow(clippy::type_complexity)]
     let (moved, busy, visited, last_instance, swept, failures): (
         i32,
@@ -401,8 +420,9 @@ pub async fn adopt_batch(
     .bind(after)
     .bind(limit)
     .persistent(false)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(Batch {
         moved,
         busy,
@@ -660,7 +680,7 @@ pub struct Finalized {
 /// Not an adoption in progress, work left in `old`, database errors.
 pub async fn finalize(pool: &PgPool, old: &str) -> Result<Finalized, sqlx::Error> {
     validate_schema_name(old).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
-    let resolved = resolve(&mut *pool.acquire().await?, old).await?;
+    let resolved = resolve_in_transaction(pool, old).await?;
     let Some(_) = resolved.adopting else {
         return Err(sqlx::Error::Configuration(
             format!(

@@ -191,7 +191,7 @@ impl PostgresProvider {
             .map_err(|e| db_error("connect", None, e))?;
         // A duroxide-pg 0.1.38 schema is adopted: our tables live in a companion schema
         // (`adopt.rs`).
-        let resolved = async { crate::adopt::resolve(&mut *pool.acquire().await?, &schema).await }
+        let resolved = crate::adopt::resolve_in_transaction(&pool, &schema)
             .await
             .map_err(|e| db_error("resolve_schema", None, e))
             .map_err(|e| with_schema_context(e, &schema))?;
