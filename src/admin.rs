@@ -264,6 +264,9 @@ fn filter_ids(filter: &InstanceFilter) -> Option<&[String]> {
 impl ProviderAdmin for PostgresProvider {
     async fn list_instances(&self) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances";
+        if let Some(ids) = self.list_both_homes(OP, None).await? {
+            return Ok(ids);
+        }
         on_conn!(
             idempotent: self,
             fetch_all,
@@ -274,6 +277,9 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn list_instances_by_status(&self, status: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_instances_by_status";
+        if let Some(ids) = self.list_both_homes(OP, Some(status)).await? {
+            return Ok(ids);
+        }
         on_conn!(
             idempotent: self,
             fetch_all,
@@ -284,6 +290,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn list_executions(&self, instance: &str) -> Result<Vec<u64>, ProviderError> {
         const OP: &str = "list_executions";
+        self.adopt_for_management(OP, instance).await?;
         let ids: Vec<i64> = on_conn!(
             idempotent: self,
             fetch_all,
@@ -319,6 +326,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn latest_execution_id(&self, instance: &str) -> Result<u64, ProviderError> {
         const OP: &str = "latest_execution_id";
+        self.adopt_for_management(OP, instance).await?;
         let id: i64 = on_conn!(
             idempotent: self,
             fetch_one,
@@ -330,6 +338,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_instance_info(&self, instance: &str) -> Result<InstanceInfo, ProviderError> {
         const OP: &str = "get_instance_info";
+        self.adopt_for_management(OP, instance).await?;
         let row: Option<InstanceInfoRow> = on_conn!(
             idempotent: self,
             fetch_optional,
@@ -366,6 +375,7 @@ impl ProviderAdmin for PostgresProvider {
         execution_id: u64,
     ) -> Result<ExecutionInfo, ProviderError> {
         const OP: &str = "get_execution_info";
+        self.adopt_for_management(OP, instance).await?;
         let exec = bound_i64(OP, Some(instance), "execution_id", execution_id)?;
         let row: Option<ExecutionInfoRow> = on_conn!(
             idempotent: self,
@@ -423,6 +433,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn list_children(&self, instance_id: &str) -> Result<Vec<String>, ProviderError> {
         const OP: &str = "list_children";
+        self.adopt_tree_for_management(OP, instance_id).await?;
         on_conn!(
             idempotent: self,
             fetch_all,
@@ -433,6 +444,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_parent_id(&self, instance_id: &str) -> Result<Option<String>, ProviderError> {
         const OP: &str = "get_parent_id";
+        self.adopt_for_management(OP, instance_id).await?;
         let row: Option<Option<String>> = on_conn!(
             idempotent: self,
             fetch_optional,
@@ -444,6 +456,7 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_instance_tree(&self, instance_id: &str) -> Result<InstanceTree, ProviderError> {
         const OP: &str = "get_instance_tree";
+        self.adopt_tree_for_management(OP, instance_id).await?;
         // Root first, then descendants by depth. Like the default method, an unknown id
         // yields a tree of just that id.
         let all_ids: Vec<String> = on_conn!(
@@ -466,6 +479,9 @@ impl ProviderAdmin for PostgresProvider {
         const OP: &str = "delete_instances_atomic";
         if ids.is_empty() {
             return Ok(DeleteInstanceResult::default());
+        }
+        for id in ids {
+            self.adopt_for_management(OP, id).await?;
         }
         // Name the instance in errors when there is exactly one; the SQL messages name
         // the offending instance themselves.
@@ -500,6 +516,7 @@ impl ProviderAdmin for PostgresProvider {
         force: bool,
     ) -> Result<DeleteInstanceResult, ProviderError> {
         const OP: &str = "delete_instance";
+        self.adopt_tree_for_management(OP, instance_id).await?;
         let row: DeleteRow = on_conn!(
             self,
             fetch_one,
@@ -584,6 +601,7 @@ impl ProviderAdmin for PostgresProvider {
         options: PruneOptions,
     ) -> Result<PruneResult, ProviderError> {
         const OP: &str = "prune_executions";
+        self.adopt_for_management(OP, instance_id).await?;
         let completed_before = options
             .completed_before
             .map(|t| bound_i64(OP, Some(instance_id), "completed_before", t))

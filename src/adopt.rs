@@ -527,6 +527,115 @@ fn finalized(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42883") | Some("42P01")))
 }
 
+/// Management on this crate's side during an adoption: the instance (or the tree under
+/// it) is moved out of duroxide-pg's tables first, the same per-instance move the mover
+/// makes, so the call that follows finds it wherever it lived. A move never waits: an
+/// instance a duroxide-pg process holds right now is a retryable error naming it.
+impl PostgresProvider {
+    /// Moves `instance` if it still lives in duroxide-pg's tables. No-op when not
+    /// adopting or after finalize.
+    pub(crate) async fn adopt_for_management(
+        &self,
+        op: &str,
+        instance: &str,
+    ) -> Result<(), ProviderError> {
+        if self.inner.adopting_q.is_none() {
+            return Ok(());
+        }
+        // Idempotent: a resend of a move that committed answers 'adopted'.
+        let outcome = on_conn!(
+            idempotent: self,
+            fetch_one,
+            sqlx::query_scalar::<_, String>(&self.sql("SELECT {s}.adopt_instance($1)"))
+                .bind(instance)
+        );
+        let busy = match outcome {
+            Ok(o) => o == "busy",
+            Err(e) if finalized(&e) => false,
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => true,
+            Err(e) => return Err(db_error(op, Some(instance), e)),
+        };
+        if busy {
+            return Err(ProviderError::retryable(
+                op,
+                format!(
+                    "instance {instance} is being moved from duroxide-pg's tables and a \
+                     duroxide-pg process holds it right now; retry shortly"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves `root` and every descendant still in duroxide-pg's tables (children are
+    /// listed in both homes by the listing dispatcher `install.sql` installs).
+    pub(crate) async fn adopt_tree_for_management(
+        &self,
+        op: &str,
+        root: &str,
+    ) -> Result<(), ProviderError> {
+        let Some(old) = self.inner.adopting_q.as_deref() else {
+            return Ok(());
+        };
+        let mut pending = vec![root.to_string()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            self.adopt_for_management(op, &id).await?;
+            let children = on_conn!(
+                idempotent: self,
+                fetch_all,
+                sqlx::query_scalar::<_, String>(&format!(
+                    "SELECT child_instance_id FROM {old}.list_children($1)"
+                ))
+                .bind(&id)
+            );
+            match children {
+                Ok(c) => pending.extend(c),
+                Err(e) if finalized(&e) => return Ok(()),
+                Err(e) => return Err(db_error(op, Some(&id), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Instance ids of both homes, newest first, through the listing dispatchers
+    /// (`status` = None: all). `None` when not adopting or finalized.
+    pub(crate) async fn list_both_homes(
+        &self,
+        op: &str,
+        status: Option<&str>,
+    ) -> Result<Option<Vec<String>>, ProviderError> {
+        let Some(old) = self.inner.adopting_q.as_deref() else {
+            return Ok(None);
+        };
+        let rows = match status {
+            None => on_conn!(
+                idempotent: self,
+                fetch_all,
+                sqlx::query_scalar::<_, String>(&format!(
+                    "SELECT instance_id FROM {old}.list_instances()"
+                ))
+            ),
+            Some(st) => on_conn!(
+                idempotent: self,
+                fetch_all,
+                sqlx::query_scalar::<_, String>(&format!(
+                    "SELECT instance_id FROM {old}.list_instances_by_status($1)"
+                ))
+                .bind(st)
+            ),
+        };
+        match rows {
+            Ok(ids) => Ok(Some(ids)),
+            Err(e) if finalized(&e) => Ok(None),
+            Err(e) => Err(db_error(op, None, e)),
+        }
+    }
+}
+
 /// Client reads of instances that still live in the duroxide-pg tables. A read of this
 /// crate's tables that finds nothing asks duroxide-pg's own read functions (through the
 /// dispatchers `install.sql` puts in their place), so this crate's client sees an instance

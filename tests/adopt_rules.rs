@@ -13,7 +13,11 @@
 //!   and a message this crate writes for an instance still in duroxide-pg's tables lands
 //!   in duroxide-pg's queue;
 //! * a failed batch (a crash mid-way) leaves everything where it was, and the next pass
-//!   moves it.
+//!   moves it;
+//! * management through this crate's client (listings, info, trees, delete, prune)
+//!   reaches instances the mover has not reached yet: listings show both homes, and a
+//!   call about one instance moves it (and its descendants) first; a held one is a
+//!   retryable error naming it.
 
 mod common;
 #[path = "common/incumbent.rs"]
@@ -22,7 +26,7 @@ mod incumbent_skeleton;
 use std::time::Duration;
 
 use common::{database_url, init_tracing, unique_schema};
-use duroxide::providers::{Provider, WorkItem};
+use duroxide::providers::{Provider, ProviderAdmin, WorkItem};
 use duroxide_pg_hybrid::adopt;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{PostgresProvider, ProviderOptions};
@@ -356,5 +360,84 @@ async fn a_failed_batch_moves_nothing_and_the_next_pass_resumes() {
     // A second pass finds nothing to do.
     let b = f.batch().await;
     assert_eq!((b.moved, b.visited), (0, 0), "{b:?}");
+    provider.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_on_this_side_reaches_instances_not_moved_yet() {
+    let (f, provider) = Fixture::new().await;
+    let (o, n) = (&f.o, &f.n);
+    for id in ["parent", "child", "other"] {
+        f.old_instance(id, Duration::from_secs(60)).await;
+    }
+    f.exec(&format!(
+        "UPDATE {o}.instances SET parent_instance_id = 'parent' WHERE instance_id = 'child'"
+    ))
+    .await;
+    let old_instances = format!("SELECT count(*) FROM {o}.instances");
+    let mut listed = provider.list_instances().await.unwrap();
+    listed.sort();
+    assert_eq!(listed, ["child", "other", "parent"]);
+    let mut running = provider.list_instances_by_status("Running").await.unwrap();
+    running.sort();
+    assert_eq!(running, ["child", "other", "parent"]);
+    assert_eq!(f.count(&old_instances).await, 3, "listing moves nothing");
+
+    let info = provider.get_instance_info("parent").await.unwrap();
+    assert_eq!(
+        (
+            info.orchestration_name.as_str(),
+            info.current_execution_id,
+            info.status.as_str()
+        ),
+        ("Orch", 2, "Running")
+    );
+    assert_eq!(
+        f.count(&old_instances).await,
+        2,
+        "the instance asked about moved"
+    );
+
+    let tree = provider.get_instance_tree("parent").await.unwrap();
+    assert_eq!(tree.all_ids, ["parent", "child"]);
+    assert_eq!(f.count(&old_instances).await, 1, "its child moved with it");
+    assert_eq!(
+        provider.get_parent_id("child").await.unwrap().as_deref(),
+        Some("parent")
+    );
+
+    // A duroxide-pg process holds `other` (its per-instance advisory lock): nothing moves,
+    // the call fails retryably and says which instance.
+    let mut holder = f.admin.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('other'))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let err = provider.delete_instance("other", true).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(err.message.contains("other"), "{err:?}");
+    assert_eq!(f.count(&old_instances).await, 1);
+    holder.rollback().await.unwrap();
+
+    let deleted = provider.delete_instance("other", true).await.unwrap();
+    assert_eq!(deleted.instances_deleted, 1, "{deleted:?}");
+    assert_eq!(f.count(&old_instances).await, 0);
+    assert_eq!(
+        f.count(&format!(
+            "SELECT count(*) FROM {o}.orchestrator_queue WHERE instance_id = 'other'"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        f.count(&format!(
+            "SELECT count(*) FROM {n}.instances WHERE instance_id = 'other'"
+        ))
+        .await,
+        0
+    );
+    let mut listed = provider.list_instances().await.unwrap();
+    listed.sort();
+    assert_eq!(listed, ["child", "parent"]);
     provider.close().await;
 }
