@@ -1,4 +1,4 @@
--- revision: 1
+-- revision: 2
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
@@ -353,8 +353,20 @@ DECLARE
     v_token      TEXT;
     v_tried      TEXT[] := '{}';
     v_step       RECORD;
-    v_lock_space INT := instance_lock_space();
+    v_lock_space INT;
 BEGIN
+    -- Nothing claimable by anyone (every instance leased, waiting or idle: most empty
+    -- claims of a busy fleet): one index probe answers, instead of the pick, its
+    -- subtransaction and the contention check, which would all find nothing.
+    o_now_ms := now_ms();
+    IF NOT EXISTS (SELECT 1 FROM pending_instances p
+                   WHERE p.runnable AND p.claimable_at_ms <= o_now_ms) THEN
+        o_skipped := 0;
+        o_next_wake_ms := claim_next_wake(o_now_ms);
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    v_lock_space := instance_lock_space();
     FOR i IN 1 .. p_max_candidates LOOP
         -- Pick and try-lock in a subtransaction: a lost try-lock undoes the pick, which
         -- releases the row at once for the claim that holds the instance.
