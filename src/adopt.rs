@@ -550,6 +550,16 @@ impl PostgresProvider {
                 .bind(instance)
         );
         let busy = match outcome {
+            Ok(o) if o == "moved" => {
+                metrics::counter!("duroxide_pg_adopted_instances_total").increment(1);
+                tracing::info!(
+                    target: crate::TRACING_TARGET,
+                    operation = op,
+                    instance = %instance,
+                    "moved the instance out of duroxide-pg's tables before managing it"
+                );
+                false
+            }
             Ok(o) => o == "busy",
             Err(e) if finalized(&e) => false,
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => true,
