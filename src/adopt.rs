@@ -527,6 +527,18 @@ fn finalized(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42883") | Some("42P01")))
 }
 
+/// The retryable error of a management call whose instance a duroxide-pg process holds
+/// while the call would move it.
+fn held_by_duroxide_pg(op: &str, instance: &str) -> ProviderError {
+    ProviderError::retryable(
+        op,
+        format!(
+            "instance {instance} is being moved from duroxide-pg's tables and a duroxide-pg \
+             process holds it right now; retry shortly"
+        ),
+    )
+}
+
 /// Management on this crate's side during an adoption: the instance (or the tree under
 /// it) is moved out of duroxide-pg's tables first, the same per-instance move the mover
 /// makes, so the call that follows finds it wherever it lived. A move never waits: an
@@ -549,7 +561,7 @@ impl PostgresProvider {
             sqlx::query_scalar::<_, String>(&self.sql("SELECT {s}.adopt_instance($1)"))
                 .bind(instance)
         );
-        let busy = match outcome {
+        match outcome {
             Ok(o) if o == "moved" => {
                 metrics::counter!("duroxide_pg_adopted_instances_total").increment(1);
                 tracing::info!(
@@ -558,23 +570,16 @@ impl PostgresProvider {
                     instance = %instance,
                     "moved the instance out of duroxide-pg's tables before managing it"
                 );
-                false
+                Ok(())
             }
-            Ok(o) => o == "busy",
-            Err(e) if finalized(&e) => false,
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => true,
-            Err(e) => return Err(db_error(op, Some(instance), e)),
-        };
-        if busy {
-            return Err(ProviderError::retryable(
-                op,
-                format!(
-                    "instance {instance} is being moved from duroxide-pg's tables and a \
-                     duroxide-pg process holds it right now; retry shortly"
-                ),
-            ));
+            Ok(o) if o == "busy" => Err(held_by_duroxide_pg(op, instance)),
+            Ok(_) => Ok(()),
+            Err(e) if finalized(&e) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                Err(held_by_duroxide_pg(op, instance))
+            }
+            Err(e) => Err(db_error(op, Some(instance), e)),
         }
-        Ok(())
     }
 
     /// Moves `root` and every descendant still in duroxide-pg's tables (children are
