@@ -21,6 +21,12 @@ pub(crate) enum Attempt<T> {
     },
 }
 
+/// A short poll whose claim says "look again within this" (claimable work held by a
+/// claim in flight: `sp_fetch_and_lock` answers now + 10 ms) looks again, at most
+/// `SHORT_POLL_RECHECKS` times, instead of returning "no work" at once.
+const SHORT_POLL_RECHECK: Duration = Duration::from_millis(20);
+const SHORT_POLL_RECHECKS: u32 = 3;
+
 /// Database wake-up time relative to the database's own "now".
 pub(crate) fn wake_in(now_ms: i64, next_wake_ms: Option<i64>) -> Option<Duration> {
     // +1 ms: visibility is `visible_at <= now`, so waking exactly at the boundary could
@@ -47,9 +53,23 @@ impl PostgresProvider {
         let queue = interest.queue;
         let long = self.inner.long_poll && !poll_timeout.is_zero();
         if !long {
-            let claimed = match attempt(None).await? {
-                Attempt::Claimed(t) => Some(t),
-                Attempt::Empty { .. } => None,
+            let mut retries = 0;
+            let claimed = loop {
+                match attempt(None).await? {
+                    Attempt::Claimed(t) => break Some(t),
+                    // Claimable work that another transaction was claiming (its row was
+                    // skipped), or work due within a few milliseconds: look again shortly
+                    // instead of answering "no work". The other claim may still roll back
+                    // (a caller dropped before its COMMIT), and then this fetch must not
+                    // have reported an empty queue.
+                    Attempt::Empty { wake_in: Some(w) }
+                        if w <= SHORT_POLL_RECHECK && retries < SHORT_POLL_RECHECKS =>
+                    {
+                        retries += 1;
+                        tokio::time::sleep(w).await;
+                    }
+                    Attempt::Empty { .. } => break None,
+                }
             };
             let outcome = if claimed.is_some() {
                 "claimed"

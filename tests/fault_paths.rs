@@ -9,6 +9,8 @@
 //! * a bulk delete of 1,000 trees of 11 stays within the server's lock table; a full
 //!   lock table is classified (permanent for deletes, retryable for runtime calls);
 //! * an undecodable worker row is poisoned by the runtime after `max_attempts`.
+//! * a short poll does not answer "no work" while the only runnable instance is held by
+//!   a claim in flight that then rolls back.
 
 mod common;
 
@@ -25,6 +27,7 @@ use duroxide::{
     ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
 use duroxide_pg_hybrid::errors::db_error;
+use sqlx::Connection;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
@@ -481,4 +484,45 @@ async fn undecodable_worker_row_is_poisoned_after_max_attempts() {
         .unwrap();
     assert_eq!(left, 0, "the poisoned row is consumed");
     let _: Arc<PostgresProvider> = p;
+}
+
+/// A short poll (poll_timeout 0) that meets the only runnable instance held by another
+/// claim in flight looks again instead of answering "no work": that claim may roll back
+/// (its caller dropped before COMMIT, as a runtime shutting down does behind a
+/// transaction pooler), and then the instance was claimable all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls_back() {
+    for path in [FetchPath::Hybrid, FetchPath::Procedure] {
+        let (p, _guard) = new_provider_with(path, common::short_polling).await;
+        p.enqueue_for_orchestrator(start_item("held"), None)
+            .await
+            .unwrap();
+
+        // The claim in flight: a transaction holding the instance's claim-state row.
+        let mut other = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        let held: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT instance_id FROM {}.pending_instances WHERE instance_id = 'held' FOR NO KEY UPDATE",
+            quote_ident(p.schema())
+        ))
+        .fetch_all(&mut other)
+        .await
+        .unwrap();
+        assert_eq!(held.len(), 1, "{path}: the instance has its claim-state row");
+
+        let fetch = {
+            let p = p.clone();
+            tokio::spawn(async move { p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+
+        let (item, lock, _) = fetch
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{path}: claimable work reported as no work"));
+        assert_eq!(item.instance, "held");
+        p.abandon_orchestration_item(&lock, None, true).await.unwrap();
+    }
 }
