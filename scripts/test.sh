@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command: docs (warnings denied), doctests, then every target (lib
-# unit tests, integration tests, the conformance suite for both fetch paths, long
-# polling, round trips, mixed fleet, faults, TLS, CLI) against a PostgreSQL found or
-# started by scripts/with-postgres.sh; then the tests that depend on the default fetch
-# path again, built with the `full-procedure` feature; then the duroxide-pg API compile
-# test (`compat-check/`); then, with `--features duroxide-pg-tests` (duroxide-pg 0.1.38
+# The project's test command: docs (warnings denied), doctests, then every target of the
+# workspace but the bench (lib unit tests, integration tests, the conformance suite for
+# both fetch paths, long polling, round trips, mixed fleet, faults, TLS, the CLI, built
+# in the same cargo invocation so it shares its dependencies' build, and the duroxide-pg
+# API compile test `compat-check/`) against a PostgreSQL found or started by
+# scripts/with-postgres.sh; then the tests that depend on the compiled-in default fetch
+# path (lib, fetch_path) again, built with the `full-procedure` feature (the other tests
+# name their path); then, with `--features duroxide-pg-tests` (duroxide-pg 0.1.38
 # itself, and with it the Azure SDK: ~3 min of a cold build), the live adoption of a
 # running duroxide-pg deployment (`tests/adopt_duroxide_pg.rs`) and `tests/compat.rs`
 # against a real duroxide-pg schema. The `entra` feature is checked by
@@ -23,14 +25,18 @@ threads=${TEST_THREADS:-8}
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude duroxide-pg-hybrid-bench
 export DUROXIDE_PG_TEST_REQUIRE_PGBOUNCER=1
 exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
-  cargo test --release --doc -p duroxide-pg-hybrid &&
-  cargo test --release --all-targets -- --test-threads="$0" "$@" &&
-  cargo test --release -p duroxide-pg-compat-check &&
+  cargo test --release --doc --workspace --exclude duroxide-pg-hybrid-bench &&
+  # Built first so the CLI binary exists (`cargo test` builds a package'"'"'s binaries only for
+  # its own integration tests) and shares the tests'"'"' dependency build.
+  cargo build --release --workspace --exclude duroxide-pg-hybrid-bench --all-targets &&
+  DUROXIDE_PG_HYBRID_CLI="${CARGO_TARGET_DIR:-$PWD/target}/release/duroxide-pg-hybrid" \
+    cargo test --release --workspace --exclude duroxide-pg-hybrid-bench --all-targets \
+    -- --test-threads="$0" "$@" &&
   echo "== with --features duroxide-pg-tests: adopting running duroxide-pg 0.1.38 processes" &&
   cargo test --release --features duroxide-pg-tests --test adopt_duroxide_pg --test compat \
     -- --test-threads="$0" "$@" &&
   echo "== with --features full-procedure (procedure path as the default)" &&
-  cargo test --release --features full-procedure --lib --test fetch_path --test mixed_fleet --test long_poll \
+  cargo test --release --features full-procedure --lib --test fetch_path \
     -- --test-threads="$0" "$@" &&
   echo "== through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
   # 4 threads: every call is 4 round trips through the pooler, and several conformance

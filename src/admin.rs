@@ -122,10 +122,29 @@ FROM (
     JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
 ) c";
 
+/// While adopting: the same counts over both homes ({o}: duroxide-pg's tables, same table
+/// and column names), in one statement so an instance moving meanwhile counts once.
+const SYSTEM_METRICS_BOTH_HOMES: &str = "\
+SELECT a.total_instances + b.total_instances AS total_instances,
+       a.total_executions + b.total_executions AS total_executions,
+       a.running + b.running AS running, a.completed + b.completed AS completed,
+       a.failed + b.failed AS failed, a.total_events + b.total_events AS total_events
+FROM {both}";
+
 /// Unlocked rows. Timers are delayed orchestrator rows, so there is no timer queue.
 const QUEUE_DEPTHS: &str = "\
 SELECT (SELECT count(*) FROM {s}.orchestrator_queue q WHERE q.lock_token IS NULL),
        (SELECT count(*) FROM {s}.worker_queue w WHERE w.lock_token IS NULL)";
+
+/// While adopting: plus duroxide-pg's unlocked rows ({o}; it leaves the token of an
+/// expired lease in place, so an expired lease counts as unlocked).
+const QUEUE_DEPTHS_BOTH_HOMES: &str = "\
+SELECT (SELECT count(*) FROM {s}.orchestrator_queue q WHERE q.lock_token IS NULL)
+     + (SELECT count(*) FROM {o}.orchestrator_queue q
+        WHERE q.lock_token IS NULL OR q.locked_until <= {s}.now_ms()),
+       (SELECT count(*) FROM {s}.worker_queue w WHERE w.lock_token IS NULL)
+     + (SELECT count(*) FROM {o}.worker_queue w
+        WHERE w.lock_token IS NULL OR w.locked_until <= {s}.now_ms())";
 
 const LIST_CHILDREN: &str = "\
 SELECT i.instance_id FROM {s}.instances i
@@ -406,9 +425,25 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_system_metrics(&self) -> Result<SystemMetrics, ProviderError> {
         const OP: &str = "get_system_metrics";
-        let row: MetricsRow =
-            on_conn!(idempotent: self, fetch_one, sqlx::query_as(&self.sql(SYSTEM_METRICS)))
-                .map_err(|e| db_error(OP, None, e))?;
+        let both = SYSTEM_METRICS_BOTH_HOMES.replace(
+            "{both}",
+            &format!(
+                "({SYSTEM_METRICS}) a, ({}) b",
+                SYSTEM_METRICS.replace("{s}", "{o}")
+            ),
+        );
+        let mut tries = self
+            .both_homes_then_ours(&both, SYSTEM_METRICS)
+            .into_iter()
+            .peekable();
+        let row: MetricsRow = loop {
+            let sql = tries.next().expect("ours is always tried");
+            match on_conn!(idempotent: self, fetch_one, sqlx::query_as(&sql)) {
+                Ok(row) => break row,
+                Err(e) if tries.peek().is_some() && crate::adopt::after_finalize(&e) => {}
+                Err(e) => return Err(db_error(OP, None, e)),
+            }
+        };
         Ok(SystemMetrics {
             total_instances: to_u64(OP, None, "total_instances", row.total_instances)?,
             total_executions: to_u64(OP, None, "total_executions", row.total_executions)?,
@@ -421,9 +456,18 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_queue_depths(&self) -> Result<QueueDepths, ProviderError> {
         const OP: &str = "get_queue_depths";
-        let (orch, worker): (i64, i64) =
-            on_conn!(idempotent: self, fetch_one, sqlx::query_as(&self.sql(QUEUE_DEPTHS)))
-                .map_err(|e| db_error(OP, None, e))?;
+        let mut tries = self
+            .both_homes_then_ours(QUEUE_DEPTHS_BOTH_HOMES, QUEUE_DEPTHS)
+            .into_iter()
+            .peekable();
+        let (orch, worker): (i64, i64) = loop {
+            let sql = tries.next().expect("ours is always tried");
+            match on_conn!(idempotent: self, fetch_one, sqlx::query_as(&sql)) {
+                Ok(row) => break row,
+                Err(e) if tries.peek().is_some() && crate::adopt::after_finalize(&e) => {}
+                Err(e) => return Err(db_error(OP, None, e)),
+            }
+        };
         Ok(QueueDepths {
             orchestrator_queue: to_usize(OP, "orchestrator_queue", orch)?,
             worker_queue: to_usize(OP, "worker_queue", worker)?,

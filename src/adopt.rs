@@ -523,6 +523,11 @@ pub(crate) fn spawn_mover(
 }
 
 /// The move functions are gone (42883) or the duroxide-pg tables are (42P01): finalized.
+/// The error of a statement on duroxide-pg's objects once finalize has dropped them.
+pub(crate) fn after_finalize(e: &sqlx::Error) -> bool {
+    finalized(e)
+}
+
 fn finalized(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42883") | Some("42P01")))
 }
@@ -614,6 +619,18 @@ impl PostgresProvider {
             }
         }
         Ok(())
+    }
+
+    /// The statements of a count, in the order to try: while adopting, `both` ({s}: this
+    /// crate's schema, {o}: duroxide-pg's) first, then `ours` (for after finalize has
+    /// dropped duroxide-pg's tables: see [`after_finalize`]).
+    pub(crate) fn both_homes_then_ours(&self, both: &str, ours: &str) -> Vec<String> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(old) = self.inner.adopting_q.as_deref() {
+            out.push(self.sql(&both.replace("{o}", old)));
+        }
+        out.push(self.sql(ours));
+        out
     }
 
     /// Instance ids of both homes, newest first, through the listing dispatchers

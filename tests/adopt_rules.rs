@@ -14,8 +14,9 @@
 //!   in duroxide-pg's queue;
 //! * a failed batch (a crash mid-way) leaves everything where it was, and the next pass
 //!   moves it;
-//! * management through this crate's client (listings, info, trees, delete, prune)
-//!   reaches instances the mover has not reached yet: listings show both homes, and a
+//! * management through this crate's client (listings, info, trees, delete, prune, system
+//!   metrics, queue depths) reaches instances the mover has not reached yet: listings and
+//!   counts cover both homes (an instance moving counts once), and a
 //!   call about one instance moves it (and its descendants) first; a held one is a
 //!   retryable error naming it.
 
@@ -375,6 +376,22 @@ async fn management_on_this_side_reaches_instances_not_moved_yet() {
     ))
     .await;
     let old_instances = format!("SELECT count(*) FROM {o}.instances");
+    // Counts cover both homes, before and after a move, each instance once: 3 instances
+    // of 2 executions and 3 events, each with a timer and an event queued and an activity.
+    let fleet = |m: duroxide::providers::SystemMetrics| {
+        (
+            m.total_instances,
+            m.total_executions,
+            m.running_instances,
+            m.total_events,
+        )
+    };
+    let depths = |d: duroxide::providers::QueueDepths| (d.orchestrator_queue, d.worker_queue);
+    assert_eq!(
+        fleet(provider.get_system_metrics().await.unwrap()),
+        (3, 6, 3, 9)
+    );
+    assert_eq!(depths(provider.get_queue_depths().await.unwrap()), (6, 3));
     let mut listed = provider.list_instances().await.unwrap();
     listed.sort();
     assert_eq!(listed, ["child", "other", "parent"]);
@@ -397,6 +414,11 @@ async fn management_on_this_side_reaches_instances_not_moved_yet() {
         2,
         "the instance asked about moved"
     );
+    assert_eq!(
+        fleet(provider.get_system_metrics().await.unwrap()),
+        (3, 6, 3, 9)
+    );
+    assert_eq!(depths(provider.get_queue_depths().await.unwrap()), (6, 3));
 
     let tree = provider.get_instance_tree("parent").await.unwrap();
     assert_eq!(tree.all_ids, ["parent", "child"]);

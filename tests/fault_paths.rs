@@ -27,10 +27,10 @@ use duroxide::{
     ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
 use duroxide_pg_hybrid::errors::db_error;
-use sqlx::Connection;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+use sqlx::Connection;
 
 const LOCK: Duration = Duration::from_secs(30);
 
@@ -508,11 +508,17 @@ async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls
         .fetch_all(&mut other)
         .await
         .unwrap();
-        assert_eq!(held.len(), 1, "{path}: the instance has its claim-state row");
+        assert_eq!(
+            held.len(),
+            1,
+            "{path}: the instance has its claim-state row"
+        );
 
         let fetch = {
             let p = p.clone();
-            tokio::spawn(async move { p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await })
+            tokio::spawn(
+                async move { p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await },
+            )
         };
         tokio::time::sleep(Duration::from_millis(4)).await;
         sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
@@ -523,6 +529,8 @@ async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls
             .unwrap()
             .unwrap_or_else(|| panic!("{path}: claimable work reported as no work"));
         assert_eq!(item.instance, "held");
-        p.abandon_orchestration_item(&lock, None, true).await.unwrap();
+        p.abandon_orchestration_item(&lock, None, true)
+            .await
+            .unwrap();
     }
 }
