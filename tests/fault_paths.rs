@@ -11,6 +11,7 @@
 //! * an undecodable worker row is poisoned by the runtime after `max_attempts`.
 //! * a short poll does not answer "no work" while the only runnable instance is held by
 //!   a claim in flight that then rolls back.
+//! * the resend ledger drops ids past their 15 minutes and keeps recent ones.
 
 mod common;
 
@@ -533,4 +534,62 @@ async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls
             .await
             .unwrap();
     }
+}
+
+/// The ledger that makes enqueues and worker acks safe to resend keeps every id for 15
+/// minutes and is pruned along the way (by about one call in 16): ids past their 15
+/// minutes go, recent ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
+    let (p, _guard) = new_provider_with(FetchPath::Hybrid, common::short_polling).await;
+    let s = quote_ident(p.schema());
+    sqlx::query(&format!(
+        "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+         SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g"
+    ))
+    .execute(p.pool())
+    .await
+    .unwrap();
+    // 300 enqueues of each kind: a pruning pass (up to 64 ids) in about one of 16, so
+    // ~19 passes each where 4 clear the 200 (fewer than 4 in 300: p < 1e-4).
+    for i in 0..300 {
+        p.enqueue_for_orchestrator(start_item(&format!("ledger-{i}")), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.enqueue_ledger WHERE enqueue_id LIKE 'expired-%'"
+        )
+        .await,
+        0,
+        "expired ids pruned by client enqueues"
+    );
+    sqlx::query(&format!(
+        "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+         SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g"
+    ))
+    .execute(p.pool())
+    .await
+    .unwrap();
+    for i in 0..300 {
+        p.enqueue_for_worker(activity_item("ledger-w", i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.enqueue_ledger WHERE enqueue_id LIKE 'expired-%'"
+        )
+        .await,
+        0,
+        "expired ids pruned by worker enqueues"
+    );
+    assert_eq!(
+        scalar(&p, "SELECT count(*) FROM {s}.enqueue_ledger").await,
+        600,
+        "every recent id is kept"
+    );
 }
