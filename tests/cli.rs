@@ -738,12 +738,28 @@ fn usage_errors_exit_2_and_passwords_stay_hidden() {
     assert!(missing.stderr.contains("DATABASE_URL"), "{missing:#?}");
     assert_eq!(cli(&["--help"], &[]).code, 0);
 
-    // Port 1: connection refused at once. The password must not appear anywhere.
+    cli(&["--connect-timeout", "0", "stats"], &[]).fails(2);
+
+    // Port 1: connection refused at once (the CLI keeps trying for --connect-timeout
+    // seconds). The password must not appear anywhere.
     let secret = "s3cret-Passw0rd";
     let url = format!("postgres://app:{secret}@127.0.0.1:1/db");
     for args in [
-        &["--database-url", url.as_str(), "stats"][..],
-        &["--database-url", url.as_str(), "--json", "verify"],
+        &[
+            "--database-url",
+            url.as_str(),
+            "--connect-timeout",
+            "1",
+            "stats",
+        ][..],
+        &[
+            "--database-url",
+            url.as_str(),
+            "--json",
+            "--connect-timeout",
+            "1",
+            "verify",
+        ],
     ] {
         let r = cli(args, &[]).fails(1);
         assert!(
@@ -755,7 +771,20 @@ fn usage_errors_exit_2_and_passwords_stay_hidden() {
             "{r:#?}"
         );
     }
-    let r = cli(&["stats"], &[("DATABASE_URL", url.as_str())]).fails(1);
+    let started = std::time::Instant::now();
+    let r = cli(
+        &["stats"],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DUROXIDE_PG_CONNECT_TIMEOUT", "2"),
+        ],
+    )
+    .fails(1);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(14),
+        "DUROXIDE_PG_CONNECT_TIMEOUT bounds the connection attempts: {:?}",
+        started.elapsed()
+    );
     assert!(!r.stderr.contains(secret), "{r:#?}");
     let help = cli(&["--help"], &[("DATABASE_URL", url.as_str())]).ok();
     assert!(!help.stdout.contains(secret), "{help:#?}");

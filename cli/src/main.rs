@@ -57,6 +57,17 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Seconds to keep trying to connect (a server that refuses or does not answer)
+    /// before failing.
+    #[arg(
+        long,
+        env = "DUROXIDE_PG_CONNECT_TIMEOUT",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    connect_timeout: u64,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -465,7 +476,7 @@ async fn connect(cli: &Cli) -> Result<PgPool, Failure> {
         .application_name("duroxide-pg-hybrid-cli");
     PgPoolOptions::new()
         .max_connections(2)
-        .acquire_timeout(Duration::from_secs(15))
+        .acquire_timeout(Duration::from_secs(cli.connect_timeout))
         .connect_with(options)
         .await
         .map_err(|e| {
