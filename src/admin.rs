@@ -432,18 +432,7 @@ impl ProviderAdmin for PostgresProvider {
                 SYSTEM_METRICS.replace("{s}", "{o}")
             ),
         );
-        let mut tries = self
-            .both_homes_then_ours(&both, SYSTEM_METRICS)
-            .into_iter()
-            .peekable();
-        let row: MetricsRow = loop {
-            let sql = tries.next().expect("ours is always tried");
-            match on_conn!(idempotent: self, fetch_one, sqlx::query_as(&sql)) {
-                Ok(row) => break row,
-                Err(e) if tries.peek().is_some() && crate::adopt::after_finalize(&e) => {}
-                Err(e) => return Err(db_error(OP, None, e)),
-            }
-        };
+        let row: MetricsRow = self.count_both_homes(OP, &both, SYSTEM_METRICS).await?;
         Ok(SystemMetrics {
             total_instances: to_u64(OP, None, "total_instances", row.total_instances)?,
             total_executions: to_u64(OP, None, "total_executions", row.total_executions)?,
@@ -456,18 +445,9 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_queue_depths(&self) -> Result<QueueDepths, ProviderError> {
         const OP: &str = "get_queue_depths";
-        let mut tries = self
-            .both_homes_then_ours(QUEUE_DEPTHS_BOTH_HOMES, QUEUE_DEPTHS)
-            .into_iter()
-            .peekable();
-        let (orch, worker): (i64, i64) = loop {
-            let sql = tries.next().expect("ours is always tried");
-            match on_conn!(idempotent: self, fetch_one, sqlx::query_as(&sql)) {
-                Ok(row) => break row,
-                Err(e) if tries.peek().is_some() && crate::adopt::after_finalize(&e) => {}
-                Err(e) => return Err(db_error(OP, None, e)),
-            }
-        };
+        let (orch, worker): (i64, i64) = self
+            .count_both_homes(OP, QUEUE_DEPTHS_BOTH_HOMES, QUEUE_DEPTHS)
+            .await?;
         Ok(QueueDepths {
             orchestrator_queue: to_usize(OP, "orchestrator_queue", orch)?,
             worker_queue: to_usize(OP, "worker_queue", worker)?,

@@ -523,11 +523,6 @@ pub(crate) fn spawn_mover(
 }
 
 /// The move functions are gone (42883) or the duroxide-pg tables are (42P01): finalized.
-/// The error of a statement on duroxide-pg's objects once finalize has dropped them.
-pub(crate) fn after_finalize(e: &sqlx::Error) -> bool {
-    finalized(e)
-}
-
 fn finalized(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42883") | Some("42P01")))
 }
@@ -621,16 +616,29 @@ impl PostgresProvider {
         Ok(())
     }
 
-    /// The statements of a count, in the order to try: while adopting, `both` ({s}: this
-    /// crate's schema, {o}: duroxide-pg's) first, then `ours` (for after finalize has
-    /// dropped duroxide-pg's tables: see [`after_finalize`]).
-    pub(crate) fn both_homes_then_ours(&self, both: &str, ours: &str) -> Vec<String> {
-        let mut out = Vec::with_capacity(2);
+    /// One row of a count over both homes while adopting (`both`: {s} this crate's
+    /// schema, {o} duroxide-pg's, one statement so an instance moving meanwhile counts
+    /// once), else, or once finalize has dropped duroxide-pg's tables, of `ours`.
+    pub(crate) async fn count_both_homes<T>(
+        &self,
+        op: &str,
+        both: &str,
+        ours: &str,
+    ) -> Result<T, ProviderError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin + 'static,
+    {
         if let Some(old) = self.inner.adopting_q.as_deref() {
-            out.push(self.sql(&both.replace("{o}", old)));
+            let sql = self.sql(&both.replace("{o}", old));
+            match on_conn!(idempotent: self, fetch_one, sqlx::query_as::<_, T>(&sql)) {
+                Ok(row) => return Ok(row),
+                Err(e) if finalized(&e) => {}
+                Err(e) => return Err(db_error(op, None, e)),
+            }
         }
-        out.push(self.sql(ours));
-        out
+        let sql = self.sql(ours);
+        on_conn!(idempotent: self, fetch_one, sqlx::query_as::<_, T>(&sql))
+            .map_err(|e| db_error(op, None, e))
     }
 
     /// Instance ids of both homes, newest first, through the listing dispatchers

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{database_url, init_tracing, unique_schema};
-use duroxide::providers::Provider;
+use duroxide::providers::{Provider, ProviderAdmin};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
@@ -592,6 +592,16 @@ async fn scenario(exit: Exit) {
     )
     .await;
     assert_eq!(triggers, 0);
+    // A process that started while adopting still counts after finalize (its own tables).
+    let counted = mover
+        .get_system_metrics()
+        .await
+        .expect("metrics after finalize")
+        .total_instances;
+    mover
+        .get_queue_depths()
+        .await
+        .expect("queue depths after finalize");
     drop(ours);
     mover.close().await;
     let reopened = PostgresProvider::connect_with(
@@ -605,6 +615,10 @@ async fn scenario(exit: Exit) {
     .await
     .expect("reopen after finalize");
     assert_eq!(reopened.schema(), companion);
+    assert_eq!(
+        reopened.get_system_metrics().await.unwrap().total_instances,
+        counted
+    );
     let status = Client::new(Arc::new(reopened.clone()))
         .get_orchestration_status("old-Far")
         .await

@@ -542,51 +542,36 @@ async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
     let (p, _guard) = new_provider_with(FetchPath::Hybrid, common::short_polling).await;
-    let s = quote_ident(p.schema());
-    sqlx::query(&format!(
-        "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
-         SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g"
-    ))
-    .execute(p.pool())
-    .await
-    .unwrap();
-    // 300 enqueues of each kind: a pruning pass (up to 64 ids) in about one of 16, so
-    // ~19 passes each where 4 clear the 200 (fewer than 4 in 300: p < 1e-4).
-    for i in 0..300 {
-        p.enqueue_for_orchestrator(start_item(&format!("ledger-{i}")), None)
-            .await
-            .unwrap();
+    let expired = "SELECT count(*) FROM {s}.enqueue_ledger WHERE enqueue_id LIKE 'expired-%'";
+    // 300 enqueues of each kind after 200 ids past their 15 minutes: a pruning pass (up
+    // to 64 ids) in about one of 16, so ~19 passes where 4 clear the 200 (fewer than 4
+    // in 300: p < 1e-4).
+    for kind in ["client", "worker"] {
+        sqlx::query(&format!(
+            "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+             SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g",
+            s = quote_ident(p.schema())
+        ))
+        .execute(p.pool())
+        .await
+        .unwrap();
+        for i in 0..300 {
+            if kind == "client" {
+                p.enqueue_for_orchestrator(start_item(&format!("ledger-{i}")), None)
+                    .await
+                    .unwrap();
+            } else {
+                p.enqueue_for_worker(activity_item("ledger-w", i))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert_eq!(
+            scalar(&p, expired).await,
+            0,
+            "expired ids pruned by {kind} enqueues"
+        );
     }
-    assert_eq!(
-        scalar(
-            &p,
-            "SELECT count(*) FROM {s}.enqueue_ledger WHERE enqueue_id LIKE 'expired-%'"
-        )
-        .await,
-        0,
-        "expired ids pruned by client enqueues"
-    );
-    sqlx::query(&format!(
-        "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
-         SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g"
-    ))
-    .execute(p.pool())
-    .await
-    .unwrap();
-    for i in 0..300 {
-        p.enqueue_for_worker(activity_item("ledger-w", i))
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        scalar(
-            &p,
-            "SELECT count(*) FROM {s}.enqueue_ledger WHERE enqueue_id LIKE 'expired-%'"
-        )
-        .await,
-        0,
-        "expired ids pruned by worker enqueues"
-    );
     assert_eq!(
         scalar(&p, "SELECT count(*) FROM {s}.enqueue_ledger").await,
         600,
