@@ -122,14 +122,19 @@ FROM (
     JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
 ) c";
 
-/// While adopting: the same counts over both homes ({o}: duroxide-pg's tables, same table
-/// and column names), in one statement so an instance moving meanwhile counts once.
-const SYSTEM_METRICS_BOTH_HOMES: &str = "\
-SELECT a.total_instances + b.total_instances AS total_instances,
+/// While adopting: the same counts summed over both homes (`{o}`: duroxide-pg's tables,
+/// same table and column names), in one statement so an instance moving meanwhile
+/// counts once.
+fn system_metrics_both_homes() -> String {
+    format!(
+        "SELECT a.total_instances + b.total_instances AS total_instances,
        a.total_executions + b.total_executions AS total_executions,
        a.running + b.running AS running, a.completed + b.completed AS completed,
        a.failed + b.failed AS failed, a.total_events + b.total_events AS total_events
-FROM {both}";
+FROM ({SYSTEM_METRICS}) a, ({}) b",
+        SYSTEM_METRICS.replace("{s}", "{o}")
+    )
+}
 
 /// Unlocked rows. Timers are delayed orchestrator rows, so there is no timer queue.
 const QUEUE_DEPTHS: &str = "\
@@ -425,14 +430,9 @@ impl ProviderAdmin for PostgresProvider {
 
     async fn get_system_metrics(&self) -> Result<SystemMetrics, ProviderError> {
         const OP: &str = "get_system_metrics";
-        let both = SYSTEM_METRICS_BOTH_HOMES.replace(
-            "{both}",
-            &format!(
-                "({SYSTEM_METRICS}) a, ({}) b",
-                SYSTEM_METRICS.replace("{s}", "{o}")
-            ),
-        );
-        let row: MetricsRow = self.count_both_homes(OP, &both, SYSTEM_METRICS).await?;
+        let row: MetricsRow = self
+            .count_both_homes(OP, &system_metrics_both_homes(), SYSTEM_METRICS)
+            .await?;
         Ok(SystemMetrics {
             total_instances: to_u64(OP, None, "total_instances", row.total_instances)?,
             total_executions: to_u64(OP, None, "total_executions", row.total_executions)?,

@@ -13,6 +13,35 @@
 /// client id): it is also resent when the outcome is unknown (I/O error, class 08 such
 /// as PgBouncer's `08P01`, `57P02`). Anything else comes back as a retryable error and
 /// the caller decides.
+/// The resend ledger's part of a client enqueue statement (`queue.rs`, `worker.rs`): CTEs
+/// `clock` (the database's now), `fresh` (one row when the client id `$id`, a bind
+/// parameter such as `"$5"`, is new: the statement queues only then) and `pruned` (ids
+/// older than 15 minutes, up to 64 by about one statement in 16: a one-time filter, so
+/// the others skip the scan). The worker ack does the same in `09_handover.sql`.
+macro_rules! enqueue_ledger_ctes {
+    ($id:literal) => {
+        concat!(
+            "WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
+fresh AS (
+    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
+    SELECT ",
+            $id,
+            "::TEXT, clock.now FROM clock
+    ON CONFLICT (enqueue_id) DO NOTHING
+    RETURNING 1
+),
+pruned AS (
+    DELETE FROM {s}.enqueue_ledger l
+    WHERE (SELECT random()) < 0.0625
+      AND l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
+                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
+                           ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED)
+),
+"
+        )
+    };
+}
+
 macro_rules! on_conn {
     (@run $provider:expr, $method:ident, $query:expr, $idempotent:expr) => {{
         let mut resends = 0u64;

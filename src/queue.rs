@@ -14,24 +14,9 @@ use crate::provider::PostgresProvider;
 /// $5 client enqueue id: the item is queued only if the id is new (see
 /// `enqueue_ledger`), so a resent statement cannot deliver it twice. A delayed item
 /// tells waiting fetches when it becomes visible.
-const ENQUEUE: &str = "\
-WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
-fresh AS (
-    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
-    SELECT $5::TEXT, clock.now FROM clock
-    ON CONFLICT (enqueue_id) DO NOTHING
-    RETURNING 1
-),
--- ids older than 15 min: one enqueue in 16 on average prunes up to 64 (a one-time filter,
--- so the others skip the scan)
-pruned AS (
-    DELETE FROM {s}.enqueue_ledger l
-    WHERE (SELECT random()) < 0.0625
-      AND l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
-                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
-                           ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED)
-),
-queued AS (
+const ENQUEUE: &str = concat!(
+    enqueue_ledger_ctes!("$5"),
+    "queued AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
     SELECT $1::TEXT, $2::TEXT, $3::TEXT, clock.now + greatest($4::BIGINT, 0), clock.now
     FROM clock WHERE EXISTS (SELECT 1 FROM fresh)
@@ -41,7 +26,8 @@ SELECT (SELECT count(*) FROM queued)
 FROM {s}.notify_work_available('orchestrator',
          CASE WHEN $4::BIGINT <= 0 THEN (SELECT count(*) FROM queued) ELSE 0 END) AS n1,
      {s}.notify_delayed('orchestrator',
-         CASE WHEN $4::BIGINT > 0 THEN (SELECT min(visible_at_ms) FROM queued) END) AS n2";
+         CASE WHEN $4::BIGINT > 0 THEN (SELECT min(visible_at_ms) FROM queued) END) AS n2"
+);
 
 impl PostgresProvider {
     pub(crate) async fn enqueue_orchestrator(

@@ -137,24 +137,9 @@ FROM {s}.notify_worker_items(
 
 /// $7 client enqueue id: the item is queued only if the id is new (see
 /// `enqueue_ledger`), so a resent statement cannot queue it twice.
-const ENQUEUE: &str = "\
-WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),
-fresh AS (
-    INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
-    SELECT $7::TEXT, clock.now FROM clock
-    ON CONFLICT (enqueue_id) DO NOTHING
-    RETURNING 1
-),
--- ids older than 15 min: one enqueue in 16 on average prunes up to 64 (a one-time filter,
--- so the others skip the scan)
-pruned AS (
-    DELETE FROM {s}.enqueue_ledger l
-    WHERE (SELECT random()) < 0.0625
-      AND l.enqueue_id IN (SELECT o.enqueue_id FROM {s}.enqueue_ledger o
-                           WHERE o.created_at_ms < (SELECT now FROM clock) - 900000
-                           ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED)
-),
-queued AS (
+const ENQUEUE: &str = concat!(
+    enqueue_ledger_ctes!("$7"),
+    "queued AS (
     INSERT INTO {s}.worker_queue (work_item, instance_id, execution_id, activity_id, session_id, tag,
                                   visible_at_ms, created_at_ms)
     SELECT $1::TEXT, $2::TEXT, $3::BIGINT, $4::BIGINT, $5::TEXT, $6::TEXT, clock.now, clock.now
@@ -163,7 +148,8 @@ queued AS (
 )
 SELECT (SELECT count(*) FROM queued)
 FROM {s}.notify_worker_items((SELECT array_agg(q.tag) FROM queued q),
-                             (SELECT array_agg(q.session_id) FROM queued q)) AS n";
+                             (SELECT array_agg(q.session_id) FROM queued q)) AS n"
+);
 
 const RENEW_SESSIONS: &str = "\
 WITH clock AS MATERIALIZED (SELECT {s}.now_ms() AS now),

@@ -83,7 +83,7 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
 
     proxy.faults().swallow_next_reply_with_08p01();
     let r = p.enqueue_for_orchestrator(start_item("once-o"), None).await;
-    assert!(!proxy.faults().armed(), "the fault fired");
+    assert!(!proxy.faults().armed(), "the fault fired: {r:?}");
     ok_or_retryable("enqueue_for_orchestrator", &r);
     assert_eq!(
         scalar(
@@ -97,7 +97,7 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
 
     proxy.faults().swallow_next_reply_with_08p01();
     let r = p.enqueue_for_worker(activity_item("once-w", 1)).await;
-    assert!(!proxy.faults().armed());
+    assert!(!proxy.faults().armed(), "the fault fired: {r:?}");
     ok_or_retryable("enqueue_for_worker", &r);
     assert_eq!(
         scalar(
@@ -141,7 +141,7 @@ async fn lost_reply_to_a_claim_is_not_sent_again() {
 
     proxy.faults().swallow_next_reply_with_08p01();
     let r = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await;
-    assert!(!proxy.faults().armed());
+    assert!(!proxy.faults().armed(), "the fault fired: {r:?}");
     let e = r.expect_err("a claim whose outcome is unknown must not look like an empty queue");
     assert!(e.is_retryable(), "{e}");
     // The claim ran once: one lease, one attempt.
@@ -194,7 +194,7 @@ async fn lost_reply_to_a_committed_worker_ack_reports_success() {
     p.ack_work_item(&token, Some(completion.clone()))
         .await
         .expect("a resent ack that had committed reports success");
-    assert!(!proxy.faults().armed());
+    assert!(!proxy.faults().armed(), "the fault fired");
     assert_eq!(scalar(&p, "SELECT count(*) FROM {s}.worker_queue").await, 0);
     assert_eq!(
         scalar(
@@ -250,7 +250,7 @@ async fn request_that_never_reached_the_server_is_sent_again() {
         .unwrap();
     proxy.faults().drop_next_request();
     let r = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await;
-    assert!(!proxy.faults().armed());
+    assert!(!proxy.faults().armed(), "the fault fired: {r:?}");
     ok_or_retryable("claim after a dropped request", &r);
     p.close().await;
 }
