@@ -18,6 +18,7 @@ use duroxide::{
 };
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+use sqlx::Connection;
 
 const LOCK: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(30);
@@ -898,4 +899,177 @@ async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
         took < Duration::from_millis(1600),
         "the timer's turn started after {took:?}"
     );
+}
+
+/// The orchestrator channel of `p`'s schema, listened to on a connection of its own.
+async fn orchestrator_listener(p: &PostgresProvider) -> sqlx::postgres::PgListener {
+    let q = duroxide_pg_hybrid::schema::quote_ident(p.schema());
+    let channel: String = sqlx::query_scalar(&format!("SELECT {q}.notify_channel('orchestrator')"))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect(&database_url())
+        .await
+        .unwrap();
+    listener.listen(&channel).await.unwrap();
+    listener
+}
+
+/// Notifications that arrive on `listener` within `window`.
+async fn notifications_within(
+    listener: &mut sqlx::postgres::PgListener,
+    window: Duration,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(n) = tokio::time::timeout_at(deadline, listener.recv()).await {
+        got.push(n.unwrap().payload().to_string());
+    }
+    got
+}
+
+fn completion(instance: &str, id: u64) -> WorkItem {
+    WorkItem::ActivityCompleted {
+        instance: instance.to_string(),
+        execution_id: 1,
+        id,
+        result: format!("r{id}"),
+    }
+}
+
+/// A fan-out's completions wake one orchestration fetch, not one each: the first makes
+/// the idle instance claimable and wakes a fetch; the next ones find it claimable already
+/// and send nothing. The fetch then takes all of them in one turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
+    for path in [FetchPath::Hybrid, FetchPath::Procedure] {
+        let (p, _guard) = new_provider_with(path, |o| o.handover = false).await;
+        p.enqueue_for_orchestrator(start_item("fan"), None)
+            .await
+            .unwrap();
+        let (_, token, _) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let metadata = duroxide::providers::ExecutionMetadata {
+            orchestration_name: Some("O".to_string()),
+            orchestration_version: Some("1.0.0".to_string()),
+            ..Default::default()
+        };
+        let activities: Vec<WorkItem> = (1..=3).map(|id| activity_item("fan", id)).collect();
+        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata, vec![])
+            .await
+            .unwrap();
+        let mut tokens = Vec::new();
+        for _ in 0..3 {
+            let (_, t, _) = p
+                .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
+                .await
+                .unwrap()
+                .unwrap();
+            tokens.push(t);
+        }
+
+        let mut listener = orchestrator_listener(&p).await;
+        p.ack_work_item(&tokens[0], Some(completion("fan", 1)))
+            .await
+            .unwrap();
+        let first = notifications_within(&mut listener, Duration::from_millis(500)).await;
+        assert_eq!(
+            first,
+            vec!["1".to_string()],
+            "{path}: the first completion wakes one fetch"
+        );
+        for (i, t) in tokens[1..].iter().enumerate() {
+            p.ack_work_item(t, Some(completion("fan", i as u64 + 2)))
+                .await
+                .unwrap();
+        }
+        let rest = notifications_within(&mut listener, Duration::from_millis(500)).await;
+        assert!(
+            rest.is_empty(),
+            "{path}: later completions woke fetches: {rest:?}"
+        );
+
+        let (item, _, _) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .expect("the instance is claimable");
+        assert_eq!(
+            item.messages,
+            (1..=3).map(|id| completion("fan", id)).collect::<Vec<_>>(),
+            "{path}"
+        );
+    }
+}
+
+/// The case that makes skipping those wake-ups safe: a message committed while a turn of
+/// its instance ends, by a writer that wakes nobody. The ack's lease-end refresh finds
+/// the message's claim-state lock, so it wakes a fetch itself; a fetch waiting with a
+/// fallback poll of ten minutes claims the message within a second of its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_committed_as_its_instance_turn_ends_is_claimed_without_its_own_wake_up() {
+    for path in [FetchPath::Hybrid, FetchPath::Procedure] {
+        let (p, guard) = new_provider_with(path, |o| o.long_poll = false).await;
+        let waiter = common::connect_waiting(&database_url(), {
+            let mut o = test_options(guard.schema(), path);
+            o.fallback_poll_interval = Duration::from_secs(600);
+            o
+        })
+        .await
+        .unwrap();
+        p.enqueue_for_orchestrator(start_item("late"), None)
+            .await
+            .unwrap();
+        let (_, token, _) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .unwrap();
+
+        // The writer: its INSERT (and the claim-state trigger's lock) in an open
+        // transaction, and no NOTIFY.
+        let q = duroxide_pg_hybrid::schema::quote_ident(p.schema());
+        let mut writer = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO {q}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms) \
+             VALUES ('late', 'ActivityCompleted', $1, {q}.now_ms(), {q}.now_ms())"
+        ))
+        .bind(serde_json::to_string(&completion("late", 7)).unwrap())
+        .execute(&mut writer)
+        .await
+        .unwrap();
+
+        let fetch = tokio::spawn(async move {
+            let r = waiter.fetch_orchestration_item(LOCK, LONG, None).await;
+            (r, Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let metadata = duroxide::providers::ExecutionMetadata {
+            orchestration_name: Some("O".to_string()),
+            orchestration_version: Some("1.0.0".to_string()),
+            ..Default::default()
+        };
+        p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata, vec![])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+        let committed = Instant::now();
+
+        let (r, returned) = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the waiting fetch was never woken"))
+            .unwrap();
+        let (item, _, _) = r.unwrap().expect("the waiter claims the message");
+        assert_eq!(item.messages, vec![completion("late", 7)], "{path}");
+        assert!(
+            returned.saturating_duration_since(committed) < Duration::from_secs(1),
+            "{path}: claimed {:?} after the commit",
+            returned.saturating_duration_since(committed)
+        );
+    }
 }

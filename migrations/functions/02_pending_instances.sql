@@ -1,4 +1,4 @@
--- revision: 1
+-- revision: 2
 -- Maintenance of pending_instances, the per-instance claim state (table: migration
 -- 20261201000001).
 --
@@ -210,7 +210,10 @@ END;
 $fn$;
 
 -- A lease of p_instance_id ended (ack, abandon, released claim): make the row exact, or,
--- if an enqueue in flight holds it, claimable now (its visible_at_ms is a lower bound).
+-- if an enqueue in flight holds it, claimable now (its visible_at_ms is a lower bound)
+-- and wake a fetch for it: that enqueue's message is not visible to this transaction, so
+-- the ack's own wake-up count misses it, and a worker ack that found the instance
+-- claimable before this turn claimed it does not wake anyone itself (09_handover.sql).
 CREATE OR REPLACE FUNCTION pending_after_turn(p_instance_id TEXT)
 RETURNS VOID
 LANGUAGE plpgsql VOLATILE
@@ -221,6 +224,7 @@ BEGIN
         UPDATE pending_instances p
         SET locked_until_ms = NULL, claimable_at_ms = p.visible_at_ms
         WHERE p.instance_id = p_instance_id;
+        PERFORM notify_work_available('orchestrator', 1);
     END IF;
 END;
 $fn$;

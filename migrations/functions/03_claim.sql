@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
@@ -10,7 +10,7 @@
 -- outside the caller's range, turn in progress) are excluded by the index and cost
 -- nothing however many there are. Each picked instance then goes through claim_instance:
 --   1. the per-instance advisory try-lock (also taken by deletes and by earlier
---      releases' claims), in a subtransaction so a lost race releases the row at once;
+--      releases' claims); a lost one moves on to the next candidate;
 --   2. the lease row (instance_locks) without waiting: a live lease the claim state did
 --      not know about is recorded (the instance is not picked again before it ends);
 --   3. the exact capability filter on the current execution (a stale pin mirror is
@@ -116,6 +116,34 @@ BEGIN
         RETURN v_instance;
     END IF;
 
+    -- The common case first: among the 32 oldest claimable instances, the oldest the
+    -- filter admits that nobody holds. One statement; its cost is bounded whatever lies
+    -- behind those 32. Only when none of them qualifies (instances pinned outside the
+    -- range at the front, or all held) do the version groups below find the rest.
+    SELECT p.instance_id INTO v_instance
+    FROM pending_instances p
+    WHERE p.instance_id IN (
+              SELECT f.instance_id
+              FROM (SELECT c.instance_id, c.pinned_major, c.pinned_minor, c.pinned_patch
+                    FROM pending_instances c
+                    WHERE c.runnable AND c.claimable_at_ms <= p_now_ms
+                    ORDER BY c.claimable_at_ms
+                    LIMIT 32) f
+              WHERE f.pinned_major IS NULL
+                 OR ((f.pinned_major, f.pinned_minor, f.pinned_patch) >= (p_min_major, p_min_minor, p_min_patch)
+                     AND (f.pinned_major, f.pinned_minor, f.pinned_patch) <= (p_max_major, p_max_minor, p_max_patch)))
+      AND p.runnable AND p.claimable_at_ms <= p_now_ms
+      AND p.instance_id <> ALL (p_tried)
+      AND (p.pinned_major IS NULL
+           OR ((p.pinned_major, p.pinned_minor, p.pinned_patch) >= (p_min_major, p_min_minor, p_min_patch)
+               AND (p.pinned_major, p.pinned_minor, p.pinned_patch) <= (p_max_major, p_max_minor, p_max_patch)))
+    ORDER BY p.claimable_at_ms
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED;
+    IF v_instance IS NOT NULL THEN
+        RETURN v_instance;
+    END IF;
+
     FOR v_group IN
         SELECT g.* FROM claim_groups(p_now_ms, p_min_major, p_min_minor, p_min_patch,
                                      p_max_major, p_max_minor, p_max_patch) g
@@ -206,7 +234,8 @@ DECLARE
     v_now      BIGINT := now_ms();
     v_until    BIGINT;
     v_has_row  BOOLEAN;
-    v_pin      RECORD;
+    v_current  RECORD;
+    v_exists   BOOLEAN;
     v_runnable BOOLEAN;
     v_tagged   BIGINT;
 BEGIN
@@ -228,36 +257,37 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The instance row and its current execution, read once for steps 3 to 5.
+    SELECT i.current_execution_id, e.pinned_major, e.pinned_minor, e.pinned_patch
+    INTO v_current
+    FROM instances i
+    LEFT JOIN executions e
+           ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+    WHERE i.instance_id = p_instance_id;
+    v_exists := FOUND;
+
     -- 3. Capability filter on the current execution (first range only; no pin =
     --    compatible), before anything is leased or read.
-    IF p_filter_enabled THEN
-        SELECT e.pinned_major, e.pinned_minor, e.pinned_patch INTO v_pin
-        FROM instances i
-        JOIN executions e
-          ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
-        WHERE i.instance_id = p_instance_id;
-        IF v_pin.pinned_major IS NOT NULL
-           AND NOT ((v_pin.pinned_major, v_pin.pinned_minor, v_pin.pinned_patch)
-                        >= (p_min_major, p_min_minor, p_min_patch)
-                AND (v_pin.pinned_major, v_pin.pinned_minor, v_pin.pinned_patch)
-                        <= (p_max_major, p_max_minor, p_max_patch)) THEN
-            UPDATE pending_instances p
-            SET pinned_major = v_pin.pinned_major, pinned_minor = v_pin.pinned_minor,
-                pinned_patch = v_pin.pinned_patch
-            WHERE p.instance_id = p_instance_id;
-            o_outcome := 'skipped';
-            RETURN;
-        END IF;
+    IF p_filter_enabled AND v_current.pinned_major IS NOT NULL
+       AND NOT ((v_current.pinned_major, v_current.pinned_minor, v_current.pinned_patch)
+                    >= (p_min_major, p_min_minor, p_min_patch)
+            AND (v_current.pinned_major, v_current.pinned_minor, v_current.pinned_patch)
+                    <= (p_max_major, p_max_minor, p_max_patch)) THEN
+        UPDATE pending_instances p
+        SET pinned_major = v_current.pinned_major, pinned_minor = v_current.pinned_minor,
+            pinned_patch = v_current.pinned_patch
+        WHERE p.instance_id = p_instance_id;
+        o_outcome := 'skipped';
+        RETURN;
     END IF;
 
     -- 4. Runnable: the instance exists, or its start message is visible.
-    SELECT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = p_instance_id)
+    v_runnable := v_exists
         OR EXISTS (SELECT 1 FROM history h
                    WHERE h.instance_id = p_instance_id AND h.event_type = 'OrchestrationStarted')
         OR EXISTS (SELECT 1 FROM orchestrator_queue q
                    WHERE q.instance_id = p_instance_id AND q.visible_at_ms <= v_now
-                     AND q.kind IN ('StartOrchestration', 'ContinueAsNew'))
-    INTO v_runnable;
+                     AND q.kind IN ('StartOrchestration', 'ContinueAsNew'));
     IF NOT v_runnable THEN
         -- Messages for an instance that does not exist: QueueMessages alone are dropped
         -- (the contract's orphan rule); anything else waits for the start, outside the
@@ -288,10 +318,13 @@ BEGIN
         END IF;
     END IF;
 
-    UPDATE orchestrator_queue q
-    SET lock_token = p_lock_token, attempt_count = q.attempt_count + 1
-    WHERE q.instance_id = p_instance_id AND q.visible_at_ms <= v_now;
-    GET DIAGNOSTICS v_tagged = ROW_COUNT;
+    WITH tagged AS (
+        UPDATE orchestrator_queue q
+        SET lock_token = p_lock_token, attempt_count = q.attempt_count + 1
+        WHERE q.instance_id = p_instance_id AND q.visible_at_ms <= v_now
+        RETURNING q.attempt_count
+    )
+    SELECT count(*), max(t.attempt_count) INTO v_tagged, o_attempt_count FROM tagged t;
     IF v_tagged = 0 THEN
         -- The claim state promised more than the queue holds (messages acked, deleted or
         -- delayed since): give the lease back (the lease-end trigger corrects the state)
@@ -311,13 +344,10 @@ BEGIN
     SET locked_until_ms = v_now + p_lock_timeout_ms, claimable_at_ms = v_now + p_lock_timeout_ms
     WHERE p.instance_id = p_instance_id;
 
-    SELECT max(q.attempt_count) INTO o_attempt_count
-    FROM orchestrator_queue q WHERE q.lock_token = p_lock_token;
-    SELECT coalesce(
-               (SELECT i.current_execution_id FROM instances i WHERE i.instance_id = p_instance_id),
-               (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = p_instance_id),
-               1)
-    INTO o_execution_id;
+    o_execution_id := coalesce(
+        v_current.current_execution_id,
+        (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = p_instance_id),
+        1);
     o_outcome := 'claimed';
 END;
 $fn$;
@@ -356,8 +386,8 @@ DECLARE
     v_lock_space INT;
 BEGIN
     -- Nothing claimable by anyone (every instance leased, waiting or idle: most empty
-    -- claims of a busy fleet): one index probe answers, instead of the pick, its
-    -- subtransaction and the contention check, which would all find nothing.
+    -- claims of a busy fleet): one index probe answers, instead of the pick and the
+    -- contention check, which would both find nothing.
     o_now_ms := now_ms();
     IF NOT EXISTS (SELECT 1 FROM pending_instances p
                    WHERE p.runnable AND p.claimable_at_ms <= o_now_ms) THEN
@@ -368,20 +398,17 @@ BEGIN
     END IF;
     v_lock_space := instance_lock_space();
     FOR i IN 1 .. p_max_candidates LOOP
-        -- Pick and try-lock in a subtransaction: a lost try-lock undoes the pick, which
-        -- releases the row at once for the claim that holds the instance.
-        BEGIN
-            v_instance := claim_pick(now_ms(), p_filter_enabled,
-                                     p_min_major, p_min_minor, p_min_patch,
-                                     p_max_major, p_max_minor, p_max_patch, v_tried);
-            EXIT WHEN v_instance IS NULL;
-            v_tried := v_tried || v_instance;
-            IF NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance)) THEN
-                RAISE EXCEPTION USING ERRCODE = 'DX100';
-            END IF;
-        EXCEPTION WHEN SQLSTATE 'DX100' THEN
-            CONTINUE;
-        END;
+        v_instance := claim_pick(now_ms(), p_filter_enabled,
+                                 p_min_major, p_min_minor, p_min_patch,
+                                 p_max_major, p_max_minor, p_max_patch, v_tried);
+        EXIT WHEN v_instance IS NULL;
+        v_tried := v_tried || v_instance;
+        -- A lost try-lock keeps the picked row locked until this call ends (a few
+        -- milliseconds) instead of undoing the pick in a subtransaction: the holder of
+        -- the advisory lock without the row (a delete, or a claim of an earlier
+        -- release) is the only one that could want the row meanwhile, and it may wait;
+        -- this call never waits for it. A subtransaction per claim cost more than that.
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
 
         v_token := 'lock_' || gen_random_uuid()::TEXT;
         SELECT * INTO v_step

@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- ack_orchestration_item: commit one orchestration turn in ONE round trip and one
 -- transaction (the function call's). Every write is set-based over the array arguments.
 -- The caller (Rust) has already reduced the delta to what SQL needs: history rows with
@@ -10,6 +10,9 @@
 --   DX002  Instance lock expired (lease ran out; nothing is applied)
 -- A duplicate (instance, execution, event_id) raises 23505 and rolls everything back,
 -- leaving the lease held.
+-- Revision 3 skips the statements whose arrays are empty (most turns have no KV change,
+-- no cancellation, no message to another instance; an empty INSERT still fires the
+-- claim-state statement trigger).
 -- Revision 2 added p_notify_worker_items (with a default, so calls of the previous
 -- release resolve to it unchanged); the 32-argument signature is dropped first so those
 -- calls are not ambiguous between two overloads.
@@ -98,15 +101,16 @@ BEGIN
     VALUES (v_instance, p_execution_id, 'Running', v_now)
     ON CONFLICT (instance_id, execution_id) DO NOTHING;
 
-    UPDATE executions e
-    SET pinned_major = coalesce(p_pinned_major, e.pinned_major),
-        pinned_minor = CASE WHEN p_pinned_major IS NULL THEN e.pinned_minor ELSE p_pinned_minor END,
-        pinned_patch = CASE WHEN p_pinned_major IS NULL THEN e.pinned_patch ELSE p_pinned_patch END,
-        status = coalesce(p_status, e.status),
-        output = CASE WHEN p_status IS NULL THEN e.output ELSE p_output END,
-        completed_at_ms = CASE WHEN v_terminal THEN v_now ELSE e.completed_at_ms END
-    WHERE e.instance_id = v_instance AND e.execution_id = p_execution_id
-      AND (p_pinned_major IS NOT NULL OR p_status IS NOT NULL);
+    IF p_pinned_major IS NOT NULL OR p_status IS NOT NULL THEN
+        UPDATE executions e
+        SET pinned_major = coalesce(p_pinned_major, e.pinned_major),
+            pinned_minor = CASE WHEN p_pinned_major IS NULL THEN e.pinned_minor ELSE p_pinned_minor END,
+            pinned_patch = CASE WHEN p_pinned_major IS NULL THEN e.pinned_patch ELSE p_pinned_patch END,
+            status = coalesce(p_status, e.status),
+            output = CASE WHEN p_status IS NULL THEN e.output ELSE p_output END,
+            completed_at_ms = CASE WHEN v_terminal THEN v_now ELSE e.completed_at_ms END
+        WHERE e.instance_id = v_instance AND e.execution_id = p_execution_id;
+    END IF;
 
     UPDATE instances i
     SET current_execution_id = greatest(i.current_execution_id, p_execution_id),
@@ -128,11 +132,13 @@ BEGIN
         ON CONFLICT (instance_id, key) DO NOTHING;
     END IF;
 
-    INSERT INTO kv_delta AS d (instance_id, key, value, last_updated_at_ms)
-    SELECT v_instance, k.key, k.value, coalesce(k.updated_ms, v_now)
-    FROM unnest(p_kv_keys, p_kv_values, p_kv_updated_ms) AS k(key, value, updated_ms)
-    ON CONFLICT (instance_id, key) DO UPDATE
-        SET value = EXCLUDED.value, last_updated_at_ms = EXCLUDED.last_updated_at_ms;
+    IF cardinality(p_kv_keys) > 0 THEN
+        INSERT INTO kv_delta AS d (instance_id, key, value, last_updated_at_ms)
+        SELECT v_instance, k.key, k.value, coalesce(k.updated_ms, v_now)
+        FROM unnest(p_kv_keys, p_kv_values, p_kv_updated_ms) AS k(key, value, updated_ms)
+        ON CONFLICT (instance_id, key) DO UPDATE
+            SET value = EXCLUDED.value, last_updated_at_ms = EXCLUDED.last_updated_at_ms;
+    END IF;
 
     IF v_terminal THEN
         DELETE FROM kv_store s USING kv_delta d
@@ -148,23 +154,29 @@ BEGIN
 
     -- Worker items go in before cancellations are applied, so an activity scheduled and
     -- cancelled in the same turn ends up absent.
-    INSERT INTO worker_queue (work_item, instance_id, execution_id, activity_id,
-                              session_id, tag, visible_at_ms, created_at_ms)
-    SELECT w.item, w.instance_id, w.execution_id, w.activity_id, w.session_id, w.tag, v_now, v_now
-    FROM unnest(p_worker_items, p_worker_instances, p_worker_executions, p_worker_activities,
-                p_worker_sessions, p_worker_tags)
-         AS w(item, instance_id, execution_id, activity_id, session_id, tag);
+    IF cardinality(p_worker_items) > 0 THEN
+        INSERT INTO worker_queue (work_item, instance_id, execution_id, activity_id,
+                                  session_id, tag, visible_at_ms, created_at_ms)
+        SELECT w.item, w.instance_id, w.execution_id, w.activity_id, w.session_id, w.tag, v_now, v_now
+        FROM unnest(p_worker_items, p_worker_instances, p_worker_executions, p_worker_activities,
+                    p_worker_sessions, p_worker_tags)
+             AS w(item, instance_id, execution_id, activity_id, session_id, tag);
+    END IF;
 
-    DELETE FROM worker_queue w
-    USING unnest(p_cancel_instances, p_cancel_executions, p_cancel_activities)
-          AS c(instance_id, execution_id, activity_id)
-    WHERE w.instance_id = c.instance_id AND w.execution_id = c.execution_id
-      AND w.activity_id = c.activity_id;
+    IF cardinality(p_cancel_instances) > 0 THEN
+        DELETE FROM worker_queue w
+        USING unnest(p_cancel_instances, p_cancel_executions, p_cancel_activities)
+              AS c(instance_id, execution_id, activity_id)
+        WHERE w.instance_id = c.instance_id AND w.execution_id = c.execution_id
+          AND w.activity_id = c.activity_id;
+    END IF;
 
-    INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-    SELECT o.instance_id, o.kind, o.item, coalesce(o.visible_at_ms, v_now), v_now
-    FROM unnest(p_orch_instances, p_orch_kinds, p_orch_items, p_orch_visible_at_ms)
-         AS o(instance_id, kind, item, visible_at_ms);
+    IF cardinality(p_orch_instances) > 0 THEN
+        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+        SELECT o.instance_id, o.kind, o.item, coalesce(o.visible_at_ms, v_now), v_now
+        FROM unnest(p_orch_instances, p_orch_kinds, p_orch_items, p_orch_visible_at_ms)
+             AS o(instance_id, kind, item, visible_at_ms);
+    END IF;
 
     -- Last, after every message this turn wrote: the lease-end trigger makes the
     -- instance's claim state exact again (02_pending_instances.sql).
@@ -173,11 +185,13 @@ BEGIN
     -- Wake long-pollers for what this turn made runnable: new activities, messages
     -- visible now (other instances, or this one, which is unlocked from here on, with
     -- anything that arrived while it was locked).
-    IF p_notify_worker_items THEN
+    IF p_notify_worker_items AND cardinality(p_worker_items) > 0 THEN
         PERFORM notify_worker_items(p_worker_tags, p_worker_sessions);
     END IF;
-    PERFORM notify_delayed('orchestrator',
-        (SELECT min(v.at) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at > v_now));
+    IF cardinality(p_orch_instances) > 0 THEN
+        PERFORM notify_delayed('orchestrator',
+            (SELECT min(v.at) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at > v_now));
+    END IF;
     PERFORM notify_work_available('orchestrator',
         (SELECT count(*) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at IS NULL OR v.at <= v_now)
         + CASE WHEN EXISTS (SELECT 1 FROM orchestrator_queue q

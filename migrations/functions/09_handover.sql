@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -14,8 +14,8 @@
 -- A waiter that is gone when the reply arrives gets nothing: the provider releases the
 -- lease at once without counting the attempt (abandon with ignore-attempt).
 
--- The worker claim: the oldest visible, unleased item (FIFO by (visible_at, id)) the tag
--- filter and the session rules admit, leased. A session item is only leased if the
+-- The worker claim: an item whose lease expired, else the oldest visible, unleased item
+-- (FIFO by (visible_at, id)) the tag filter and the session rules admit, leased. A session item is only leased if the
 -- session upsert wins (unowned, expired, or already this owner's): otherwise nothing
 -- changes. One row always: the leased item or NULLs; o_candidate says whether an item
 -- was found at all (a lost session race: look again at once).
@@ -46,22 +46,54 @@ AS $fn$
 BEGIN
     RETURN QUERY
     WITH clock AS MATERIALIZED (SELECT now_ms() AS now),
+    -- Two probes, each on an index that holds only its kind of candidate, so neither
+    -- walks the dead index entries an item leaves behind when it is leased and acked
+    -- (under load they pile up at the front of a whole-queue index faster than scans
+    -- can mark them dead: the hot page keeps changing). First an item whose lease
+    -- expired (its holder is gone; usually nothing: one probe of the lease index), then
+    -- the oldest unleased one (worker_queue_unleased_idx). The second runs only when
+    -- the first finds nothing.
     cand AS MATERIALIZED (
-        SELECT w.id, w.session_id
-        FROM worker_queue w
-        WHERE w.visible_at_ms <= (SELECT c.now FROM clock c)
-          AND (w.lock_token IS NULL OR w.locked_until_ms <= (SELECT c.now FROM clock c))
-          AND (p_tag_mode = 3
-               OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
-               OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
-          AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
-                  SELECT 1 FROM sessions s
-                  WHERE s.session_id = w.session_id
-                    AND s.locked_until_ms > (SELECT c.now FROM clock c)
-                    AND s.worker_id <> p_owner_id)))
-        ORDER BY w.visible_at_ms, w.id
+        SELECT k.id, k.session_id
+        FROM (
+            SELECT * FROM (
+                SELECT w.id, w.session_id
+                FROM worker_queue w
+                WHERE w.lock_token IS NOT NULL
+                  AND w.locked_until_ms <= (SELECT c.now FROM clock c)
+                  AND w.visible_at_ms <= (SELECT c.now FROM clock c)
+                  AND (p_tag_mode = 3
+                       OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
+                       OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
+                  AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
+                          SELECT 1 FROM sessions s
+                          WHERE s.session_id = w.session_id
+                            AND s.locked_until_ms > (SELECT c.now FROM clock c)
+                            AND s.worker_id <> p_owner_id)))
+                ORDER BY w.locked_until_ms
+                LIMIT 1
+                FOR UPDATE OF w SKIP LOCKED
+            ) expired
+            UNION ALL
+            SELECT * FROM (
+                SELECT w.id, w.session_id
+                FROM worker_queue w
+                WHERE w.lock_token IS NULL
+                  AND w.visible_at_ms <= (SELECT c.now FROM clock c)
+                  AND (p_tag_mode = 3
+                       OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
+                       OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
+                  AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
+                          SELECT 1 FROM sessions s
+                          WHERE s.session_id = w.session_id
+                            AND s.locked_until_ms > (SELECT c.now FROM clock c)
+                            AND s.worker_id <> p_owner_id)))
+                ORDER BY w.visible_at_ms, w.id
+                LIMIT 1
+                FOR UPDATE OF w SKIP LOCKED
+            ) unleased
+        ) k
         LIMIT 1
-        FOR UPDATE OF w SKIP LOCKED
     ),
     sess AS (
         INSERT INTO sessions AS s (session_id, worker_id, locked_until_ms, last_activity_at_ms)
@@ -309,6 +341,7 @@ DECLARE
     v_queued  BIGINT := 0;
     v_claim   RECORD;
     v_turn    RECORD;
+    v_woken   BOOLEAN := FALSE;
 BEGIN
     DELETE FROM worker_queue w
     WHERE w.lock_token = p_lock_token AND w.locked_until_ms > v_now
@@ -326,6 +359,21 @@ BEGIN
         UPDATE sessions s SET last_activity_at_ms = v_now
         WHERE s.session_id = v_session AND s.locked_until_ms > v_now;
         IF p_work_item IS NOT NULL THEN
+            -- A completion for an instance that is already claimable, with no lease, needs
+            -- no wake-up of its own: whoever made it claimable woke a fetch for it (an
+            -- enqueue, an ack or abandon), or it became claimable at a time fetches sleep
+            -- until (a timer, a lease expiry). If a turn claims the instance before this
+            -- commits, that turn's ack wakes a fetch for the completion: its EXISTS check
+            -- sees it, or its lease-end refresh is blocked by this KEY SHARE lock and
+            -- wakes one instead (pending_after_turn). Only the first completion of a
+            -- fan-out wakes a fetch, not every one.
+            SELECT p.runnable AND p.visible_at_ms <= v_now AND p.claimable_at_ms <= v_now
+                   AND coalesce(p.locked_until_ms, 0) <= v_now
+            INTO v_woken
+            FROM pending_instances p
+            WHERE p.instance_id = p_instance_id
+            FOR KEY SHARE;
+            v_woken := coalesce(v_woken, FALSE);
             INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
             VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
             v_queued := 1;
@@ -381,7 +429,7 @@ BEGIN
         -- A resend of an ack that committed: the turn its lost reply carried goes back.
         PERFORM abandon_orchestration_turn(p_turn_lock_token, NULL, TRUE);
     END IF;
-    PERFORM notify_work_available('orchestrator', v_queued);
+    PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
     RETURN NEXT;
 END;
 $fn$;

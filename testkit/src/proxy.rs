@@ -597,7 +597,11 @@ impl FrontendParser {
 }
 
 /// Splits a `postgres://` URL into (URL with `host:port` replaced by `addr`, upstream
-/// `host:port`).
+/// `host:port`). The rewritten URL asks for an unencrypted connection when the original
+/// leaves TLS optional (no `sslmode`, `prefer`, `allow`): the proxy counts statements and
+/// injects faults by reading the protocol, which it cannot do inside TLS (a server with
+/// TLS on, like Debian's default cluster, would otherwise get every test's connection
+/// encrypted). A URL that requires TLS keeps it; the proxy then only forwards bytes.
 pub fn rewrite_url(url: &str, addr: SocketAddr) -> Result<(String, String), String> {
     let scheme_end = url
         .find("://")
@@ -635,9 +639,31 @@ pub fn rewrite_url(url: &str, addr: SocketAddr) -> Result<(String, String), Stri
         &url[..scheme_end],
         userinfo,
         addr,
-        &rest[authority_end..]
+        without_optional_tls(&rest[authority_end..])
     );
     Ok((rewritten, upstream))
+}
+
+/// `path_and_query` (the URL after its authority) with `sslmode=disable` when TLS was
+/// optional there.
+fn without_optional_tls(path_and_query: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, query),
+        None => (path_and_query, ""),
+    };
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    match params.iter().position(|p| p.starts_with("sslmode=")) {
+        Some(i) if matches!(&params[i]["sslmode=".len()..], "prefer" | "allow") => {
+            params[i] = "sslmode=disable".to_string();
+        }
+        Some(_) => {}
+        None => params.push("sslmode=disable".to_string()),
+    }
+    format!("{path}?{}", params.join("&"))
 }
 
 #[cfg(test)]
@@ -687,13 +713,29 @@ mod tests {
         assert_eq!(
             rewrite_url("postgresql://127.0.0.1/postgres", addr).unwrap(),
             (
-                "postgresql://127.0.0.1:4000/postgres".into(),
+                "postgresql://127.0.0.1:4000/postgres?sslmode=disable".into(),
                 "127.0.0.1:5432".into()
             )
         );
         assert_eq!(
             rewrite_url("postgres://u@[::1]:5433/d", addr).unwrap(),
-            ("postgres://u@127.0.0.1:4000/d".into(), "[::1]:5433".into())
+            (
+                "postgres://u@127.0.0.1:4000/d?sslmode=disable".into(),
+                "[::1]:5433".into()
+            )
+        );
+        // Optional TLS is turned off (the proxy reads the protocol); required TLS is kept.
+        assert_eq!(
+            rewrite_url("postgres://h/d?application_name=x&sslmode=prefer", addr)
+                .unwrap()
+                .0,
+            "postgres://127.0.0.1:4000/d?application_name=x&sslmode=disable"
+        );
+        assert_eq!(
+            rewrite_url("postgres://h/d?sslmode=verify-full", addr)
+                .unwrap()
+                .0,
+            "postgres://127.0.0.1:4000/d?sslmode=verify-full"
         );
         assert!(rewrite_url("postgres:///d?host=/var/run/postgresql", addr).is_err());
     }
