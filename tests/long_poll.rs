@@ -128,11 +128,7 @@ async fn ack_wakes_the_next_dispatcher() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acked = Instant::now();
-    let metadata = duroxide::providers::ExecutionMetadata {
-        orchestration_name: Some("O".to_string()),
-        orchestration_version: Some("1.0.0".to_string()),
-        ..Default::default()
-    };
+    let metadata = metadata();
     p.ack_orchestration_item(
         &token,
         1,
@@ -172,6 +168,15 @@ async fn ack_wakes_the_next_dispatcher() {
         .expect("orchestration woken by the worker ack");
     assert!(completed.elapsed() < Duration::from_secs(1));
     assert_eq!(item.messages, vec![completion]);
+}
+
+/// Metadata of a first turn of orchestration "O" 1.0.0.
+fn metadata() -> duroxide::providers::ExecutionMetadata {
+    duroxide::providers::ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        ..Default::default()
+    }
 }
 
 /// The call started at `t` returned at its deadline: not before, at most 100 ms after.
@@ -867,11 +872,7 @@ async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
         id: 2,
         fire_at_ms: now_ms + 1000,
     };
-    let metadata = duroxide::providers::ExecutionMetadata {
-        orchestration_name: Some("O".to_string()),
-        orchestration_version: Some("1.0.0".to_string()),
-        ..Default::default()
-    };
+    let metadata = metadata();
     other
         .ack_orchestration_item(
             &token,
@@ -952,11 +953,7 @@ async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
             .await
             .unwrap()
             .unwrap();
-        let metadata = duroxide::providers::ExecutionMetadata {
-            orchestration_name: Some("O".to_string()),
-            orchestration_version: Some("1.0.0".to_string()),
-            ..Default::default()
-        };
+        let metadata = metadata();
         let activities: Vec<WorkItem> = (1..=3).map(|id| activity_item("fan", id)).collect();
         p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata, vec![])
             .await
@@ -1048,11 +1045,7 @@ async fn a_message_committed_as_its_instance_turn_ends_is_claimed_without_its_ow
             (r, Instant::now())
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let metadata = duroxide::providers::ExecutionMetadata {
-            orchestration_name: Some("O".to_string()),
-            orchestration_version: Some("1.0.0".to_string()),
-            ..Default::default()
-        };
+        let metadata = metadata();
         p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata, vec![])
             .await
             .unwrap();
