@@ -16,10 +16,10 @@ use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::{Args, SqlFunction};
 use crate::turn::{Claim, TurnData};
 
-/// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: the
-/// oldest visible, unleased item the tag filter and the session rules admit, leased; the
-/// same claim an orchestration ack makes for a waiting fetch) plus, when nothing was
-/// leased, the next wake-up time.
+/// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: an item
+/// whose lease expired, else the oldest visible, unleased item the tag filter and the
+/// session rules admit, leased; the same claim an orchestration ack makes for a waiting
+/// fetch) plus, when nothing was leased, the next wake-up time.
 ///
 /// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
 /// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
