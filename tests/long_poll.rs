@@ -1066,3 +1066,86 @@ async fn a_message_committed_as_its_instance_turn_ends_is_claimed_without_its_ow
         );
     }
 }
+
+/// Fan-outs on two processes (one per fetch path, hand-over off) with idle dispatchers
+/// between rounds, a fallback poll of ten minutes, a dispatcher poll of two and leases
+/// of one: every orchestration completes within seconds, so every completion that
+/// skipped its own wake-up (all but the first of each fan-out) was picked up by a
+/// wake-up someone else sent. (With the worker ack's wake-up removed altogether, the
+/// first round does not complete.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_outs_on_two_processes_never_wait_for_the_fallback_poll() {
+    let (_first, guard) = new_provider(FetchPath::Hybrid).await;
+    let mut providers = Vec::new();
+    for path in [FetchPath::Hybrid, FetchPath::Procedure] {
+        let mut o = test_options(guard.schema(), path);
+        o.fallback_poll_interval = Duration::from_secs(600);
+        // Without hand-over: a worker ack must wake the orchestration fetch through a
+        // notification (hand-over would give the last completion's turn to a waiting
+        // fetch of its own process directly).
+        o.handover = false;
+        let p = common::connect_waiting(&database_url(), o).await.unwrap();
+        providers.push(Arc::new(p));
+    }
+    let orchestrations = || {
+        OrchestrationRegistry::builder()
+            .register(
+                "FanOut",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    // Spread over 40-200 ms: the orchestration dispatchers are waiting
+                    // when the completions arrive, one by one.
+                    let calls: Vec<_> = (1..=5)
+                        .map(|i| ctx.schedule_activity("Sleep", (i * 40).to_string()))
+                        .collect();
+                    for r in ctx.join(calls).await {
+                        r?;
+                    }
+                    Ok("done".to_string())
+                },
+            )
+            .build()
+    };
+    // Long leases too: a waiting fetch also wakes when a lease it saw ends, which would
+    // hide a missing wake-up behind the default 5 s lease.
+    let options = RuntimeOptions {
+        dispatcher_long_poll_timeout: Duration::from_secs(120),
+        orchestrator_lock_timeout: Duration::from_secs(60),
+        ..RuntimeOptions::default()
+    };
+    let activities = || {
+        ActivityRegistry::builder()
+            .register("Sleep", |_ctx: ActivityContext, ms: String| async move {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                Ok(ms)
+            })
+            .build()
+    };
+    let mut runtimes = Vec::new();
+    for p in &providers {
+        runtimes.push(
+            Runtime::start_with_options(p.clone(), activities(), orchestrations(), options.clone())
+                .await,
+        );
+    }
+    let clients: Vec<Client> = providers.iter().map(|p| Client::new(p.clone())).collect();
+    for round in 0..3 {
+        // Idle first: every dispatcher is in its long poll when the round starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ids: Vec<String> = (0..12).map(|i| format!("fan-{round}-{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            clients[i % 2]
+                .start_orchestration(id, "FanOut", "")
+                .await
+                .unwrap();
+            if i % 4 == 3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for id in &ids {
+            completed_within(&clients[0], id, Duration::from_secs(10)).await;
+        }
+    }
+    for rt in runtimes {
+        rt.shutdown(None).await;
+    }
+}
