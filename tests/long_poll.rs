@@ -112,14 +112,7 @@ async fn timer_wakes_waiting_fetch_procedure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_wakes_the_next_dispatcher() {
     let (p, _guard) = new_provider(FetchPath::Hybrid).await;
-    p.enqueue_for_orchestrator(start_item("lp-ack"), None)
-        .await
-        .unwrap();
-    let (_, token, _) = p
-        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let token = first_turn(&p, "lp-ack").await;
 
     let w = p.clone();
     let worker = tokio::spawn(async move {
@@ -168,6 +161,19 @@ async fn ack_wakes_the_next_dispatcher() {
         .expect("orchestration woken by the worker ack");
     assert!(completed.elapsed() < Duration::from_secs(1));
     assert_eq!(item.messages, vec![completion]);
+}
+
+/// Enqueues a start of `instance` and claims its first turn: the turn's lock token.
+async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await
+        .unwrap();
+    let (_, token, _) = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .unwrap();
+    token
 }
 
 /// Metadata of a first turn of orchestration "O" 1.0.0.
@@ -945,14 +951,7 @@ fn completion(instance: &str, id: u64) -> WorkItem {
 async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
     for path in [FetchPath::Hybrid, FetchPath::Procedure] {
         let (p, _guard) = new_provider_with(path, |o| o.handover = false).await;
-        p.enqueue_for_orchestrator(start_item("fan"), None)
-            .await
-            .unwrap();
-        let (_, token, _) = p
-            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-            .await
-            .unwrap()
-            .unwrap();
+        let token = first_turn(&p, "fan").await;
         let metadata = metadata();
         let activities: Vec<WorkItem> = (1..=3).map(|id| activity_item("fan", id)).collect();
         p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata, vec![])
@@ -1017,14 +1016,7 @@ async fn a_message_committed_as_its_instance_turn_ends_is_claimed_without_its_ow
         })
         .await
         .unwrap();
-        p.enqueue_for_orchestrator(start_item("late"), None)
-            .await
-            .unwrap();
-        let (_, token, _) = p
-            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-            .await
-            .unwrap()
-            .unwrap();
+        let token = first_turn(&p, "late").await;
 
         // The writer: its INSERT (and the claim-state trigger's lock) in an open
         // transaction, and no NOTIFY.
