@@ -121,14 +121,13 @@ async fn ack_wakes_the_next_dispatcher() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acked = Instant::now();
-    let metadata = metadata();
     p.ack_orchestration_item(
         &token,
         1,
         vec![],
         vec![activity_item("lp-ack", 2)],
         vec![],
-        metadata,
+        metadata(),
         vec![],
     )
     .await
@@ -852,15 +851,7 @@ async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
 async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
     let (p, guard) = new_provider(FetchPath::Hybrid).await;
     let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
-    other
-        .enqueue_for_orchestrator(start_item("lp-ack-timer"), None)
-        .await
-        .unwrap();
-    let (_, token, _) = other
-        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let token = first_turn(&other, "lp-ack-timer").await;
     let w = p.clone();
     let fetch = tokio::spawn(async move { w.fetch_orchestration_item(LOCK, LONG, None).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -878,7 +869,6 @@ async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
         id: 2,
         fire_at_ms: now_ms + 1000,
     };
-    let metadata = metadata();
     other
         .ack_orchestration_item(
             &token,
@@ -886,7 +876,7 @@ async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
             vec![],
             vec![],
             vec![timer.clone()],
-            metadata,
+            metadata(),
             vec![],
         )
         .await
@@ -952,9 +942,8 @@ async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
     for path in [FetchPath::Hybrid, FetchPath::Procedure] {
         let (p, _guard) = new_provider_with(path, |o| o.handover = false).await;
         let token = first_turn(&p, "fan").await;
-        let metadata = metadata();
         let activities: Vec<WorkItem> = (1..=3).map(|id| activity_item("fan", id)).collect();
-        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata, vec![])
+        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
             .await
             .unwrap();
         let mut tokens = Vec::new();
@@ -1037,8 +1026,7 @@ async fn a_message_committed_as_its_instance_turn_ends_is_claimed_without_its_ow
             (r, Instant::now())
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let metadata = metadata();
-        p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata, vec![])
+        p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
