@@ -6,8 +6,9 @@
 //!   worker fetches whose tag filter and session settings admit one of them; the ack
 //!   call claims one item per reserved fetch with the worker fetch's own claim
 //!   (`claim_worker_item`: lease, attempt count, session ownership).
-//! * A worker ack whose completion goes to an instance reserves one waiting
-//!   orchestration fetch; the ack call claims that instance's turn when it is claimable
+//! * A worker ack whose completion goes to an instance, and a client enqueue of an
+//!   item visible now (a start, an event, a cancel), reserve one waiting orchestration
+//!   fetch ([`TurnOffer`]); the call claims that instance's turn when it is claimable
 //!   now, with the fetch's lease length and capability filter (`claim_instance`), and on
 //!   the procedure path reads the turn too. On the hybrid path the fetch then runs its
 //!   four concurrent reads.
@@ -26,9 +27,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use duroxide::providers::WorkItem;
 
+use crate::history_cache::Held;
 use crate::notify::{Interest, Queue, Waiter};
+use crate::options::FetchPath;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
-use crate::turn::{Claim, ClaimArgs, TurnRows};
+use crate::sql_fn::Args;
+use crate::turn::{Claim, ClaimArgs, TurnData, TurnRows};
 
 /// What a waiting fetch needs to have work claimed for it.
 #[derive(Debug, Clone)]
@@ -208,7 +212,121 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// A waiting orchestration fetch reserved by a call that makes an instance runnable
+/// (a worker ack, a client enqueue), and what the call sends to claim the turn for it:
+/// the `p_turn_lock_token` .. `p_history_guard` arguments of `ack_work_item_handover`
+/// and `enqueue_orchestrator_handover`.
+pub(crate) struct TurnOffer {
+    reservation: Reservation,
+    args: Arc<ClaimArgs>,
+    token: String,
+    read_turn: bool,
+    held: Option<Held>,
+}
+
+impl TurnOffer {
+    /// Binds the offer's arguments, or the values that claim nothing when there is none.
+    pub(crate) fn bind(offer: Option<&Self>, args: Args) -> Args {
+        let (filter_enabled, min, max, lock_ms) = match offer {
+            Some(o) => (
+                o.args.filter_enabled,
+                o.args.min,
+                o.args.max,
+                o.args.lock_timeout_ms,
+            ),
+            None => (false, (0, 0, 0), (0, 0, 0), 0),
+        };
+        let held = offer.and_then(|o| o.held.as_ref());
+        args.bind("p_turn_lock_token", offer.map(|o| o.token.as_str()))
+            .bind("p_lock_timeout_ms", lock_ms)
+            .bind("p_filter_enabled", filter_enabled)
+            .bind("p_min_major", min.0)
+            .bind("p_min_minor", min.1)
+            .bind("p_min_patch", min.2)
+            .bind("p_max_major", max.0)
+            .bind("p_max_minor", max.1)
+            .bind("p_max_patch", max.2)
+            .bind("p_read_turn", offer.is_some_and(|o| o.read_turn))
+            .bind("p_history_execution_id", held.map(|h| h.execution_id))
+            .bind("p_history_after_event_id", held.map(|h| h.last_event_id))
+            .bind("p_history_guard", held.map(|h| h.guard))
+    }
+}
+
 impl PostgresProvider {
+    /// Reserves a waiting orchestration fetch for `instance`'s next turn, when hand-over
+    /// is on and one waits. `execution_id`: the execution the caller knows the instance
+    /// to be on (its cached history is sent for an incremental read), `None` for any.
+    pub(crate) fn offer_turn(
+        &self,
+        instance: &str,
+        execution_id: Option<i64>,
+    ) -> Option<TurnOffer> {
+        if !self.handover_enabled() {
+            return None;
+        }
+        let reservation = self.inner.notifier.reserve_turn_waiter()?;
+        let args = match &reservation.interest().claim {
+            Some(ClaimSpec::Turn(a)) => a.clone(),
+            _ => return None,
+        };
+        let read_turn = self.fetch_path() == FetchPath::Procedure;
+        let cache = &self.inner.history_cache;
+        let held = match execution_id {
+            _ if !read_turn => None,
+            Some(e) => cache.held(instance, e),
+            None => cache.held_any(instance),
+        };
+        Some(TurnOffer {
+            reservation,
+            args,
+            token: format!("lock_{}", uuid::Uuid::new_v4()),
+            read_turn,
+            held,
+        })
+    }
+
+    /// Hands the turn the call claimed (`execution_id` not NULL) to the reserved fetch,
+    /// with its data on the procedure path; a turn whose data is inconsistent is
+    /// released. Nothing claimed: the reservation is dropped and the fetch carries on.
+    pub(crate) async fn settle_turn_offer(
+        &self,
+        offer: TurnOffer,
+        instance: &str,
+        execution_id: Option<i64>,
+        attempt_count: Option<i32>,
+        turn: TurnData,
+        operation: &str,
+    ) {
+        let Some(execution_id) = execution_id else {
+            return;
+        };
+        let claim = Claim {
+            instance: instance.to_string(),
+            lock_token: offer.token,
+            execution_id,
+            attempt_count: attempt_count.unwrap_or(1),
+        };
+        if !offer.read_turn {
+            self.hand_over(offer.reservation, Handed::Claim(claim));
+            return;
+        }
+        match turn.into_turn_rows(claim, offer.held.as_ref()) {
+            Ok(rows) => self.hand_over(offer.reservation, Handed::Turn(Box::new(rows))),
+            Err((claim, e)) => {
+                drop(offer.reservation);
+                tracing::warn!(
+                    target: TRACING_TARGET,
+                    operation,
+                    instance = %claim.instance,
+                    error = %e,
+                    "handed-over turn is inconsistent; released"
+                );
+                self.release_claim(&claim.lock_token, &claim.instance).await;
+            }
+        }
+    }
+
     /// Whether acks look for waiting fetches.
     pub(crate) fn handover_enabled(&self) -> bool {
         self.inner.handover && self.inner.long_poll

@@ -93,6 +93,16 @@ impl HistoryCache {
 
     /// What is held of `instance`'s execution `execution_id` (marks it used).
     pub(crate) fn held(&self, instance: &str, execution_id: i64) -> Option<Held> {
+        self.lookup(instance, Some(execution_id))
+    }
+
+    /// The entry of `instance`, whichever execution it holds (for a caller that does not
+    /// know the instance's execution; a call uses it only when the execution matches).
+    pub(crate) fn held_any(&self, instance: &str) -> Option<Held> {
+        self.lookup(instance, None)
+    }
+
+    fn lookup(&self, instance: &str, execution_id: Option<i64>) -> Option<Held> {
         if self.max_events == 0 {
             return None;
         }
@@ -100,7 +110,7 @@ impl HistoryCache {
         let held = s
             .entries
             .get(instance)
-            .filter(|e| e.held.execution_id == execution_id)
+            .filter(|e| execution_id.is_none_or(|x| e.held.execution_id == x))
             .map(|e| e.held.clone())?;
         s.touch(instance);
         Some(held)

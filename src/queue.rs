@@ -7,7 +7,10 @@ use duroxide::providers::{ProviderError, WorkItem};
 
 use crate::codec::{encode_item, millis};
 use crate::errors::{db_error, decode_error};
+use crate::handover::TurnOffer;
 use crate::provider::PostgresProvider;
+use crate::sql_fn::{Args, SqlFunction};
+use crate::turn::TurnData;
 
 /// $4 delay ms (0 = visible now). Visibility is the database clock plus the delay; a
 /// TimerFired enqueued here uses the delay, not its fire_at_ms (duroxide's contract).
@@ -29,6 +32,46 @@ FROM {s}.notify_work_available('orchestrator',
          CASE WHEN $4::BIGINT > 0 THEN (SELECT min(visible_at_ms) FROM queued) END) AS n2"
 );
 
+/// The client enqueue while a local orchestration fetch waits
+/// (`enqueue_orchestrator_handover`, migrations/functions/09_handover.sql): the enqueue
+/// above, then the claim of the instance's turn for that fetch (handover.rs).
+pub(crate) static ENQUEUE_ORCHESTRATOR_HANDOVER: SqlFunction = SqlFunction {
+    name: "enqueue_orchestrator_handover",
+    args: &[
+        "p_instance_id",
+        "p_kind",
+        "p_work_item",
+        "p_enqueue_id",
+        "p_turn_lock_token",
+        "p_lock_timeout_ms",
+        "p_filter_enabled",
+        "p_min_major",
+        "p_min_minor",
+        "p_min_patch",
+        "p_max_major",
+        "p_max_minor",
+        "p_max_patch",
+        "p_read_turn",
+        "p_history_execution_id",
+        "p_history_after_event_id",
+        "p_history_guard",
+    ],
+    columns: Some(
+        "o_queued, o_execution_id, o_attempt_count, o_has_instance, o_orchestration_name, \
+         o_orchestration_version, o_messages, o_history_incremental, o_history, \
+         o_history_last_event_id, o_history_last_guard, o_kv_keys, o_kv_values, \
+         o_kv_updated_ms",
+    ),
+};
+
+#[derive(sqlx::FromRow)]
+struct HandoverEnqueueRow {
+    o_execution_id: Option<i64>,
+    o_attempt_count: Option<i32>,
+    #[sqlx(flatten)]
+    turn: TurnData,
+}
+
 impl PostgresProvider {
     pub(crate) async fn enqueue_orchestrator(
         &self,
@@ -45,6 +88,38 @@ impl PostgresProvider {
         let enc = encode_item(&item).map_err(|m| decode_error(OP, None, m))?;
         // One id per call, reused by resends: the statement is idempotent.
         let enqueue_id = uuid::Uuid::new_v4().to_string();
+        let delay_ms = delay.map(millis).unwrap_or(0);
+        // An item visible now, while a local orchestration fetch waits: the enqueue
+        // claims the instance's turn for it (handover.rs).
+        if delay_ms <= 0
+            && let Some(offer) = self.offer_turn(&enc.instance, None)
+        {
+            let sql = self.call_sql(&ENQUEUE_ORCHESTRATOR_HANDOVER);
+            let args = || {
+                let a = Args::new(&ENQUEUE_ORCHESTRATOR_HANDOVER)
+                    .bind("p_instance_id", enc.instance.as_str())
+                    .bind("p_kind", enc.kind)
+                    .bind("p_work_item", enc.json.as_str())
+                    .bind("p_enqueue_id", enqueue_id.as_str());
+                TurnOffer::bind(Some(&offer), a).finish(OP)
+            };
+            let row = on_conn!(
+                idempotent: self,
+                fetch_one,
+                sqlx::query_as_with::<_, HandoverEnqueueRow, _>(&sql, args()?)
+            )
+            .map_err(|e| db_error(OP, Some(&enc.instance), e))?;
+            self.settle_turn_offer(
+                offer,
+                &enc.instance,
+                row.o_execution_id,
+                row.o_attempt_count,
+                row.turn,
+                OP,
+            )
+            .await;
+            return Ok(());
+        }
         on_conn!(
             idempotent: self,
             execute,
@@ -52,7 +127,7 @@ impl PostgresProvider {
                 .bind(&enc.instance)
                 .bind(enc.kind)
                 .bind(&enc.json)
-                .bind(delay.map(millis).unwrap_or(0))
+                .bind(delay_ms)
                 .bind(&enqueue_id)
         )
         .map_err(|e| db_error(OP, Some(&enc.instance), e))?;

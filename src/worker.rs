@@ -8,13 +8,12 @@ use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem
 
 use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
-use crate::handover::{ClaimSpec, Handed};
+use crate::handover::{ClaimSpec, Handed, TurnOffer};
 use crate::notify::{Interest, Queue};
-use crate::options::FetchPath;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::{Args, SqlFunction};
-use crate::turn::{Claim, TurnData};
+use crate::turn::TurnData;
 
 /// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: an item
 /// whose lease expired, else the oldest visible, unleased item the tag filter and the
@@ -420,59 +419,19 @@ impl PostgresProvider {
         };
         // A local orchestration fetch waiting for work: the ack claims the instance's
         // next turn for it (handover.rs).
-        let reservation = match instance {
-            Some(_) if self.handover_enabled() => self.inner.notifier.reserve_turn_waiter(),
-            _ => None,
-        };
-        let claim_args = reservation
-            .as_ref()
-            .and_then(|r| match &r.interest().claim {
-                Some(ClaimSpec::Turn(a)) => Some(a.clone()),
-                _ => None,
-            });
-        let turn_token = claim_args
-            .as_ref()
-            .map(|_| format!("lock_{}", uuid::Uuid::new_v4()));
-        let read_turn = self.fetch_path() == FetchPath::Procedure;
-        let held = match (instance, &turn_token) {
-            (Some(i), Some(_)) if read_turn => self.inner.history_cache.held(i, execution_id),
-            _ => None,
-        };
+        let offer = instance.and_then(|i| self.offer_turn(i, Some(execution_id)));
         // Idempotent through the ledger: resent also when the outcome is unknown, so a
         // lost reply never makes duroxide abandon (and re-run) a completed activity.
         let call_id = uuid::Uuid::new_v4().to_string();
         let sql = self.call_sql(&ACK_WORK_ITEM_HANDOVER);
-        let (filter_enabled, min, max, lock_ms) = match &claim_args {
-            Some(a) => (a.filter_enabled, a.min, a.max, a.lock_timeout_ms),
-            None => (false, (0, 0, 0), (0, 0, 0), 0),
-        };
         let args = || {
-            Args::new(&ACK_WORK_ITEM_HANDOVER)
+            let a = Args::new(&ACK_WORK_ITEM_HANDOVER)
                 .bind("p_lock_token", token)
                 .bind("p_instance_id", instance)
                 .bind("p_kind", kind)
                 .bind("p_work_item", json.as_deref())
-                .bind("p_call_id", call_id.as_str())
-                .bind("p_turn_lock_token", turn_token.as_deref())
-                .bind("p_lock_timeout_ms", lock_ms)
-                .bind("p_filter_enabled", filter_enabled)
-                .bind("p_min_major", min.0)
-                .bind("p_min_minor", min.1)
-                .bind("p_min_patch", min.2)
-                .bind("p_max_major", max.0)
-                .bind("p_max_minor", max.1)
-                .bind("p_max_patch", max.2)
-                .bind("p_read_turn", read_turn)
-                .bind(
-                    "p_history_execution_id",
-                    held.as_ref().map(|h| h.execution_id),
-                )
-                .bind(
-                    "p_history_after_event_id",
-                    held.as_ref().map(|h| h.last_event_id),
-                )
-                .bind("p_history_guard", held.as_ref().map(|h| h.guard))
-                .finish(OP)
+                .bind("p_call_id", call_id.as_str());
+            TurnOffer::bind(offer.as_ref(), a).finish(OP)
         };
         let row = on_conn!(
             idempotent: self,
@@ -489,33 +448,16 @@ impl PostgresProvider {
                 ),
             ));
         }
-        if let (Some(reservation), Some(turn_token), Some(instance), Some(execution_id)) =
-            (reservation, turn_token, instance, row.o_execution_id)
-        {
-            let claim = Claim {
-                instance: instance.to_string(),
-                lock_token: turn_token,
-                execution_id,
-                attempt_count: row.o_attempt_count.unwrap_or(1),
-            };
-            if !read_turn {
-                self.hand_over(reservation, Handed::Claim(claim));
-            } else {
-                match row.turn.into_turn_rows(claim, held.as_ref()) {
-                    Ok(rows) => self.hand_over(reservation, Handed::Turn(Box::new(rows))),
-                    Err((claim, e)) => {
-                        drop(reservation);
-                        tracing::warn!(
-                            target: TRACING_TARGET,
-                            operation = OP,
-                            instance = %claim.instance,
-                            error = %e,
-                            "handed-over turn is inconsistent; released"
-                        );
-                        self.release_claim(&claim.lock_token, &claim.instance).await;
-                    }
-                }
-            }
+        if let (Some(offer), Some(instance)) = (offer, instance) {
+            self.settle_turn_offer(
+                offer,
+                instance,
+                row.o_execution_id,
+                row.o_attempt_count,
+                row.turn,
+                OP,
+            )
+            .await;
         }
         Ok(())
     }

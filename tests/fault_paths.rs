@@ -3,7 +3,8 @@
 //!
 //! * a reply lost after the commit (PgBouncer's `08P01 server conn crashed?`): an enqueue
 //!   is delivered once, a claim is not sent twice (retryable error instead), a worker ack
-//!   that committed reports success;
+//!   that committed reports success; an enqueue that claimed the turn for a waiting fetch
+//!   of its process gives that turn back when resent (attempt not counted);
 //! * a request that never reached the server is sent again (`renew_work_item_lock`);
 //! * a connection a load balancer silently dropped while idle costs no failed call;
 //! * a bulk delete of 1,000 trees of 11 stays within the server's lock table; a full
@@ -121,6 +122,50 @@ async fn lost_reply_to_a_committed_enqueue_delivers_once() {
         )
         .await,
         1
+    );
+    p.close().await;
+    let _ = direct;
+}
+
+/// The enqueue claimed the instance's turn for a fetch of its own provider that waits
+/// (hand-over), and its reply is lost: the resend finds the item queued and gives the
+/// turn back at once, attempt not counted, and the waiting fetch then claims it itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_an_enqueue_that_handed_a_turn_over_gives_the_turn_back() {
+    let (direct, guard) = new_provider(FetchPath::Procedure).await;
+    let (proxy, p) = proxied(guard.schema(), |o| {
+        o.long_poll = true;
+        o.fetch_path = Some(FetchPath::Procedure);
+    })
+    .await;
+    let p = Arc::new(p);
+    let o = p.clone();
+    let waiter = tokio::spawn(async move {
+        o.fetch_orchestration_item(LOCK, Duration::from_secs(10), None)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.faults().swallow_next_reply_with_08p01();
+    p.enqueue_for_orchestrator(start_item("once-h"), None)
+        .await
+        .expect("the resend of an enqueue that committed reports success");
+    assert!(!proxy.faults().armed(), "the fault fired");
+    let (item, _, attempts) = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the waiting fetch gets the turn");
+    assert_eq!(item.instance, "once-h");
+    assert_eq!(item.messages.len(), 1);
+    assert_eq!(attempts, 1, "the turn given back did not count an attempt");
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE instance_id = 'once-h'"
+        )
+        .await,
+        1,
+        "queued once"
     );
     p.close().await;
     let _ = direct;

@@ -3,7 +3,8 @@
 //! without a round trip of its own.
 //!
 //! * an orchestration ack hands its activity to a waiting worker fetch, and a worker ack
-//!   hands the instance's next turn to a waiting orchestration fetch (both paths); the
+//!   or a client enqueue hands the instance's next turn to a waiting orchestration fetch
+//!   (both paths); the
 //!   handed item is leased like a fetched one: renew, abandon, attempt count and lock
 //!   expiry (with the waiter's lease length) behave the same;
 //! * a waiter that is gone when the ack's reply arrives gets nothing, and the lease is
@@ -26,6 +27,7 @@ use duroxide::providers::{
     DispatcherCapabilityFilter, ExecutionMetadata, Provider, SemverRange, SessionFetchConfig,
     TagFilter, WorkItem,
 };
+use duroxide::{Event, EventKind};
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
@@ -353,6 +355,38 @@ fn a_waiter_gone_before_the_reply_gets_its_item_released_without_an_attempt() {
             .unwrap();
         assert_eq!(attempts, 1, "the released claim did not count");
         assert_eq!(item.messages.len(), 1);
+
+        // A client enqueue claims the turn for a fetch that is dropped.
+        let o = p.clone();
+        let waiter =
+            tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
+        tokio::time::sleep(rtt * 3).await;
+        let c = p.clone();
+        let enqueue = tokio::spawn(async move {
+            c.enqueue_for_orchestrator(start_item("ho-gone-c"), None)
+                .await
+        });
+        tokio::time::sleep(rtt / 4).await;
+        waiter.abort();
+        enqueue.await.unwrap().unwrap();
+        let t = Instant::now();
+        while orchestrator_rows(&p, "ho-gone-c").await != (false, 0) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the turn handed by the enqueue was not released: {:?}",
+                orchestrator_rows(&p, "ho-gone-c").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(released(&m, "orchestrator"), 2);
+        assert_eq!(handovers(&m, "orchestrator"), 0);
+        let (item, _, attempts) = p
+            .fetch_orchestration_item(LOCK, NOW, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(item.instance, "ho-gone-c");
+        assert_eq!(attempts, 1, "the released claim did not count");
         p.close().await;
     });
 }
@@ -570,4 +604,169 @@ fn only_the_last_outstanding_activity_hands_its_turn_over() {
         }
         p.close().await;
     });
+}
+
+fn started(instance: &str) -> Event {
+    Event::with_event_id(
+        1,
+        instance,
+        1,
+        None,
+        EventKind::OrchestrationStarted {
+            name: "O".to_string(),
+            version: "1.0.0".to_string(),
+            input: "in".to_string(),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: None,
+            initial_custom_status: None,
+        },
+    )
+}
+
+fn raised(instance: &str, data: &str) -> WorkItem {
+    WorkItem::ExternalRaised {
+        instance: instance.to_string(),
+        name: "E".to_string(),
+        data: data.to_string(),
+    }
+}
+
+/// Fetches `p`'s next turn in the background, once that fetch waits after an empty claim.
+async fn waiting_turn_fetch(
+    p: &std::sync::Arc<PostgresProvider>,
+) -> tokio::task::JoinHandle<
+    Result<
+        Option<(duroxide::providers::OrchestrationItem, String, u32)>,
+        duroxide::providers::ProviderError,
+    >,
+> {
+    let o = p.clone();
+    let waiter = tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
+    until_waiting().await;
+    waiter
+}
+
+/// A client enqueue (a start, then an event) while a fetch of the same provider waits:
+/// the enqueue claims the instance's turn for it, with its history on both paths; a
+/// delayed enqueue, and one for an instance whose turn is leased elsewhere, are left to
+/// the fetches as before.
+fn client_enqueue_hands_the_turn_to_a_waiting_fetch(path: FetchPath) {
+    with_metrics(|m| async move {
+        let (p, _guard) = new_provider(path).await;
+        let waiter = waiting_turn_fetch(&p).await;
+        p.enqueue_for_orchestrator(start_item("ho-cl"), None)
+            .await
+            .unwrap();
+        let (item, token, attempts) = waiter.await.unwrap().unwrap().expect("handed over");
+        assert_eq!(
+            handovers(&m, "orchestrator"),
+            1,
+            "{path}: the start is handed over"
+        );
+        assert_eq!(attempts, 1);
+        assert!(item.history.is_empty(), "{path}: {:?}", item.history);
+        assert!(
+            matches!(
+                item.messages.as_slice(),
+                [WorkItem::StartOrchestration { .. }]
+            ),
+            "{path}: {:?}",
+            item.messages
+        );
+        p.ack_orchestration_item(
+            &token,
+            1,
+            vec![started("ho-cl")],
+            vec![],
+            vec![],
+            metadata(),
+            vec![],
+        )
+        .await
+        .unwrap();
+
+        // An event to the running instance: its turn, history included.
+        let waiter = waiting_turn_fetch(&p).await;
+        p.enqueue_for_orchestrator(raised("ho-cl", "one"), None)
+            .await
+            .unwrap();
+        let (item, token, attempts) = waiter.await.unwrap().unwrap().expect("handed over");
+        assert_eq!(
+            handovers(&m, "orchestrator"),
+            2,
+            "{path}: the event is handed over"
+        );
+        assert_eq!(attempts, 1);
+        assert_eq!(item.orchestration_name, "O");
+        assert!(
+            matches!(
+                item.history.as_slice(),
+                [e] if matches!(e.kind, EventKind::OrchestrationStarted { .. })
+            ),
+            "{path}: {:?}",
+            item.history
+        );
+        assert!(
+            matches!(item.messages.as_slice(), [WorkItem::ExternalRaised { data, .. }] if data == "one"),
+            "{path}: {:?}",
+            item.messages
+        );
+
+        // While that turn is leased, an event cannot be handed over: the waiter takes it
+        // once the turn ends (the lease-end wakes it), as any fetch would.
+        let waiter = waiting_turn_fetch(&p).await;
+        p.enqueue_for_orchestrator(raised("ho-cl", "two"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            handovers(&m, "orchestrator"),
+            2,
+            "{path}: leased, not handed"
+        );
+        assert!(!waiter.is_finished(), "{path}: nothing claimable yet");
+        ack_with(&p, &token, vec![]).await;
+        let (item, token, _) = waiter
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("fetched after the turn");
+        assert!(
+            matches!(item.messages.as_slice(), [WorkItem::ExternalRaised { data, .. }] if data == "two"),
+            "{path}: {:?}",
+            item.messages
+        );
+        ack_with(&p, &token, vec![]).await;
+
+        // A delayed item is not visible now: nothing is claimed for the waiter.
+        let waiter = waiting_turn_fetch(&p).await;
+        p.enqueue_for_orchestrator(raised("ho-cl", "late"), Some(Duration::from_millis(700)))
+            .await
+            .unwrap();
+        assert_eq!(
+            handovers(&m, "orchestrator"),
+            2,
+            "{path}: delayed, not handed"
+        );
+        let (item, token, _) = waiter
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("fetched when visible");
+        assert_eq!(item.messages.len(), 1);
+        ack_with(&p, &token, vec![]).await;
+        assert_eq!(released(&m, "orchestrator"), 0);
+        p.close().await;
+    });
+}
+
+#[test]
+fn client_enqueue_hands_the_turn_to_a_waiting_fetch_hybrid() {
+    client_enqueue_hands_the_turn_to_a_waiting_fetch(FetchPath::Hybrid);
+}
+
+#[test]
+fn client_enqueue_hands_the_turn_to_a_waiting_fetch_procedure() {
+    client_enqueue_hands_the_turn_to_a_waiting_fetch(FetchPath::Procedure);
 }

@@ -1,4 +1,4 @@
--- revision: 3
+-- revision: 4
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -10,6 +10,9 @@
 --   * ack_work_item_handover: the worker ack (every worker ack of this release goes
 --     through it), then, when a local orchestration fetch waits, the claim of the
 --     completed activity's instance, with the turn's reads on the procedure path.
+--   * enqueue_orchestrator_handover: a client enqueue (a start, an event, a cancel) made
+--     while a local orchestration fetch waits, then the claim of that instance's turn
+--     the same way.
 --
 -- A waiter that is gone when the reply arrives gets nothing: the provider releases the
 -- lease at once without counting the attempt (abandon with ignore-attempt).
@@ -159,6 +162,22 @@ BEGIN
     IF v_step.o_outcome = 'claimed' THEN
         o_attempt_count := v_step.o_attempt_count;
         o_execution_id := v_step.o_execution_id;
+    END IF;
+END;
+$fn$;
+
+-- Ledger rows older than 15 min go, by one call in 16 on average (up to 64 rows each:
+-- the pruning keeps ahead of one insert per call without a statement on every call).
+CREATE OR REPLACE FUNCTION enqueue_ledger_prune(p_now_ms BIGINT) RETURNS VOID
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    IF random() < 0.0625 THEN
+        DELETE FROM enqueue_ledger l
+        WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
+                               WHERE o.created_at_ms < p_now_ms - 900000
+                               ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED);
     END IF;
 END;
 $fn$;
@@ -382,14 +401,7 @@ BEGIN
         VALUES ('ack:' || p_call_id, v_now)
         ON CONFLICT (enqueue_id) DO NOTHING;
     END IF;
-    -- Ledger rows older than 15 min go, by one ack in 16 on average (up to 64 rows each:
-    -- the pruning keeps ahead of one insert per ack without a statement on every ack).
-    IF random() < 0.0625 THEN
-        DELETE FROM enqueue_ledger l
-        WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
-                               WHERE o.created_at_ms < v_now - 900000
-                               ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED);
-    END IF;
+    PERFORM enqueue_ledger_prune(v_now);
 
     -- Only the instance's last outstanding activity hands its turn over: while others of
     -- a fan-out are still queued or running, a turn now would hold one completion and
@@ -431,5 +443,95 @@ BEGIN
     END IF;
     PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
     RETURN NEXT;
+END;
+$fn$;
+
+-- A client enqueue of an item visible now (a start, an event, a cancel) while a local
+-- orchestration fetch waits (p_turn_lock_token, its lease length and capability filter):
+-- the item is queued once per p_enqueue_id (the enqueue ledger, as the plain enqueue),
+-- then its instance's turn is claimed under that token when it is claimable now, with
+-- the turn's reads on the procedure path (p_read_turn; p_history_*: the caller's history
+-- cache entry of the instance, NULLs for none). Otherwise fetches are woken as the plain
+-- enqueue wakes them. o_queued is 0 for a resend of a call that committed (its reply was
+-- lost): the item is queued already and the turn that reply carried goes back (attempt
+-- not counted). o_execution_id is NULL when nothing was claimed.
+CREATE OR REPLACE FUNCTION enqueue_orchestrator_handover(
+    p_instance_id      TEXT,
+    p_kind             TEXT,
+    p_work_item        TEXT,
+    p_enqueue_id       TEXT,
+    p_turn_lock_token  TEXT,
+    p_lock_timeout_ms  BIGINT,
+    p_filter_enabled   BOOLEAN,
+    p_min_major INT, p_min_minor INT, p_min_patch INT,
+    p_max_major INT, p_max_minor INT, p_max_patch INT,
+    p_read_turn                BOOLEAN,
+    p_history_execution_id     BIGINT,
+    p_history_after_event_id   BIGINT,
+    p_history_guard            BIGINT
+)
+RETURNS TABLE (
+    o_queued                 BIGINT,
+    o_execution_id           BIGINT,
+    o_attempt_count          INT,
+    o_has_instance           BOOLEAN,
+    o_orchestration_name     TEXT,
+    o_orchestration_version  TEXT,
+    o_messages               TEXT[],
+    o_history_incremental    BOOLEAN,
+    o_history                TEXT[],
+    o_history_last_event_id  BIGINT,
+    o_history_last_guard     BIGINT,
+    o_kv_keys                TEXT[],
+    o_kv_values              TEXT[],
+    o_kv_updated_ms          BIGINT[]
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_now   BIGINT := now_ms();
+    v_claim RECORD;
+BEGIN
+    INSERT INTO enqueue_ledger (enqueue_id, created_at_ms)
+    VALUES (p_enqueue_id, v_now)
+    ON CONFLICT (enqueue_id) DO NOTHING;
+    IF NOT FOUND THEN
+        PERFORM abandon_orchestration_turn(p_turn_lock_token, NULL, TRUE);
+        o_queued := 0;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    PERFORM enqueue_ledger_prune(v_now);
+    INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+    VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
+    o_queued := 1;
+
+    SELECT * INTO v_claim
+    FROM claim_instance_turn(p_instance_id, p_turn_lock_token, p_lock_timeout_ms,
+                             p_filter_enabled, p_min_major, p_min_minor, p_min_patch,
+                             p_max_major, p_max_minor, p_max_patch);
+    IF v_claim.o_execution_id IS NULL THEN
+        -- Busy, leased, filtered out or not yet due: any fetch takes it as usual.
+        PERFORM notify_work_available('orchestrator', 1);
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    o_execution_id := v_claim.o_execution_id;
+    o_attempt_count := v_claim.o_attempt_count;
+    IF NOT p_read_turn THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT o_queued, o_execution_id, o_attempt_count, t.o_has_instance,
+           t.o_orchestration_name, t.o_orchestration_version, t.o_messages,
+           t.o_history_incremental, t.o_history, t.o_history_last_event_id,
+           t.o_history_last_guard, t.o_kv_keys, t.o_kv_values, t.o_kv_updated_ms
+    FROM read_claimed_turn(p_instance_id, p_turn_lock_token, o_execution_id,
+                           CASE WHEN p_history_execution_id = o_execution_id
+                                THEN p_history_after_event_id END,
+                           CASE WHEN p_history_execution_id = o_execution_id
+                                THEN p_history_guard END) t;
 END;
 $fn$;
