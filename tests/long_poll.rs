@@ -990,6 +990,137 @@ async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
     }
 }
 
+/// A completion for an instance whose turn is running wakes no fetch (it would find the
+/// instance leased): the turn's ack wakes one for it. Waiters learn the lease's end
+/// instead, so when the turn's holder is gone the completion is claimed once the lease
+/// runs out, by a fetch of another process that was waiting before the lease began (so
+/// its own empty claim never saw that lease) and whose fallback poll is far away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_for_a_running_turn_wakes_nobody_until_the_turn_ends() {
+    for path in [FetchPath::Hybrid, FetchPath::Procedure] {
+        let (p, guard) = new_provider(path).await;
+        let token = first_turn(&p, "busy").await;
+        let activities: Vec<WorkItem> = (1..=2).map(|id| activity_item("busy", id)).collect();
+        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
+            .await
+            .unwrap();
+        let mut tokens = Vec::new();
+        for _ in 0..2 {
+            let (_, t, _) = p
+                .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
+                .await
+                .unwrap()
+                .unwrap();
+            tokens.push(t);
+        }
+        p.ack_work_item(&tokens[0], Some(completion("busy", 1)))
+            .await
+            .unwrap();
+        let (_, turn, _) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .expect("the first completion's turn");
+
+        // The turn runs: the second completion sends only the lease's end.
+        let mut listener = orchestrator_listener(&p).await;
+        p.ack_work_item(&tokens[1], Some(completion("busy", 2)))
+            .await
+            .unwrap();
+        let during = notifications_within(&mut listener, Duration::from_millis(500)).await;
+        assert!(
+            matches!(during.as_slice(), [n] if n.starts_with("at:")),
+            "{path}: a completion during the turn woke fetches: {during:?}"
+        );
+        // The turn's ack wakes one fetch for it.
+        p.ack_orchestration_item(&turn, 1, vec![], vec![], vec![], metadata(), vec![])
+            .await
+            .unwrap();
+        let after = notifications_within(&mut listener, Duration::from_millis(500)).await;
+        assert_eq!(
+            after,
+            vec!["1".to_string()],
+            "{path}: the ack wakes a fetch"
+        );
+        let (item, turn, _) = p
+            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .expect("the second completion");
+        assert_eq!(item.messages, vec![completion("busy", 2)], "{path}");
+        p.ack_orchestration_item(
+            &turn,
+            1,
+            vec![],
+            vec![activity_item("busy", 3)],
+            vec![],
+            metadata(),
+            vec![],
+        )
+        .await
+        .unwrap();
+        let (_, w3, _) = p
+            .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
+            .await
+            .unwrap()
+            .unwrap();
+
+        // Another process waits now, idle, with its fallback poll 20 s away.
+        let other = Arc::new(second_provider(guard.schema(), path).await);
+        let o = other.clone();
+        let waiter = tokio::spawn(async move {
+            o.fetch_orchestration_item(LOCK, Duration::from_secs(20), None)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // This process takes a turn (an event handed to its own waiting fetch, so the
+        // other process hears of nothing) and dies in it: a 2 s lease nobody acks.
+        let p2 = p.clone();
+        let local = tokio::spawn(async move {
+            p2.fetch_orchestration_item(Duration::from_secs(2), Duration::from_secs(5), None)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        p.enqueue_for_orchestrator(
+            WorkItem::ExternalRaised {
+                instance: "busy".to_string(),
+                name: "E".to_string(),
+                data: "e".to_string(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let (held, _lost_token, _) = local
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the event's turn, handed over");
+        assert_eq!(held.messages.len(), 1, "{path}");
+        let leased_at = Instant::now();
+        p.ack_work_item(&w3, Some(completion("busy", 3)))
+            .await
+            .unwrap();
+        let (item, t, attempts) = waiter
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("claimed when the dead turn's lease ran out");
+        let took = leased_at.elapsed();
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+            "{path}: claimed {took:?} after the lease began (lease 2 s, fallback poll 20 s)"
+        );
+        assert_eq!(attempts, 2, "{path}: the dead turn's attempt counts");
+        assert_eq!(item.messages.len(), 2, "{path}: {:?}", item.messages);
+        other
+            .ack_orchestration_item(&t, 1, vec![], vec![], vec![], metadata(), vec![])
+            .await
+            .unwrap();
+        other.close().await;
+    }
+}
+
 /// The case that makes skipping those wake-ups safe: a message committed while a turn of
 /// its instance ends, by a writer that wakes nobody. The ack's lease-end refresh finds
 /// the message's claim-state lock, so it wakes a fetch itself; a fetch waiting with a

@@ -2,9 +2,9 @@
 //! provider-bound throughput scenario can report provider calls per orchestration for
 //! every provider alike.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use duroxide::providers::{
@@ -16,6 +16,8 @@ use duroxide::{Event, SystemStats};
 pub struct Counting {
     inner: Arc<dyn Provider>,
     pub calls: Arc<AtomicU64>,
+    /// Calls per method; fetches split by outcome (`fetch_orchestration_item:empty`).
+    pub by_method: Arc<Mutex<BTreeMap<&'static str, u64>>>,
 }
 
 impl Counting {
@@ -23,12 +25,30 @@ impl Counting {
         Self {
             inner,
             calls: Arc::default(),
+            by_method: Arc::default(),
         }
     }
 
-    fn count(&self) -> &dyn Provider {
+    fn count(&self, method: &'static str) -> &dyn Provider {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.note(method);
         self.inner.as_ref()
+    }
+
+    fn note(&self, method: &'static str) {
+        *self
+            .by_method
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(method)
+            .or_default() += 1;
+    }
+
+    /// Counts a fetch that returned nothing.
+    fn note_empty<T>(&self, method: &'static str, r: &Result<Option<T>, ProviderError>) {
+        if matches!(r, Ok(None)) {
+            self.note(method);
+        }
     }
 }
 
@@ -48,9 +68,12 @@ impl Provider for Counting {
         poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
-        self.count()
+        let r = self
+            .count("fetch_orchestration_item")
             .fetch_orchestration_item(lock_timeout, poll_timeout, filter)
-            .await
+            .await;
+        self.note_empty("fetch_orchestration_item:empty", &r);
+        r
     }
 
     async fn ack_orchestration_item(
@@ -63,7 +86,7 @@ impl Provider for Counting {
         metadata: ExecutionMetadata,
         cancelled_activities: Vec<ScheduledActivityIdentifier>,
     ) -> Result<(), ProviderError> {
-        self.count()
+        self.count("ack_orchestration_item")
             .ack_orchestration_item(
                 lock_token,
                 execution_id,
@@ -82,13 +105,13 @@ impl Provider for Counting {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        self.count()
+        self.count("abandon_orchestration_item")
             .abandon_orchestration_item(lock_token, delay, ignore_attempt)
             .await
     }
 
     async fn read(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
-        self.count().read(instance).await
+        self.count("read").read(instance).await
     }
 
     async fn read_with_execution(
@@ -96,7 +119,7 @@ impl Provider for Counting {
         instance: &str,
         execution_id: u64,
     ) -> Result<Vec<Event>, ProviderError> {
-        self.count()
+        self.count("read_with_execution")
             .read_with_execution(instance, execution_id)
             .await
     }
@@ -107,13 +130,15 @@ impl Provider for Counting {
         execution_id: u64,
         new_events: Vec<Event>,
     ) -> Result<(), ProviderError> {
-        self.count()
+        self.count("append_with_execution")
             .append_with_execution(instance, execution_id, new_events)
             .await
     }
 
     async fn enqueue_for_worker(&self, item: WorkItem) -> Result<(), ProviderError> {
-        self.count().enqueue_for_worker(item).await
+        self.count("enqueue_for_worker")
+            .enqueue_for_worker(item)
+            .await
     }
 
     async fn fetch_work_item(
@@ -123,9 +148,12 @@ impl Provider for Counting {
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        self.count()
+        let r = self
+            .count("fetch_work_item")
             .fetch_work_item(lock_timeout, poll_timeout, session, tag_filter)
-            .await
+            .await;
+        self.note_empty("fetch_work_item:empty", &r);
+        r
     }
 
     async fn ack_work_item(
@@ -133,7 +161,9 @@ impl Provider for Counting {
         token: &str,
         completion: Option<WorkItem>,
     ) -> Result<(), ProviderError> {
-        self.count().ack_work_item(token, completion).await
+        self.count("ack_work_item")
+            .ack_work_item(token, completion)
+            .await
     }
 
     async fn renew_work_item_lock(
@@ -141,7 +171,9 @@ impl Provider for Counting {
         token: &str,
         extend_for: Duration,
     ) -> Result<(), ProviderError> {
-        self.count().renew_work_item_lock(token, extend_for).await
+        self.count("renew_work_item_lock")
+            .renew_work_item_lock(token, extend_for)
+            .await
     }
 
     async fn renew_session_lock(
@@ -150,7 +182,7 @@ impl Provider for Counting {
         extend_for: Duration,
         idle_timeout: Duration,
     ) -> Result<usize, ProviderError> {
-        self.count()
+        self.count("renew_session_lock")
             .renew_session_lock(owner_ids, extend_for, idle_timeout)
             .await
     }
@@ -159,7 +191,9 @@ impl Provider for Counting {
         &self,
         idle_timeout: Duration,
     ) -> Result<usize, ProviderError> {
-        self.count().cleanup_orphaned_sessions(idle_timeout).await
+        self.count("cleanup_orphaned_sessions")
+            .cleanup_orphaned_sessions(idle_timeout)
+            .await
     }
 
     async fn abandon_work_item(
@@ -168,7 +202,7 @@ impl Provider for Counting {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        self.count()
+        self.count("abandon_work_item")
             .abandon_work_item(token, delay, ignore_attempt)
             .await
     }
@@ -178,7 +212,7 @@ impl Provider for Counting {
         token: &str,
         extend_for: Duration,
     ) -> Result<(), ProviderError> {
-        self.count()
+        self.count("renew_orchestration_item_lock")
             .renew_orchestration_item_lock(token, extend_for)
             .await
     }
@@ -188,7 +222,9 @@ impl Provider for Counting {
         item: WorkItem,
         delay: Option<Duration>,
     ) -> Result<(), ProviderError> {
-        self.count().enqueue_for_orchestrator(item, delay).await
+        self.count("enqueue_for_orchestrator")
+            .enqueue_for_orchestrator(item, delay)
+            .await
     }
 
     fn as_management_capability(&self) -> Option<&dyn ProviderAdmin> {
@@ -200,7 +236,7 @@ impl Provider for Counting {
         instance: &str,
         last_seen_version: u64,
     ) -> Result<Option<(Option<String>, u64)>, ProviderError> {
-        self.count()
+        self.count("get_custom_status")
             .get_custom_status(instance, last_seen_version)
             .await
     }
@@ -210,20 +246,24 @@ impl Provider for Counting {
         instance: &str,
         key: &str,
     ) -> Result<Option<String>, ProviderError> {
-        self.count().get_kv_value(instance, key).await
+        self.count("get_kv_value").get_kv_value(instance, key).await
     }
 
     async fn get_kv_all_values(
         &self,
         instance: &str,
     ) -> Result<HashMap<String, String>, ProviderError> {
-        self.count().get_kv_all_values(instance).await
+        self.count("get_kv_all_values")
+            .get_kv_all_values(instance)
+            .await
     }
 
     async fn get_instance_stats(
         &self,
         instance: &str,
     ) -> Result<Option<SystemStats>, ProviderError> {
-        self.count().get_instance_stats(instance).await
+        self.count("get_instance_stats")
+            .get_instance_stats(instance)
+            .await
     }
 }

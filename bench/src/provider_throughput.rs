@@ -105,6 +105,7 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                 let session = env.session("ptp", kind, 0, true, false).await?;
                 let counting = Arc::new(Counting::new(session.dyn_provider()));
                 let calls = counting.calls.clone();
+                let by_method = counting.by_method.clone();
                 let config = StressTestConfig {
                     max_concurrent: IN_FLIGHT,
                     duration_secs,
@@ -149,6 +150,14 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                     server_calls as f64 / n,
                     exec_ms / n
                 );
+                let methods = by_method
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .map(|(m, c)| format!("{m} {:.2}", *c as f64 / n))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                eprintln!("    calls per orchestration: {methods}");
                 let idx = match per.iter().position(|p| p.0 == kind.name()) {
                     Some(i) => i,
                     None => {

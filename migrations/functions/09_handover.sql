@@ -1,4 +1,4 @@
--- revision: 4
+-- revision: 5
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -361,6 +361,7 @@ DECLARE
     v_claim   RECORD;
     v_turn    RECORD;
     v_woken   BOOLEAN := FALSE;
+    v_leased_until BIGINT;
 BEGIN
     DELETE FROM worker_queue w
     WHERE w.lock_token = p_lock_token AND w.locked_until_ms > v_now
@@ -386,9 +387,16 @@ BEGIN
             -- sees it, or its lease-end refresh is blocked by this KEY SHARE lock and
             -- wakes one instead (pending_after_turn). Only the first completion of a
             -- fan-out wakes a fetch, not every one.
+            --
+            -- Likewise a completion for an instance whose turn is running (a live
+            -- lease): that turn's ack or abandon wakes a fetch for what arrived
+            -- meanwhile, by the same two routes, so waking one now only buys an empty
+            -- claim. Waiters learn the lease's end instead (a delayed-work notice): if
+            -- the holder dies, the completion is claimed when the lease runs out.
             SELECT p.runnable AND p.visible_at_ms <= v_now AND p.claimable_at_ms <= v_now
-                   AND coalesce(p.locked_until_ms, 0) <= v_now
-            INTO v_woken
+                   AND coalesce(p.locked_until_ms, 0) <= v_now,
+                   CASE WHEN p.locked_until_ms > v_now THEN p.locked_until_ms END
+            INTO v_woken, v_leased_until
             FROM pending_instances p
             WHERE p.instance_id = p_instance_id
             FOR KEY SHARE;
@@ -441,7 +449,11 @@ BEGIN
         -- A resend of an ack that committed: the turn its lost reply carried goes back.
         PERFORM abandon_orchestration_turn(p_turn_lock_token, NULL, TRUE);
     END IF;
-    PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
+    IF v_queued > 0 AND v_leased_until IS NOT NULL THEN
+        PERFORM notify_delayed('orchestrator', v_leased_until);
+    ELSE
+        PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
+    END IF;
     RETURN NEXT;
 END;
 $fn$;
