@@ -8,15 +8,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{database_url, new_provider, new_provider_with, start_item};
+use common::{database_url, new_provider, new_provider_with, start_item, started_event};
 use duroxide::providers::{
     DispatcherCapabilityFilter, ExecutionMetadata, Provider, SemverRange, WorkItem,
 };
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
-    ActivityContext, Client, Event, EventKind, OrchestrationContext, OrchestrationRegistry,
-    OrchestrationStatus,
+    ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
@@ -31,25 +30,6 @@ fn external(instance: &str, n: usize) -> WorkItem {
         name: "Nudge".to_string(),
         data: format!("{n}"),
     }
-}
-
-fn started(instance: &str) -> Event {
-    Event::with_event_id(
-        1,
-        instance,
-        1,
-        None,
-        EventKind::OrchestrationStarted {
-            name: "O".to_string(),
-            version: "1.0.0".to_string(),
-            input: "in".to_string(),
-            parent_instance: None,
-            parent_id: None,
-            parent_execution_id: None,
-            carry_forward_events: None,
-            initial_custom_status: None,
-        },
-    )
 }
 
 fn metadata(pin: Option<semver::Version>) -> ExecutionMetadata {
@@ -77,7 +57,7 @@ async fn create_instance(p: &PostgresProvider, instance: &str, pin: Option<semve
     p.ack_orchestration_item(
         &token,
         1,
-        vec![started(&item.instance)],
+        vec![started_event(&item.instance)],
         vec![],
         vec![],
         metadata(pin),
@@ -604,7 +584,7 @@ async fn orphan_rules_apply_on_arrival() {
         p.ack_orchestration_item(
             &token,
             1,
-            vec![started(&item.instance)],
+            vec![started_event(&item.instance)],
             vec![],
             vec![],
             metadata(None),

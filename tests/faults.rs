@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     PgFactory, activity_item, database_url, new_provider, new_provider_with, short_polling,
-    start_item, test_options,
+    start_item, started_event, test_options,
 };
 use duroxide::providers::{
     ExecutionMetadata, Provider, ProviderAdmin, ProviderError, TagFilter, WorkItem,
@@ -68,23 +68,6 @@ fn completion(instance: &str, id: u64) -> WorkItem {
 
 fn event(instance: &str, id: u64, kind: EventKind) -> Event {
     Event::with_event_id(id, instance, 1, None, kind)
-}
-
-fn started_event(instance: &str) -> Event {
-    event(
-        instance,
-        1,
-        EventKind::OrchestrationStarted {
-            name: "O".to_string(),
-            version: "1.0.0".to_string(),
-            input: "in".to_string(),
-            parent_instance: None,
-            parent_id: None,
-            parent_execution_id: None,
-            carry_forward_events: None,
-            initial_custom_status: None,
-        },
-    )
 }
 
 fn scheduled_event(instance: &str, id: u64) -> Event {

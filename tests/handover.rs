@@ -22,12 +22,14 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use common::{activity_item, database_url, new_provider, new_provider_with, start_item};
+use common::{
+    activity_item, database_url, new_provider, new_provider_with, start_item, started_event,
+};
+use duroxide::EventKind;
 use duroxide::providers::{
     DispatcherCapabilityFilter, ExecutionMetadata, Provider, SemverRange, SessionFetchConfig,
     TagFilter, WorkItem,
 };
-use duroxide::{Event, EventKind};
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
@@ -272,6 +274,34 @@ async fn proxied(schema: &str, path: FetchPath, rtt: Duration) -> (Proxy, Postgr
     (proxy, provider)
 }
 
+/// Runs `call` while an orchestration fetch of `p` waits, and drops that fetch while the
+/// call is on the wire (a quarter of `rtt` after sending it).
+async fn drop_turn_waiter_during<F>(p: &std::sync::Arc<PostgresProvider>, rtt: Duration, call: F)
+where
+    F: Future<Output = Result<(), duroxide::providers::ProviderError>> + Send + 'static,
+{
+    let o = p.clone();
+    let waiter = tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
+    tokio::time::sleep(rtt * 3).await;
+    let call = tokio::spawn(call);
+    tokio::time::sleep(rtt / 4).await;
+    waiter.abort();
+    call.await.unwrap().unwrap();
+}
+
+/// Waits (5 s at most) until `instance`'s messages are unleased with no attempt counted.
+async fn until_turn_released(p: &PostgresProvider, instance: &str) {
+    let t = Instant::now();
+    while orchestrator_rows(p, instance).await != (false, 0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the turn handed over for {instance} was not released: {:?}",
+            orchestrator_rows(p, instance).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The waiter's fetch is dropped while the ack that claimed for it is on the wire: the
 /// reply finds nobody, and the lease goes back at once with the attempt not counted.
 #[test]
@@ -325,27 +355,13 @@ fn a_waiter_gone_before_the_reply_gets_its_item_released_without_an_attempt() {
         assert_eq!(attempts, 1, "the released claim did not count");
 
         // Orchestrator queue: a worker ack claims the turn for a fetch that is dropped.
-        let o = p.clone();
-        let waiter =
-            tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
-        tokio::time::sleep(rtt * 3).await;
         let a = p.clone();
-        let ack = tokio::spawn(async move {
+        drop_turn_waiter_during(&p, rtt, async move {
             a.ack_work_item(&wtoken, Some(completion("ho-gone", 2)))
                 .await
-        });
-        tokio::time::sleep(rtt / 4).await;
-        waiter.abort();
-        ack.await.unwrap().unwrap();
-        let t = Instant::now();
-        while orchestrator_rows(&p, "ho-gone").await != (false, 0) {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "the handed turn was not released: {:?}",
-                orchestrator_rows(&p, "ho-gone").await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        until_turn_released(&p, "ho-gone").await;
         assert_eq!(released(&m, "orchestrator"), 1);
         assert_eq!(handovers(&m, "orchestrator"), 0);
         let (item, _, attempts) = p
@@ -357,27 +373,13 @@ fn a_waiter_gone_before_the_reply_gets_its_item_released_without_an_attempt() {
         assert_eq!(item.messages.len(), 1);
 
         // A client enqueue claims the turn for a fetch that is dropped.
-        let o = p.clone();
-        let waiter =
-            tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
-        tokio::time::sleep(rtt * 3).await;
         let c = p.clone();
-        let enqueue = tokio::spawn(async move {
+        drop_turn_waiter_during(&p, rtt, async move {
             c.enqueue_for_orchestrator(start_item("ho-gone-c"), None)
                 .await
-        });
-        tokio::time::sleep(rtt / 4).await;
-        waiter.abort();
-        enqueue.await.unwrap().unwrap();
-        let t = Instant::now();
-        while orchestrator_rows(&p, "ho-gone-c").await != (false, 0) {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "the turn handed by the enqueue was not released: {:?}",
-                orchestrator_rows(&p, "ho-gone-c").await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        until_turn_released(&p, "ho-gone-c").await;
         assert_eq!(released(&m, "orchestrator"), 2);
         assert_eq!(handovers(&m, "orchestrator"), 0);
         let (item, _, attempts) = p
@@ -606,25 +608,6 @@ fn only_the_last_outstanding_activity_hands_its_turn_over() {
     });
 }
 
-fn started(instance: &str) -> Event {
-    Event::with_event_id(
-        1,
-        instance,
-        1,
-        None,
-        EventKind::OrchestrationStarted {
-            name: "O".to_string(),
-            version: "1.0.0".to_string(),
-            input: "in".to_string(),
-            parent_instance: None,
-            parent_id: None,
-            parent_execution_id: None,
-            carry_forward_events: None,
-            initial_custom_status: None,
-        },
-    )
-}
-
 fn raised(instance: &str, data: &str) -> WorkItem {
     WorkItem::ExternalRaised {
         instance: instance.to_string(),
@@ -678,7 +661,7 @@ fn client_enqueue_hands_the_turn_to_a_waiting_fetch(path: FetchPath) {
         p.ack_orchestration_item(
             &token,
             1,
-            vec![started("ho-cl")],
+            vec![started_event("ho-cl")],
             vec![],
             vec![],
             metadata(),

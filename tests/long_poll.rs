@@ -934,6 +934,26 @@ fn completion(instance: &str, id: u64) -> WorkItem {
     }
 }
 
+/// Starts `instance`, acks its first turn with `n` activities (ids 1..=n) and leases
+/// them all: their worker lock tokens, in id order.
+async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
+    let token = first_turn(p, instance).await;
+    let activities: Vec<WorkItem> = (1..=n).map(|id| activity_item(instance, id)).collect();
+    p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let (_, t, _) = p
+            .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
+            .await
+            .unwrap()
+            .unwrap();
+        tokens.push(t);
+    }
+    tokens
+}
+
 /// A fan-out's completions wake one orchestration fetch, not one each: the first makes
 /// the idle instance claimable and wakes a fetch; the next ones find it claimable already
 /// and send nothing. The fetch then takes all of them in one turn.
@@ -941,20 +961,7 @@ fn completion(instance: &str, id: u64) -> WorkItem {
 async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
     for path in [FetchPath::Hybrid, FetchPath::Procedure] {
         let (p, _guard) = new_provider_with(path, |o| o.handover = false).await;
-        let token = first_turn(&p, "fan").await;
-        let activities: Vec<WorkItem> = (1..=3).map(|id| activity_item("fan", id)).collect();
-        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
-            .await
-            .unwrap();
-        let mut tokens = Vec::new();
-        for _ in 0..3 {
-            let (_, t, _) = p
-                .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
-                .await
-                .unwrap()
-                .unwrap();
-            tokens.push(t);
-        }
+        let tokens = fan_out(&p, "fan", 3).await;
 
         let mut listener = orchestrator_listener(&p).await;
         p.ack_work_item(&tokens[0], Some(completion("fan", 1)))
@@ -999,20 +1006,7 @@ async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
 async fn a_completion_for_a_running_turn_wakes_nobody_until_the_turn_ends() {
     for path in [FetchPath::Hybrid, FetchPath::Procedure] {
         let (p, guard) = new_provider(path).await;
-        let token = first_turn(&p, "busy").await;
-        let activities: Vec<WorkItem> = (1..=2).map(|id| activity_item("busy", id)).collect();
-        p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
-            .await
-            .unwrap();
-        let mut tokens = Vec::new();
-        for _ in 0..2 {
-            let (_, t, _) = p
-                .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
-                .await
-                .unwrap()
-                .unwrap();
-            tokens.push(t);
-        }
+        let tokens = fan_out(&p, "busy", 2).await;
         p.ack_work_item(&tokens[0], Some(completion("busy", 1)))
             .await
             .unwrap();

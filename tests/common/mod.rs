@@ -16,6 +16,7 @@ use std::time::Duration;
 use duroxide::provider_stress_tests::parallel_orchestrations::ProviderStressFactory;
 use duroxide::provider_validations::ProviderFactory;
 use duroxide::providers::{Provider, WorkItem};
+use duroxide::{Event, EventKind};
 use duroxide_pg_hybrid::options::redact_url;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PoolerMode, PostgresProvider, ProviderOptions};
@@ -485,4 +486,25 @@ pub fn activity_item(instance: &str, id: u64) -> WorkItem {
         session_id: None,
         tag: None,
     }
+}
+
+/// Event 1 of execution 1: `OrchestrationStarted` of orchestration "O" 1.0.0, the start
+/// [`start_item`] asks for.
+pub fn started_event(instance: &str) -> Event {
+    Event::with_event_id(
+        1,
+        instance,
+        1,
+        None,
+        EventKind::OrchestrationStarted {
+            name: "O".to_string(),
+            version: "1.0.0".to_string(),
+            input: "in".to_string(),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: None,
+            initial_custom_status: None,
+        },
+    )
 }
