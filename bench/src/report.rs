@@ -26,6 +26,15 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
             "lower",
         ),
         "statements_per_orch" => ("statements per orchestration (all traffic)", "lower"),
+        "provider_calls_per_orch" => ("provider calls per orchestration", "lower"),
+        "server_exec_ms_per_orch" => (
+            "server execution time per orchestration (ms, pg_stat_statements)",
+            "lower",
+        ),
+        "server_statements_per_orch" => (
+            "server statements per orchestration (pg_stat_statements, top level)",
+            "lower",
+        ),
         "completed_p50_ms" => ("p50 start → OrchestrationCompleted event (ms)", "lower"),
         "completed_p95_ms" => ("p95 start → OrchestrationCompleted event (ms)", "lower"),
         "observed_p50_ms" => ("p50 start → wait_for_orchestration returned (ms)", "lower"),
@@ -45,6 +54,10 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
         ),
         "orch_fetch_other_ms" => ("fetch_orchestration_item of another instance (ms)", "lower"),
         "hot_instance_fetch_ms" => ("fetch of the hot instance itself, once (ms)", "lower"),
+        "raise_event_ms" => (
+            "client `raise_event` under concurrent writers (ms per event)",
+            "lower",
+        ),
         "statements_per_s" => ("statements/s while idle", "lower"),
         "round_trips_per_s" => ("client→server request bursts/s while idle", "lower"),
         "bytes_per_s" => ("bytes/s while idle (both directions)", "lower"),
