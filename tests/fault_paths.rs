@@ -582,8 +582,8 @@ async fn short_poll_does_not_report_an_empty_queue_while_a_claim_in_flight_rolls
 }
 
 /// The ledger that makes enqueues and worker acks safe to resend keeps every id for 15
-/// minutes and is pruned along the way (by about one call in 16): ids past their 15
-/// minutes go, recent ones stay.
+/// minutes and is pruned along the way (by about one call in 16, by client and worker
+/// enqueues and by worker acks): ids past their 15 minutes go, recent ones stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
     let (p, _guard) = new_provider_with(FetchPath::Hybrid, common::short_polling).await;
@@ -591,7 +591,7 @@ async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
     // 300 enqueues of each kind after 200 ids past their 15 minutes: a pruning pass (up
     // to 64 ids) in about one of 16, so ~19 passes where 4 clear the 200 (fewer than 4
     // in 300: p < 1e-4).
-    for kind in ["client", "worker"] {
+    for kind in ["client", "worker", "worker ack"] {
         sqlx::query(&format!(
             "INSERT INTO {s}.enqueue_ledger (enqueue_id, created_at_ms)
              SELECT 'expired-' || g, {s}.now_ms() - 900001 - g FROM generate_series(1, 200) g",
@@ -605,10 +605,24 @@ async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
                 p.enqueue_for_orchestrator(start_item(&format!("ledger-{i}")), None)
                     .await
                     .unwrap();
-            } else {
+            } else if kind == "worker" {
                 p.enqueue_for_worker(activity_item("ledger-w", i))
                     .await
                     .unwrap();
+            } else {
+                // The worker ack records its call id (and prunes) in SQL of its own.
+                let (_, token, _) = p
+                    .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+                    .await
+                    .unwrap()
+                    .expect("one of the worker enqueues' items");
+                let completion = WorkItem::ActivityCompleted {
+                    instance: "ledger-w".to_string(),
+                    execution_id: 1,
+                    id: i,
+                    result: "r".to_string(),
+                };
+                p.ack_work_item(&token, Some(completion)).await.unwrap();
             }
         }
         assert_eq!(
@@ -619,7 +633,7 @@ async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
     }
     assert_eq!(
         scalar(&p, "SELECT count(*) FROM {s}.enqueue_ledger").await,
-        600,
+        900,
         "every recent id is kept"
     );
 }
