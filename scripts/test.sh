@@ -29,17 +29,19 @@ exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
   # Built first so the CLI binary exists (`cargo test` builds a package'"'"'s binaries only for
   # its own integration tests) and shares the tests'"'"' dependency build.
   cargo build --release --workspace --exclude duroxide-pg-hybrid-bench --all-targets &&
+  echo "== [${SECONDS}s] every target of the workspace" &&
   DUROXIDE_PG_HYBRID_CLI="${CARGO_TARGET_DIR:-$PWD/target}/release/duroxide-pg-hybrid" \
     cargo test --release --workspace --exclude duroxide-pg-hybrid-bench --all-targets \
     -- --test-threads="$0" "$@" &&
-  echo "== with --features duroxide-pg-tests: adopting running duroxide-pg 0.1.38 processes" &&
+  echo "== [${SECONDS}s] with --features duroxide-pg-tests: adopting running duroxide-pg 0.1.38 processes" &&
   cargo test --release --features duroxide-pg-tests --test adopt_duroxide_pg --test compat \
     -- --test-threads="$0" "$@" &&
-  echo "== with --features full-procedure (procedure path as the default)" &&
+  echo "== [${SECONDS}s] with --features full-procedure (procedure path as the default)" &&
   cargo test --release --features full-procedure --lib --test fetch_path \
     -- --test-threads="$0" "$@" &&
-  echo "== through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
+  echo "== [${SECONDS}s] through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
   # 4 threads: every call is 4 round trips through the pooler, and several conformance
   # tests allow only 100-200 ms between calls or around 1 s leases.
   DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test conformance -- --test-threads=4 hybrid:: "$@" &&
-  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test mixed_fleet -- --test-threads="$0" "$@"' "$threads" "$@"
+  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test --release --test mixed_fleet -- --test-threads="$0" "$@" &&
+  echo "== [${SECONDS}s] done"' "$threads" "$@"

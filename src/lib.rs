@@ -113,6 +113,6 @@ pub use credentials::PasswordSource;
 #[cfg(feature = "entra")]
 pub use entra::EntraAuthOptions;
 pub use errors::ConfigError;
-pub use options::{DEFAULT_SCHEMA, FetchPath, PoolerMode, ProviderOptions};
+pub use options::{DEFAULT_SCHEMA, FetchPath, MAX_FAN_IN_GRACE, PoolerMode, ProviderOptions};
 pub use provider::{PostgresProvider, TRACING_TARGET};
 pub use worker::UNDECODABLE_ACTIVITY;

@@ -67,9 +67,10 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
 /// The worker ack (`ack_work_item_handover`, migrations/functions/09_handover.sql):
 /// deletes the leased item if its lease is live, touches its session, enqueues the
 /// completion, records the call id in the enqueue ledger (a resend of an ack that
-/// committed is answered as done), and, when a local orchestration fetch waits, claims
-/// the instance's turn for it.
-pub(crate) static ACK_WORK_ITEM_HANDOVER: SqlFunction = SqlFunction {
+/// committed is answered as done), holds the instance back for the fan-in grace while
+/// other activities of it are outstanding, and, when a local orchestration fetch waits,
+/// claims the instance's turn for it.
+pub(crate) static ACK_WORK_ITEM: SqlFunction = SqlFunction {
     name: "ack_work_item_handover",
     args: &[
         "p_lock_token",
@@ -90,6 +91,7 @@ pub(crate) static ACK_WORK_ITEM_HANDOVER: SqlFunction = SqlFunction {
         "p_history_execution_id",
         "p_history_after_event_id",
         "p_history_guard",
+        "p_fan_in_grace_ms",
     ],
     columns: Some(
         "o_acked, o_acked_before, o_execution_id, o_attempt_count, o_has_instance, \
@@ -423,15 +425,17 @@ impl PostgresProvider {
         // Idempotent through the ledger: resent also when the outcome is unknown, so a
         // lost reply never makes duroxide abandon (and re-run) a completed activity.
         let call_id = uuid::Uuid::new_v4().to_string();
-        let sql = self.call_sql(&ACK_WORK_ITEM_HANDOVER);
+        let sql = self.call_sql(&ACK_WORK_ITEM);
         let args = || {
-            let a = Args::new(&ACK_WORK_ITEM_HANDOVER)
+            let a = Args::new(&ACK_WORK_ITEM)
                 .bind("p_lock_token", token)
                 .bind("p_instance_id", instance)
                 .bind("p_kind", kind)
                 .bind("p_work_item", json.as_deref())
                 .bind("p_call_id", call_id.as_str());
-            TurnOffer::bind(offer.as_ref(), a).finish(OP)
+            TurnOffer::bind(offer.as_ref(), a)
+                .bind("p_fan_in_grace_ms", self.inner.fan_in_grace_ms)
+                .finish(OP)
         };
         let row = on_conn!(
             idempotent: self,

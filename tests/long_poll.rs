@@ -954,46 +954,66 @@ async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
     tokens
 }
 
-/// A fan-out's completions wake one orchestration fetch, not one each: the first makes
-/// the idle instance claimable and wakes a fetch; the next ones find it claimable already
-/// and send nothing. The fetch then takes all of them in one turn.
+/// A fan-out's completions wake one orchestration fetch, not one each. Without a fan-in
+/// grace the first makes the idle instance claimable and wakes a fetch; the next ones
+/// find it claimable already and send nothing. With one, the first tells waiters when
+/// the grace ends (`at:`), the next ones before the last send nothing, and the last ends
+/// the grace and wakes one fetch. Either way the fetch takes all of them in one turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_first_completion_of_a_fan_out_wakes_a_fetch() {
     for path in [FetchPath::Hybrid, FetchPath::Procedure] {
-        let (p, _guard) = new_provider_with(path, |o| o.handover = false).await;
-        let tokens = fan_out(&p, "fan", 3).await;
+        for grace in [Duration::ZERO, Duration::from_secs(1)] {
+            let (p, _guard) = new_provider_with(path, |o| {
+                o.handover = false;
+                o.fan_in_grace = grace;
+            })
+            .await;
+            let tokens = fan_out(&p, "fan", 3).await;
 
-        let mut listener = orchestrator_listener(&p).await;
-        p.ack_work_item(&tokens[0], Some(completion("fan", 1)))
-            .await
-            .unwrap();
-        let first = notifications_within(&mut listener, Duration::from_millis(500)).await;
-        assert_eq!(
-            first,
-            vec!["1".to_string()],
-            "{path}: the first completion wakes one fetch"
-        );
-        for (i, t) in tokens[1..].iter().enumerate() {
-            p.ack_work_item(t, Some(completion("fan", i as u64 + 2)))
+            let mut listener = orchestrator_listener(&p).await;
+            p.ack_work_item(&tokens[0], Some(completion("fan", 1)))
                 .await
                 .unwrap();
-        }
-        let rest = notifications_within(&mut listener, Duration::from_millis(500)).await;
-        assert!(
-            rest.is_empty(),
-            "{path}: later completions woke fetches: {rest:?}"
-        );
+            let first = notifications_within(&mut listener, Duration::from_millis(500)).await;
+            if grace.is_zero() {
+                assert_eq!(
+                    first,
+                    vec!["1".to_string()],
+                    "{path}: the first completion wakes one fetch"
+                );
+            } else {
+                assert!(
+                    matches!(first.as_slice(), [n] if n.starts_with("at:")),
+                    "{path}: the first completion announces the grace's end: {first:?}"
+                );
+            }
+            for (i, t) in tokens[1..].iter().enumerate() {
+                p.ack_work_item(t, Some(completion("fan", i as u64 + 2)))
+                    .await
+                    .unwrap();
+            }
+            let rest = notifications_within(&mut listener, Duration::from_millis(500)).await;
+            let expected: Vec<String> = if grace.is_zero() {
+                vec![]
+            } else {
+                vec!["1".to_string()]
+            };
+            assert_eq!(
+                rest, expected,
+                "{path}, grace {grace:?}: later completions' wake-ups"
+            );
 
-        let (item, _, _) = p
-            .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-            .await
-            .unwrap()
-            .expect("the instance is claimable");
-        assert_eq!(
-            item.messages,
-            (1..=3).map(|id| completion("fan", id)).collect::<Vec<_>>(),
-            "{path}"
-        );
+            let (item, _, _) = p
+                .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+                .await
+                .unwrap()
+                .expect("the instance is claimable");
+            assert_eq!(
+                item.messages,
+                (1..=3).map(|id| completion("fan", id)).collect::<Vec<_>>(),
+                "{path}"
+            );
+        }
     }
 }
 

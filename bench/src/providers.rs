@@ -83,16 +83,16 @@ impl AnyProvider {
                 } else {
                     FetchPath::Procedure
                 };
+                // DUROXIDE_PG_* variables tune what the bench leaves at its default, e.g.
+                // DUROXIDE_PG_HANDOVER=false or DUROXIDE_PG_FAN_IN_GRACE_MS=0 for an A/B.
+                let tuned = ProviderOptions::default().with_env_overrides()?;
                 let options = ProviderOptions {
                     schema: schema.to_string(),
                     max_connections: POOL_SIZE,
                     fetch_path: Some(fetch_path),
                     auto_migrate: migrate,
                     application_name: format!("duroxide-pg-hybrid-bench-{}", kind.name()),
-                    // DUROXIDE_PG_HANDOVER=false measures without the in-process hand-over.
-                    handover: std::env::var(duroxide_pg_hybrid::options::env::HANDOVER)
-                        .map_or(true, |v| !v.trim().eq_ignore_ascii_case("false")),
-                    ..ProviderOptions::default()
+                    ..tuned
                 };
                 Ok(AnyProvider::Hybrid(
                     PostgresProvider::connect_with(url, options).await?,

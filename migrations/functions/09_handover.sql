@@ -1,4 +1,4 @@
--- revision: 6
+-- revision: 7
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -315,6 +315,18 @@ $fn$;
 -- instance, NULLs for none). o_execution_id is NULL when nothing was claimed. A resend
 -- of an ack that committed gives a turn its lost reply had claimed back (attempt not
 -- counted).
+--
+-- Fan-in grace (p_fan_in_grace_ms > 0): a completion that makes its idle instance
+-- claimable while other activities of the instance are still outstanding makes it
+-- claimable p_fan_in_grace_ms later instead, so the completions of a fan-out that
+-- arrive together run in one turn rather than one turn each. The instance's last
+-- outstanding completion (whatever the grace of the process that acks it, 0 for an
+-- older release) makes it claimable at once. The grace lives only in the claim state's
+-- claimable_at_ms: a claim, a refresh or a lease end may drop it early, never extend it.
+-- Revision 6's signature, without p_fan_in_grace_ms (never in a release; dropped so
+-- that calls resolve to this one).
+DROP FUNCTION IF EXISTS ack_work_item_handover(TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, BIGINT,
+    BOOLEAN, INT, INT, INT, INT, INT, INT, BOOLEAN, BIGINT, BIGINT, BIGINT);
 CREATE OR REPLACE FUNCTION ack_work_item_handover(
     p_lock_token        TEXT,
     p_instance_id       TEXT,
@@ -329,7 +341,8 @@ CREATE OR REPLACE FUNCTION ack_work_item_handover(
     p_read_turn                BOOLEAN,
     p_history_execution_id     BIGINT,
     p_history_after_event_id   BIGINT,
-    p_history_guard            BIGINT
+    p_history_guard            BIGINT,
+    p_fan_in_grace_ms          BIGINT DEFAULT 0
 )
 RETURNS TABLE (
     o_acked                  BIGINT,
@@ -359,6 +372,14 @@ DECLARE
     v_turn    RECORD;
     v_woken   BOOLEAN := FALSE;
     v_leased_until BIGINT;
+    -- Set when the instance is held back by a fan-in grace (claimable later than its
+    -- visible messages, no lease): before this ack (v_held_until) or by it (v_holds).
+    v_held_until BIGINT;
+    v_holds   BOOLEAN := FALSE;
+    v_last    BOOLEAN := FALSE;
+    -- The row stopped being claimable now before the grace could be set (another
+    -- completion's grace, a claim): whoever did that announces the instance.
+    v_passed  BOOLEAN := FALSE;
 BEGIN
     DELETE FROM worker_queue w
     WHERE w.lock_token = p_lock_token AND w.locked_until_ms > v_now
@@ -392,8 +413,11 @@ BEGIN
             -- the holder dies, the completion is claimed when the lease runs out.
             SELECT p.runnable AND p.visible_at_ms <= v_now AND p.claimable_at_ms <= v_now
                    AND coalesce(p.locked_until_ms, 0) <= v_now,
-                   CASE WHEN p.locked_until_ms > v_now THEN p.locked_until_ms END
-            INTO v_woken, v_leased_until
+                   CASE WHEN p.locked_until_ms > v_now THEN p.locked_until_ms END,
+                   CASE WHEN p.runnable AND p.visible_at_ms <= v_now AND p.claimable_at_ms > v_now
+                             AND coalesce(p.locked_until_ms, 0) <= v_now
+                        THEN p.claimable_at_ms END
+            INTO v_woken, v_leased_until, v_held_until
             FROM pending_instances p
             WHERE p.instance_id = p_instance_id
             FOR KEY SHARE;
@@ -413,8 +437,28 @@ BEGIN
     -- Only the instance's last outstanding activity hands its turn over: while others of
     -- a fan-out are still queued or running, a turn now would hold one completion and
     -- lease the instance while the rest arrive; a fetch later takes them together.
-    IF v_queued > 0 AND p_turn_lock_token IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM worker_queue w WHERE w.instance_id = p_instance_id) THEN
+    IF v_queued > 0
+       AND (p_turn_lock_token IS NOT NULL OR v_held_until IS NOT NULL
+            OR (p_fan_in_grace_ms > 0 AND NOT v_woken AND v_leased_until IS NULL)) THEN
+        v_last := NOT EXISTS (SELECT 1 FROM worker_queue w WHERE w.instance_id = p_instance_id);
+        IF v_last AND v_held_until IS NOT NULL THEN
+            -- The fan-in is complete: end the grace (an earlier completion's, maybe of
+            -- another process).
+            UPDATE pending_instances p SET claimable_at_ms = v_now
+            WHERE p.instance_id = p_instance_id AND p.claimable_at_ms > v_now
+              AND coalesce(p.locked_until_ms, 0) <= v_now;
+            v_held_until := NULL;
+        ELSIF NOT v_last AND p_fan_in_grace_ms > 0 AND NOT v_woken
+              AND v_leased_until IS NULL AND v_held_until IS NULL THEN
+            -- This completion made the idle instance claimable: hold it for the rest.
+            UPDATE pending_instances p SET claimable_at_ms = v_now + p_fan_in_grace_ms
+            WHERE p.instance_id = p_instance_id AND p.runnable AND p.claimable_at_ms <= v_now
+              AND coalesce(p.locked_until_ms, 0) <= v_now;
+            v_holds := FOUND;
+            v_passed := NOT FOUND;
+        END IF;
+    END IF;
+    IF v_last AND p_turn_lock_token IS NOT NULL THEN
         SELECT * INTO v_claim
         FROM claim_instance_turn(p_instance_id, p_turn_lock_token, p_lock_timeout_ms,
                                  p_filter_enabled, p_min_major, p_min_minor, p_min_patch,
@@ -450,7 +494,10 @@ BEGIN
     END IF;
     IF v_queued > 0 AND v_leased_until IS NOT NULL THEN
         PERFORM notify_delayed('orchestrator', v_leased_until);
-    ELSE
+    ELSIF v_queued > 0 AND v_holds THEN
+        PERFORM notify_delayed('orchestrator', v_now + p_fan_in_grace_ms);
+    ELSIF v_held_until IS NULL AND NOT v_passed THEN
+        -- (Held by an earlier completion's grace: that ack announced when it ends.)
         PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
     END IF;
     RETURN NEXT;

@@ -1,0 +1,360 @@
+//! Fan-in grace (`ProviderOptions::fan_in_grace`, `ack_work_item_handover` in
+//! migrations/functions/09_handover.sql): a completion that makes its instance runnable
+//! while other activities of the instance are outstanding holds the instance back for
+//! the grace, so the completions of a fan-out run in one turn.
+//!
+//! * completions before the last wait; the last one ends the grace at once, whichever
+//!   process acks it and whatever that process's grace (0 = a process with it off);
+//! * a turn that needs only some completions runs when the grace ends: a fetch that
+//!   waited before the ack is told when (it does not sleep to its fallback poll);
+//! * grace 0 claims every completion at once, as before;
+//! * a running runtime: fan-outs run in two turns each, and a `select2` of a quick and a
+//!   slow activity is delayed by the grace, no more.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{activity_item, database_url, new_provider_with, start_item, test_options};
+use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
+use duroxide::runtime::registry::ActivityRegistry;
+use duroxide::runtime::{Runtime, RuntimeOptions};
+use duroxide::{
+    ActivityContext, Client, Either2, OrchestrationContext, OrchestrationRegistry,
+    OrchestrationStatus,
+};
+use duroxide_pg_hybrid::schema::quote_ident;
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+const LOCK: Duration = Duration::from_secs(30);
+const NOW: Duration = Duration::ZERO;
+
+fn grace(ms: u64) -> impl FnOnce(&mut ProviderOptions) {
+    move |o: &mut ProviderOptions| {
+        o.fan_in_grace = Duration::from_millis(ms);
+        // Only the grace's own notice may wake a waiting fetch in these tests.
+        o.fallback_poll_interval = Duration::from_secs(30);
+    }
+}
+
+fn metadata() -> ExecutionMetadata {
+    ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        status: Some("Running".to_string()),
+        ..Default::default()
+    }
+}
+
+fn completion(instance: &str, id: u64) -> WorkItem {
+    WorkItem::ActivityCompleted {
+        instance: instance.to_string(),
+        execution_id: 1,
+        id,
+        result: format!("r{id}"),
+    }
+}
+
+/// Starts `instance`, acks its first turn with `n` activities (ids 2..) and leases them
+/// all; returns the worker lock tokens in id order.
+async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await
+        .unwrap();
+    let (_, token, _) = p
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .expect("the start is claimable");
+    let activities = (2..2 + n).map(|id| activity_item(instance, id)).collect();
+    p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let (_, t, _) = p
+            .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+            .await
+            .unwrap()
+            .expect("an activity");
+        tokens.push(t);
+    }
+    tokens
+}
+
+/// Milliseconds from the database's now until the instance is claimable (negative =
+/// claimable already), from its claim state.
+async fn claimable_in_ms(p: &PostgresProvider, instance: &str) -> i64 {
+    let q = quote_ident(p.schema());
+    sqlx::query_scalar(&format!(
+        "SELECT p.claimable_at_ms - {q}.now_ms() FROM {q}.pending_instances p \
+         WHERE p.instance_id = $1"
+    ))
+    .bind(instance)
+    .fetch_one(p.pool())
+    .await
+    .unwrap()
+}
+
+async fn next_turn_now(p: &PostgresProvider) -> Option<(Vec<WorkItem>, String)> {
+    p.fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .map(|(item, token, _)| (item.messages, token))
+}
+
+/// Completions before the last are held (no turn, claimable a grace later); the last one
+/// makes the instance claimable at once, with every completion in one turn.
+#[tokio::test]
+async fn completions_wait_for_the_last_of_their_fan_out() {
+    let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(1_000)).await;
+    let tokens = fan_out(&p, "fi-all", 3).await;
+    for (t, id) in tokens.iter().zip(2..4) {
+        p.ack_work_item(t, Some(completion("fi-all", id)))
+            .await
+            .unwrap();
+        assert!(next_turn_now(&p).await.is_none(), "completion {id} is held");
+        let left = claimable_in_ms(&p, "fi-all").await;
+        assert!(
+            (500..=1_000).contains(&left),
+            "held for the grace after completion {id}: {left} ms left"
+        );
+    }
+    p.ack_work_item(&tokens[2], Some(completion("fi-all", 4)))
+        .await
+        .unwrap();
+    let (messages, _) = next_turn_now(&p)
+        .await
+        .expect("the last completion ends the grace");
+    assert_eq!(messages.len(), 3, "one turn for the whole fan-out");
+    p.close().await;
+}
+
+/// The grace is a bound: a fetch that waited before the first completion's ack gets the
+/// partial fan-in when the grace ends (the ack tells it when; its fallback poll is 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_fan_in_runs_when_the_grace_ends() {
+    let (p, _guard) = new_provider_with(FetchPath::Procedure, grace(400)).await;
+    let tokens = fan_out(&p, "fi-part", 2).await;
+    let waiter = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let r = p
+                .fetch_orchestration_item(LOCK, Duration::from_secs(20), None)
+                .await
+                .unwrap();
+            (r, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let acked = Instant::now();
+    p.ack_work_item(&tokens[0], Some(completion("fi-part", 2)))
+        .await
+        .unwrap();
+    let (turn, at) = waiter.await.unwrap();
+    let (item, token, _) = turn.expect("a turn within the fetch's timeout");
+    let after = at.duration_since(acked);
+    assert_eq!(item.messages.len(), 1);
+    assert!(
+        after >= Duration::from_millis(300) && after < Duration::from_secs(3),
+        "claimed {after:?} after the ack; the grace is 400 ms"
+    );
+    p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
+        .await
+        .unwrap();
+    // The other activity still completes into a turn of its own.
+    p.ack_work_item(&tokens[1], Some(completion("fi-part", 3)))
+        .await
+        .unwrap();
+    let (messages, _) = next_turn_now(&p).await.expect("the last completion");
+    assert_eq!(messages.len(), 1);
+    p.close().await;
+}
+
+/// A process with the grace off (0; or a release without it) still ends a grace another
+/// process started, and claims every completion of its own at once.
+#[tokio::test]
+async fn a_process_without_grace_ends_it_and_claims_at_once() {
+    let (held, guard) = new_provider_with(FetchPath::Hybrid, grace(1_000)).await;
+    let mut options = test_options(guard.schema(), FetchPath::Hybrid);
+    options.fan_in_grace = Duration::ZERO;
+    let plain = PostgresProvider::connect_with(&database_url(), options)
+        .await
+        .unwrap();
+
+    let tokens = fan_out(&held, "fi-mixed", 2).await;
+    held.ack_work_item(&tokens[0], Some(completion("fi-mixed", 2)))
+        .await
+        .unwrap();
+    assert!(
+        next_turn_now(&plain).await.is_none(),
+        "held by the first ack's grace"
+    );
+    plain
+        .ack_work_item(&tokens[1], Some(completion("fi-mixed", 3)))
+        .await
+        .unwrap();
+    let (messages, token) = next_turn_now(&plain).await.expect("the last completion");
+    assert_eq!(messages.len(), 2);
+    plain
+        .ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
+        .await
+        .unwrap();
+
+    let tokens = fan_out(&plain, "fi-off", 2).await;
+    plain
+        .ack_work_item(&tokens[0], Some(completion("fi-off", 2)))
+        .await
+        .unwrap();
+    let (messages, _) = next_turn_now(&plain)
+        .await
+        .expect("grace 0: the first completion is claimable at once");
+    assert_eq!(messages.len(), 1);
+    plain.close().await;
+    held.close().await;
+}
+
+/// Grace above the limit is refused before connecting.
+#[test]
+fn a_grace_above_the_limit_is_refused() {
+    let options = ProviderOptions {
+        fan_in_grace: duroxide_pg_hybrid::MAX_FAN_IN_GRACE + Duration::from_millis(1),
+        ..ProviderOptions::default()
+    };
+    let e = options.validate().unwrap_err();
+    assert!(e.to_string().contains("fan_in_grace"), "{e}");
+}
+
+fn counter(s: &Snapshotter, name: &str, outcome: Option<&str>) -> u64 {
+    s.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, _, _, _)| {
+            let k = key.key();
+            k.name() == name
+                && k.labels()
+                    .any(|l| l.key() == "queue" && l.value() == "orchestrator")
+                && outcome
+                    .is_none_or(|o| k.labels().any(|l| l.key() == "outcome" && l.value() == o))
+        })
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Counter(c) => c,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Orchestration turns this process ran: claimed fetches and turns handed over.
+fn turns(s: &Snapshotter) -> u64 {
+    counter(s, "duroxide_pg_claims_total", Some("claimed"))
+        + counter(s, "duroxide_pg_handovers_total", None)
+}
+
+async fn until_completed(client: &Client, instance: &str) -> String {
+    match client
+        .wait_for_orchestration(instance, Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        OrchestrationStatus::Completed { output, .. } => output,
+        other => panic!("{instance}: {other:?}"),
+    }
+}
+
+/// A running runtime (4 worker slots): 8 fan-outs of 5 run in two turns each (start,
+/// fan-in); a `select2` of a quick and a 5 s activity continues after the grace, long
+/// before the slow one ends.
+#[test]
+fn a_runtime_joins_fan_outs_in_one_turn_and_select_waits_only_the_grace() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(300)).await;
+            let activities = ActivityRegistry::builder()
+                .register("Echo", |_ctx: ActivityContext, input: String| async move {
+                    Ok(input)
+                })
+                .register("Slow", |_ctx: ActivityContext, input: String| async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(input)
+                })
+                .build();
+            let orchestrations = OrchestrationRegistry::builder()
+                .register(
+                    "FanOut",
+                    |ctx: OrchestrationContext, _in: String| async move {
+                        let calls = (0..5)
+                            .map(|i| ctx.schedule_activity("Echo", i.to_string()))
+                            .collect();
+                        let results = ctx.join(calls).await;
+                        Ok(results
+                            .into_iter()
+                            .collect::<Result<Vec<_>, _>>()?
+                            .join(","))
+                    },
+                )
+                .register(
+                    "Race",
+                    |ctx: OrchestrationContext, _in: String| async move {
+                        let quick = ctx.schedule_activity("Echo", "quick");
+                        let slow = ctx.schedule_activity("Slow", "slow");
+                        match ctx.select2(quick, slow).await {
+                            Either2::First(r) | Either2::Second(r) => r,
+                        }
+                    },
+                )
+                .build();
+            let runtime = Runtime::start_with_options(
+                p.clone(),
+                activities,
+                orchestrations,
+                RuntimeOptions {
+                    worker_concurrency: 4,
+                    ..RuntimeOptions::default()
+                },
+            )
+            .await;
+            let client = Client::new(p.clone());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+
+            let before = turns(&snapshotter);
+            for i in 0..8 {
+                client
+                    .start_orchestration(&format!("fi-fan-{i}"), "FanOut", "")
+                    .await
+                    .unwrap();
+            }
+            for i in 0..8 {
+                assert_eq!(
+                    until_completed(&client, &format!("fi-fan-{i}")).await,
+                    "0,1,2,3,4"
+                );
+            }
+            let fan_turns = turns(&snapshotter) - before;
+            assert!(
+                fan_turns <= 8 * 2 + 1,
+                "8 fan-outs of 5 ran {fan_turns} turns (2 each expected)"
+            );
+
+            let started = Instant::now();
+            client
+                .start_orchestration("fi-race", "Race", "")
+                .await
+                .unwrap();
+            assert_eq!(until_completed(&client, "fi-race").await, "quick");
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+                "select2 of a quick and a 5 s activity took {took:?} (grace 300 ms)"
+            );
+            runtime.shutdown(Some(1000)).await;
+            p.close().await;
+        })
+    });
+}
