@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- Maintenance of pending_instances, the per-instance claim state (table: migration
 -- 20261201000001).
 --
@@ -140,11 +140,17 @@ BEGIN
 END;
 $fn$;
 
+-- A statement whose writer keeps the claim state itself (it already holds the row and
+-- knows what its message needs: the worker ack) sets claim_state_kept for the length of
+-- its INSERT, and the trigger is not called at all. Every other writer, of any release,
+-- goes through the trigger.
 DROP TRIGGER IF EXISTS pending_instances_on_enqueue ON orchestrator_queue;
 CREATE TRIGGER pending_instances_on_enqueue
     AFTER INSERT ON orchestrator_queue
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pending_instances_on_enqueue();
+    FOR EACH STATEMENT
+    WHEN (current_setting('duroxide_pg_hybrid.claim_state_kept', TRUE) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pending_instances_on_enqueue();
 
 -- Recomputes an instance's row exactly from its queued messages (deleting it when none
 -- are left), unless an enqueue in flight holds it. Returns FALSE in that case: the

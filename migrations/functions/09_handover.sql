@@ -1,4 +1,4 @@
--- revision: 7
+-- revision: 8
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -380,6 +380,9 @@ DECLARE
     -- The row stopped being claimable now before the grace could be set (another
     -- completion's grace, a claim): whoever did that announces the instance.
     v_passed  BOOLEAN := FALSE;
+    -- The claim-state row already promises a claim at or before now, or the turn's
+    -- lease end: the completion needs no claim-state write (pending_note_messages).
+    v_promised BOOLEAN;
 BEGIN
     DELETE FROM worker_queue w
     WHERE w.lock_token = p_lock_token AND w.locked_until_ms > v_now
@@ -416,14 +419,22 @@ BEGIN
                    CASE WHEN p.locked_until_ms > v_now THEN p.locked_until_ms END,
                    CASE WHEN p.runnable AND p.visible_at_ms <= v_now AND p.claimable_at_ms > v_now
                              AND coalesce(p.locked_until_ms, 0) <= v_now
-                        THEN p.claimable_at_ms END
-            INTO v_woken, v_leased_until, v_held_until
+                        THEN p.claimable_at_ms END,
+                   p.visible_at_ms <= v_now OR coalesce(p.locked_until_ms > v_now, FALSE)
+            INTO v_woken, v_leased_until, v_held_until, v_promised
             FROM pending_instances p
             WHERE p.instance_id = p_instance_id
             FOR KEY SHARE;
             v_woken := coalesce(v_woken, FALSE);
+            -- The claim state is kept here, not by the enqueue trigger: this call holds
+            -- the row (KEY SHARE, as the trigger would take it) and has read it.
+            PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'on', TRUE);
             INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
             VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
+            PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'off', TRUE);
+            IF NOT coalesce(v_promised, FALSE) THEN
+                PERFORM pending_note_messages(p_instance_id, v_now, FALSE);
+            END IF;
             v_queued := 1;
         END IF;
         INSERT INTO enqueue_ledger (enqueue_id, created_at_ms)
