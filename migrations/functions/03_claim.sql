@@ -1,4 +1,4 @@
--- revision: 3
+-- revision: 4
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
@@ -42,6 +42,7 @@ CREATE OR REPLACE FUNCTION claim_groups(
 RETURNS TABLE (o_unpinned BOOLEAN, o_major INT, o_minor INT, o_patch INT, o_oldest_ms BIGINT)
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -100,6 +101,7 @@ CREATE OR REPLACE FUNCTION claim_pick(
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance TEXT;
@@ -188,6 +190,7 @@ CREATE OR REPLACE FUNCTION claim_work_exists(
 RETURNS BOOLEAN
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     IF p_filter_enabled THEN
@@ -205,6 +208,7 @@ CREATE OR REPLACE FUNCTION claim_next_wake(p_now_ms BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN (SELECT min(p.claimable_at_ms) FROM pending_instances p
@@ -229,6 +233,7 @@ CREATE OR REPLACE FUNCTION claim_instance(
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_custom_plan
 AS $fn$
 DECLARE
     v_now      BIGINT := now_ms();
@@ -377,6 +382,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance   TEXT;

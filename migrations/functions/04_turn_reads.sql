@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- The four reads of an orchestration fetch, defined ONCE and used by both fetch paths:
 -- the hybrid path calls them from Rust concurrently on separate connections, the
 -- full-procedure path calls them inside fetch_orchestration_turn (this release) or
@@ -12,6 +12,7 @@ CREATE OR REPLACE FUNCTION read_batch_messages(p_lock_token TEXT)
 RETURNS TABLE (o_work_item TEXT)
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -26,6 +27,7 @@ CREATE OR REPLACE FUNCTION read_instance_meta(p_instance_id TEXT)
 RETURNS TABLE (o_orchestration_name TEXT, o_orchestration_version TEXT)
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -39,6 +41,7 @@ CREATE OR REPLACE FUNCTION read_execution_history(p_instance_id TEXT, p_executio
 RETURNS TABLE (o_event_data TEXT)
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -84,6 +87,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_first BIGINT;
@@ -126,6 +130,7 @@ CREATE OR REPLACE FUNCTION read_kv_snapshot(p_instance_id TEXT)
 RETURNS TABLE (o_key TEXT, o_value TEXT, o_last_updated_at_ms BIGINT)
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -159,6 +164,7 @@ CREATE OR REPLACE FUNCTION read_claimed_turn(
 )
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     SELECT m.o_orchestration_name, m.o_orchestration_version
@@ -212,6 +218,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     -- The same turn as fetch_orchestration_turn with no cache entries (the whole history).
@@ -266,6 +273,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_claim RECORD;

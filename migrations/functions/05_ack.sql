@@ -1,4 +1,4 @@
--- revision: 3
+-- revision: 4
 -- ack_orchestration_item: commit one orchestration turn in ONE round trip and one
 -- transaction (the function call's). Every write is set-based over the array arguments.
 -- The caller (Rust) has already reduced the delta to what SQL needs: history rows with
@@ -61,6 +61,7 @@ CREATE OR REPLACE FUNCTION ack_orchestration_item(
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance  TEXT;
@@ -194,9 +195,7 @@ BEGIN
     END IF;
     PERFORM notify_work_available('orchestrator',
         (SELECT count(*) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at IS NULL OR v.at <= v_now)
-        + CASE WHEN EXISTS (SELECT 1 FROM orchestrator_queue q
-                            WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now)
-               THEN 1 ELSE 0 END);
+        + CASE WHEN queue_has_visible(v_instance, v_now) THEN 1 ELSE 0 END);
     RETURN v_instance;
 END;
 $fn$;

@@ -1,4 +1,4 @@
--- revision: 1
+-- revision: 2
 -- Ending or extending an orchestration turn's lease outside the ack.
 
 -- abandon_orchestration_item and the release of a claim whose reads failed: drops the
@@ -12,6 +12,7 @@ CREATE OR REPLACE FUNCTION abandon_orchestration_turn(
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance TEXT;
@@ -38,8 +39,7 @@ BEGIN
         PERFORM notify_work_available('orchestrator', 1);
     ELSE
         -- Waiting fetches shorten their sleep to when the batch is visible again.
-        PERFORM notify_delayed('orchestrator',
-            (SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.instance_id = v_instance));
+        PERFORM notify_delayed('orchestrator', queue_next_visible_at(v_instance));
     END IF;
     RETURN v_instance;
 END;
@@ -54,6 +54,7 @@ CREATE OR REPLACE FUNCTION renew_orchestration_turn(
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance TEXT;

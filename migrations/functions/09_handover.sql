@@ -1,4 +1,4 @@
--- revision: 8
+-- revision: 9
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -45,6 +45,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 BEGIN
     RETURN QUERY
@@ -144,6 +145,7 @@ CREATE OR REPLACE FUNCTION claim_instance_turn(
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_step RECORD;
@@ -172,6 +174,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION enqueue_ledger_prune(p_now_ms BIGINT) RETURNS VOID
 LANGUAGE sql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
     DELETE FROM enqueue_ledger l
     WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
@@ -238,6 +241,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance TEXT;
@@ -363,6 +367,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_now     BIGINT := now_ms();
@@ -451,7 +456,7 @@ BEGIN
     IF v_queued > 0
        AND (p_turn_lock_token IS NOT NULL OR v_held_until IS NOT NULL
             OR (p_fan_in_grace_ms > 0 AND NOT v_woken AND v_leased_until IS NULL)) THEN
-        v_last := NOT EXISTS (SELECT 1 FROM worker_queue w WHERE w.instance_id = p_instance_id);
+        v_last := NOT worker_items_exist(p_instance_id);
         IF v_last AND v_held_until IS NOT NULL THEN
             -- The fan-in is complete: end the grace (an earlier completion's, maybe of
             -- another process).
@@ -557,6 +562,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_now   BIGINT := now_ms();
