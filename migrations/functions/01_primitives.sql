@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- Primitives every other function uses: the clock, notification channels, and the
 -- advisory-lock key space of per-instance claims.
 --
@@ -11,11 +11,13 @@
 -- every call (claim_worker_item: 0.45 ms per call, 0.07 of it executing; 0.15 with the
 -- generic plan, which uses the same indexes). The setting holds for the functions and
 -- triggers they call. A generic plan cannot know that one instance may hold most of a
--- queue, so lookups of one instance's rows run planned per call: the functions made of
--- them (claim_instance, pending_refresh, pending_instance_facts) SET force_custom_plan,
--- and single lookups go through SQL helpers (queue_has_visible, worker_items_exist, ...;
--- 02_pending_instances.sql). Admin functions (bulk deletes by id lists) keep the
--- default.
+-- queue: for "does instance $1 have rows" it expects an average share and picks a scan
+-- that stops at the first match, which reads the whole queue for an instance with none
+-- next to one holding 20,000 rows. So existence checks on the hot path are written as
+-- an index-ordered `LIMIT 1` (the generic plan then walks the instance's index range),
+-- and the functions made of per-instance lookups (claim_instance, pending_refresh,
+-- pending_instance_facts) SET plan_cache_mode = auto, the plan cache's choice per
+-- statement, as before. Admin functions (bulk deletes by id lists) keep the default.
 --
 -- Function files: each file holds the current definition of its functions
 -- (CREATE OR REPLACE) and is re-applied, under the migration lock and in one

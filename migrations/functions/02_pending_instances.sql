@@ -1,4 +1,4 @@
--- revision: 4
+-- revision: 5
 -- Maintenance of pending_instances, the per-instance claim state (table: migration
 -- 20261201000001).
 --
@@ -21,37 +21,6 @@
 -- Hence the invariant: every queued message's instance has a row whose claimable_at_ms
 -- is not later than when the message can next be claimed.
 
--- Lookups of one instance's rows in a queue, planned with the instance id at hand on
--- every call (SQL functions with a SET clause are neither inlined nor plan-cached). The
--- callers run with generic plans (01_primitives.sql), and a generic plan of "rows of
--- instance $1" assumes every instance holds an average share of the queue: next to one
--- instance with 20,000 messages (or a fan-out of 20,000 activities) it scans the whole
--- queue for an instance that has none.
-CREATE OR REPLACE FUNCTION queue_has_visible(p_instance_id TEXT, p_now_ms BIGINT)
-RETURNS BOOLEAN
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $fn$
-    SELECT EXISTS (SELECT 1 FROM orchestrator_queue q
-                   WHERE q.instance_id = p_instance_id AND q.visible_at_ms <= p_now_ms);
-$fn$;
-
-CREATE OR REPLACE FUNCTION queue_next_visible_at(p_instance_id TEXT)
-RETURNS BIGINT
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $fn$
-    SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.instance_id = p_instance_id;
-$fn$;
-
-CREATE OR REPLACE FUNCTION worker_items_exist(p_instance_id TEXT)
-RETURNS BOOLEAN
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $fn$
-    SELECT EXISTS (SELECT 1 FROM worker_queue w WHERE w.instance_id = p_instance_id);
-$fn$;
-
 -- Can the instance run a turn (it exists), and its current execution's pinned version.
 CREATE OR REPLACE FUNCTION pending_instance_facts(
     p_instance_id TEXT,
@@ -62,7 +31,7 @@ CREATE OR REPLACE FUNCTION pending_instance_facts(
 )
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
-SET plan_cache_mode = force_custom_plan
+SET plan_cache_mode = auto
 AS $fn$
 BEGIN
     SELECT i.instance_id IS NOT NULL
@@ -193,7 +162,7 @@ CREATE OR REPLACE FUNCTION pending_refresh(p_instance_id TEXT)
 RETURNS BOOLEAN
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
-SET plan_cache_mode = force_custom_plan
+SET plan_cache_mode = auto
 AS $fn$
 DECLARE
     v_now        BIGINT;

@@ -1,4 +1,4 @@
--- revision: 4
+-- revision: 5
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
@@ -233,7 +233,7 @@ CREATE OR REPLACE FUNCTION claim_instance(
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
-SET plan_cache_mode = force_custom_plan
+SET plan_cache_mode = auto
 AS $fn$
 DECLARE
     v_now      BIGINT := now_ms();

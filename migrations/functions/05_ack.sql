@@ -1,4 +1,4 @@
--- revision: 4
+-- revision: 5
 -- ack_orchestration_item: commit one orchestration turn in ONE round trip and one
 -- transaction (the function call's). Every write is set-based over the array arguments.
 -- The caller (Rust) has already reduced the delta to what SQL needs: history rows with
@@ -195,7 +195,13 @@ BEGIN
     END IF;
     PERFORM notify_work_available('orchestrator',
         (SELECT count(*) FROM unnest(p_orch_visible_at_ms) AS v(at) WHERE v.at IS NULL OR v.at <= v_now)
-        + CASE WHEN queue_has_visible(v_instance, v_now) THEN 1 ELSE 0 END);
+        -- (An index-ordered LIMIT 1, not EXISTS: this runs with a generic plan, and for
+        -- EXISTS that plan scans the queue when one instance holds most of it; see
+        -- 01_primitives.sql.)
+        + CASE WHEN (SELECT q.id FROM orchestrator_queue q
+                     WHERE q.instance_id = v_instance AND q.visible_at_ms <= v_now
+                     ORDER BY q.instance_id, q.id LIMIT 1) IS NOT NULL
+               THEN 1 ELSE 0 END);
     RETURN v_instance;
 END;
 $fn$;

@@ -1,4 +1,4 @@
--- revision: 2
+-- revision: 3
 -- Ending or extending an orchestration turn's lease outside the ack.
 
 -- abandon_orchestration_item and the release of a claim whose reads failed: drops the
@@ -39,7 +39,8 @@ BEGIN
         PERFORM notify_work_available('orchestrator', 1);
     ELSE
         -- Waiting fetches shorten their sleep to when the batch is visible again.
-        PERFORM notify_delayed('orchestrator', queue_next_visible_at(v_instance));
+        PERFORM notify_delayed('orchestrator',
+            (SELECT min(q.visible_at_ms) FROM orchestrator_queue q WHERE q.instance_id = v_instance));
     END IF;
     RETURN v_instance;
 END;

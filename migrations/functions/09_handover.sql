@@ -1,4 +1,4 @@
--- revision: 9
+-- revision: 10
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -456,7 +456,9 @@ BEGIN
     IF v_queued > 0
        AND (p_turn_lock_token IS NOT NULL OR v_held_until IS NOT NULL
             OR (p_fan_in_grace_ms > 0 AND NOT v_woken AND v_leased_until IS NULL)) THEN
-        v_last := NOT worker_items_exist(p_instance_id);
+        -- (Index-ordered LIMIT 1 rather than EXISTS, for the generic plan: 01_primitives.sql.)
+        v_last := (SELECT w.activity_id FROM worker_queue w WHERE w.instance_id = p_instance_id
+                   ORDER BY w.instance_id, w.execution_id, w.activity_id LIMIT 1) IS NULL;
         IF v_last AND v_held_until IS NOT NULL THEN
             -- The fan-in is complete: end the grace (an earlier completion's, maybe of
             -- another process).
