@@ -15,8 +15,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{activity_item, database_url, new_provider_with, start_item, test_options};
-use duroxide::providers::{ExecutionMetadata, Provider, TagFilter, WorkItem};
+use common::{
+    completion, database_url, fan_out, new_provider_with, orchestration_metadata, test_options,
+};
+use duroxide::providers::{Provider, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{Runtime, RuntimeOptions};
 use duroxide::{
@@ -36,51 +38,6 @@ fn grace(ms: u64) -> impl FnOnce(&mut ProviderOptions) {
         // Only the grace's own notice may wake a waiting fetch in these tests.
         o.fallback_poll_interval = Duration::from_secs(30);
     }
-}
-
-fn metadata() -> ExecutionMetadata {
-    ExecutionMetadata {
-        orchestration_name: Some("O".to_string()),
-        orchestration_version: Some("1.0.0".to_string()),
-        status: Some("Running".to_string()),
-        ..Default::default()
-    }
-}
-
-fn completion(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityCompleted {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        result: format!("r{id}"),
-    }
-}
-
-/// Starts `instance`, acks its first turn with `n` activities (ids 2..) and leases them
-/// all; returns the worker lock tokens in id order.
-async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
-    p.enqueue_for_orchestrator(start_item(instance), None)
-        .await
-        .unwrap();
-    let (_, token, _) = p
-        .fetch_orchestration_item(LOCK, NOW, None)
-        .await
-        .unwrap()
-        .expect("the start is claimable");
-    let activities = (2..2 + n).map(|id| activity_item(instance, id)).collect();
-    p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
-        .await
-        .unwrap();
-    let mut tokens = Vec::new();
-    for _ in 0..n {
-        let (_, t, _) = p
-            .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
-            .await
-            .unwrap()
-            .expect("an activity");
-        tokens.push(t);
-    }
-    tokens
 }
 
 /// Milliseconds from the database's now until the instance is claimable (negative =
@@ -110,7 +67,7 @@ async fn next_turn_now(p: &PostgresProvider) -> Option<(Vec<WorkItem>, String)> 
 async fn completions_wait_for_the_last_of_their_fan_out() {
     let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(1_000)).await;
     let tokens = fan_out(&p, "fi-all", 3).await;
-    for (t, id) in tokens.iter().zip(2..4) {
+    for (t, id) in tokens.iter().zip(1..3) {
         p.ack_work_item(t, Some(completion("fi-all", id)))
             .await
             .unwrap();
@@ -121,7 +78,7 @@ async fn completions_wait_for_the_last_of_their_fan_out() {
             "held for the grace after completion {id}: {left} ms left"
         );
     }
-    p.ack_work_item(&tokens[2], Some(completion("fi-all", 4)))
+    p.ack_work_item(&tokens[2], Some(completion("fi-all", 3)))
         .await
         .unwrap();
     let (messages, _) = next_turn_now(&p)
@@ -149,7 +106,7 @@ async fn a_partial_fan_in_runs_when_the_grace_ends() {
     };
     tokio::time::sleep(Duration::from_millis(600)).await;
     let acked = Instant::now();
-    p.ack_work_item(&tokens[0], Some(completion("fi-part", 2)))
+    p.ack_work_item(&tokens[0], Some(completion("fi-part", 1)))
         .await
         .unwrap();
     let (turn, at) = waiter.await.unwrap();
@@ -160,11 +117,19 @@ async fn a_partial_fan_in_runs_when_the_grace_ends() {
         after >= Duration::from_millis(300) && after < Duration::from_secs(3),
         "claimed {after:?} after the ack; the grace is 400 ms"
     );
-    p.ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
-        .await
-        .unwrap();
+    p.ack_orchestration_item(
+        &token,
+        1,
+        vec![],
+        vec![],
+        vec![],
+        orchestration_metadata(),
+        vec![],
+    )
+    .await
+    .unwrap();
     // The other activity still completes into a turn of its own.
-    p.ack_work_item(&tokens[1], Some(completion("fi-part", 3)))
+    p.ack_work_item(&tokens[1], Some(completion("fi-part", 2)))
         .await
         .unwrap();
     let (messages, _) = next_turn_now(&p).await.expect("the last completion");
@@ -184,7 +149,7 @@ async fn a_process_without_grace_ends_it_and_claims_at_once() {
         .unwrap();
 
     let tokens = fan_out(&held, "fi-mixed", 2).await;
-    held.ack_work_item(&tokens[0], Some(completion("fi-mixed", 2)))
+    held.ack_work_item(&tokens[0], Some(completion("fi-mixed", 1)))
         .await
         .unwrap();
     assert!(
@@ -192,19 +157,27 @@ async fn a_process_without_grace_ends_it_and_claims_at_once() {
         "held by the first ack's grace"
     );
     plain
-        .ack_work_item(&tokens[1], Some(completion("fi-mixed", 3)))
+        .ack_work_item(&tokens[1], Some(completion("fi-mixed", 2)))
         .await
         .unwrap();
     let (messages, token) = next_turn_now(&plain).await.expect("the last completion");
     assert_eq!(messages.len(), 2);
     plain
-        .ack_orchestration_item(&token, 1, vec![], vec![], vec![], metadata(), vec![])
+        .ack_orchestration_item(
+            &token,
+            1,
+            vec![],
+            vec![],
+            vec![],
+            orchestration_metadata(),
+            vec![],
+        )
         .await
         .unwrap();
 
     let tokens = fan_out(&plain, "fi-off", 2).await;
     plain
-        .ack_work_item(&tokens[0], Some(completion("fi-off", 2)))
+        .ack_work_item(&tokens[0], Some(completion("fi-off", 1)))
         .await
         .unwrap();
     let (messages, _) = next_turn_now(&plain)

@@ -23,7 +23,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::{
-    activity_item, database_url, new_provider, new_provider_with, start_item, started_event,
+    activity_item, completion, database_url, fan_out, first_turn, new_provider, new_provider_with,
+    orchestration_metadata, start_item, started_event,
 };
 use duroxide::EventKind;
 use duroxide::providers::{
@@ -80,42 +81,19 @@ fn released(s: &Snapshotter, queue: &str) -> u64 {
     counter(s, "duroxide_pg_handovers_released_total", queue)
 }
 
-fn metadata() -> ExecutionMetadata {
-    ExecutionMetadata {
-        orchestration_name: Some("O".to_string()),
-        orchestration_version: Some("1.0.0".to_string()),
-        status: Some("Running".to_string()),
-        ..Default::default()
-    }
-}
-
-fn completion(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityCompleted {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        result: "r".to_string(),
-    }
-}
-
-/// Starts `instance` and returns the lock token of its first turn.
-async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
-    p.enqueue_for_orchestrator(start_item(instance), None)
-        .await
-        .unwrap();
-    let (_, token, _) = p
-        .fetch_orchestration_item(LOCK, NOW, None)
-        .await
-        .unwrap()
-        .expect("the start is claimable");
-    token
-}
-
 /// Acks `token`'s turn scheduling `activities`.
 async fn ack_with(p: &PostgresProvider, token: &str, activities: Vec<WorkItem>) {
-    p.ack_orchestration_item(token, 1, vec![], activities, vec![], metadata(), vec![])
-        .await
-        .unwrap();
+    p.ack_orchestration_item(
+        token,
+        1,
+        vec![],
+        activities,
+        vec![],
+        orchestration_metadata(),
+        vec![],
+    )
+    .await
+    .unwrap();
 }
 
 /// (lock_token IS NULL, attempt_count) of the instance's worker row.
@@ -328,7 +306,7 @@ fn a_waiter_gone_before_the_reply_gets_its_item_released_without_an_attempt() {
                 vec![],
                 vec![activity_item("ho-gone", 2)],
                 vec![],
-                metadata(),
+                orchestration_metadata(),
                 vec![],
             )
             .await
@@ -514,7 +492,7 @@ fn waiters_get_only_what_their_filters_admit() {
         let token = first_turn(&p, "ho-pin").await;
         let pinned = ExecutionMetadata {
             pinned_duroxide_version: Some(semver::Version::new(9, 9, 9)),
-            ..metadata()
+            ..orchestration_metadata()
         };
         p.ack_orchestration_item(
             &token,
@@ -571,23 +549,8 @@ fn waiters_get_only_what_their_filters_admit() {
 fn only_the_last_outstanding_activity_hands_its_turn_over() {
     with_metrics(|m| async move {
         let (p, _guard) = new_provider(FetchPath::Procedure).await;
-        let token = first_turn(&p, "ho-fan").await;
-        ack_with(
-            &p,
-            &token,
-            vec![activity_item("ho-fan", 2), activity_item("ho-fan", 3)],
-        )
-        .await;
-        let mut tokens = Vec::new();
-        for _ in 0..2 {
-            let (_, t, _) = p
-                .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
-                .await
-                .unwrap()
-                .unwrap();
-            tokens.push(t);
-        }
-        for (n, (t, id)) in tokens.iter().zip([2u64, 3]).enumerate() {
+        let tokens = fan_out(&p, "ho-fan", 2).await;
+        for (n, (t, id)) in tokens.iter().zip([1u64, 2]).enumerate() {
             let o = p.clone();
             let waiter =
                 tokio::spawn(async move { o.fetch_orchestration_item(LOCK, WAIT, None).await });
@@ -664,7 +627,7 @@ fn client_enqueue_hands_the_turn_to_a_waiting_fetch(path: FetchPath) {
             vec![started_event("ho-cl")],
             vec![],
             vec![],
-            metadata(),
+            orchestration_metadata(),
             vec![],
         )
         .await

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    activity_item, database_url, new_provider, new_provider_with, start_item, test_options,
+    activity_item, completion, database_url, fan_out, first_turn, new_provider, new_provider_with,
+    start_item, test_options,
 };
 use duroxide::providers::{Provider, SessionFetchConfig, TagFilter, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
@@ -160,19 +161,6 @@ async fn ack_wakes_the_next_dispatcher() {
         .expect("orchestration woken by the worker ack");
     assert!(completed.elapsed() < Duration::from_secs(1));
     assert_eq!(item.messages, vec![completion]);
-}
-
-/// Enqueues a start of `instance` and claims its first turn: the turn's lock token.
-async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
-    p.enqueue_for_orchestrator(start_item(instance), None)
-        .await
-        .unwrap();
-    let (_, token, _) = p
-        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
-        .await
-        .unwrap()
-        .unwrap();
-    token
 }
 
 /// Metadata of a first turn of orchestration "O" 1.0.0.
@@ -923,35 +911,6 @@ async fn notifications_within(
         got.push(n.unwrap().payload().to_string());
     }
     got
-}
-
-fn completion(instance: &str, id: u64) -> WorkItem {
-    WorkItem::ActivityCompleted {
-        instance: instance.to_string(),
-        execution_id: 1,
-        id,
-        result: format!("r{id}"),
-    }
-}
-
-/// Starts `instance`, acks its first turn with `n` activities (ids 1..=n) and leases
-/// them all: their worker lock tokens, in id order.
-async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
-    let token = first_turn(p, instance).await;
-    let activities: Vec<WorkItem> = (1..=n).map(|id| activity_item(instance, id)).collect();
-    p.ack_orchestration_item(&token, 1, vec![], activities, vec![], metadata(), vec![])
-        .await
-        .unwrap();
-    let mut tokens = Vec::new();
-    for _ in 0..n {
-        let (_, t, _) = p
-            .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::DefaultOnly)
-            .await
-            .unwrap()
-            .unwrap();
-        tokens.push(t);
-    }
-    tokens
 }
 
 /// A fan-out's completions wake one orchestration fetch, not one each. Without a fan-in

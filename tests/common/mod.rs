@@ -508,3 +508,70 @@ pub fn started_event(instance: &str) -> Event {
         },
     )
 }
+
+/// Metadata of a turn of orchestration "O" 1.0.0, running.
+pub fn orchestration_metadata() -> duroxide::providers::ExecutionMetadata {
+    duroxide::providers::ExecutionMetadata {
+        orchestration_name: Some("O".to_string()),
+        orchestration_version: Some("1.0.0".to_string()),
+        status: Some("Running".to_string()),
+        ..Default::default()
+    }
+}
+
+/// The completion of activity `id` of `instance`'s first execution (result `r<id>`).
+pub fn completion(instance: &str, id: u64) -> WorkItem {
+    WorkItem::ActivityCompleted {
+        instance: instance.to_string(),
+        execution_id: 1,
+        id,
+        result: format!("r{id}"),
+    }
+}
+
+/// Enqueues `instance`'s start and claims its first turn (30 s lease): the lock token.
+pub async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
+    p.enqueue_for_orchestrator(start_item(instance), None)
+        .await
+        .unwrap();
+    let (_, token, _) = p
+        .fetch_orchestration_item(Duration::from_secs(30), Duration::ZERO, None)
+        .await
+        .unwrap()
+        .expect("the start is claimable");
+    token
+}
+
+/// Starts `instance`, acks its first turn with `n` activities (ids 1..=n) and leases
+/// them all (30 s): their worker lock tokens, in id order.
+pub async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
+    const LOCK: Duration = Duration::from_secs(30);
+    let token = first_turn(p, instance).await;
+    let activities = (1..=n).map(|id| activity_item(instance, id)).collect();
+    p.ack_orchestration_item(
+        &token,
+        1,
+        vec![],
+        activities,
+        vec![],
+        orchestration_metadata(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let (_, t, _) = p
+            .fetch_work_item(
+                LOCK,
+                Duration::ZERO,
+                None,
+                &duroxide::providers::TagFilter::DefaultOnly,
+            )
+            .await
+            .unwrap()
+            .expect("an activity");
+        tokens.push(t);
+    }
+    tokens
+}
