@@ -1,4 +1,4 @@
--- revision: 10
+-- revision: 11
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -174,7 +174,6 @@ $fn$;
 CREATE OR REPLACE FUNCTION enqueue_ledger_prune(p_now_ms BIGINT) RETURNS VOID
 LANGUAGE sql VOLATILE
 SET search_path FROM CURRENT
-SET plan_cache_mode = force_generic_plan
 AS $fn$
     DELETE FROM enqueue_ledger l
     WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
@@ -306,6 +305,11 @@ BEGIN
 END;
 $fn$;
 
+-- Revision 6's signature, without p_fan_in_grace_ms (never in a release; dropped so
+-- that calls resolve to the one below).
+DROP FUNCTION IF EXISTS ack_work_item_handover(TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, BIGINT,
+    BOOLEAN, INT, INT, INT, INT, INT, INT, BOOLEAN, BIGINT, BIGINT, BIGINT);
+
 -- The worker ack (ack_work_item): deletes the leased item if its lease is live, touches
 -- its session, and enqueues the completion, atomically. Records 'ack:' || p_call_id (one
 -- id per call, reused by its resends) in the enqueue ledger, so a resend of an ack that
@@ -327,10 +331,6 @@ $fn$;
 -- outstanding completion (whatever the grace of the process that acks it, 0 for an
 -- older release) makes it claimable at once. The grace lives only in the claim state's
 -- claimable_at_ms: a claim, a refresh or a lease end may drop it early, never extend it.
--- Revision 6's signature, without p_fan_in_grace_ms (never in a release; dropped so
--- that calls resolve to this one).
-DROP FUNCTION IF EXISTS ack_work_item_handover(TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, BIGINT,
-    BOOLEAN, INT, INT, INT, INT, INT, INT, BOOLEAN, BIGINT, BIGINT, BIGINT);
 CREATE OR REPLACE FUNCTION ack_work_item_handover(
     p_lock_token        TEXT,
     p_instance_id       TEXT,
