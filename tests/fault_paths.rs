@@ -637,3 +637,51 @@ async fn expired_ledger_ids_are_pruned_and_recent_ones_kept() {
         "every recent id is kept"
     );
 }
+
+/// An orchestration turn abandoned with a delay makes its whole batch visible again at
+/// one time. With a time per row, a fetch woken at the earliest of them (the abandon's
+/// `at:` notice names it) could claim part of the batch a millisecond before the rest: a
+/// cancel split from the message it came with (duroxide's
+/// `continue_as_new_transition_delivery`, "cancel" shape, failed that way once under load).
+#[tokio::test]
+async fn a_batch_abandoned_with_a_delay_becomes_visible_again_all_at_once() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    p.enqueue_for_orchestrator(start_item("ab-batch"), None)
+        .await
+        .unwrap();
+    // Enough messages that one UPDATE of all of them spans several milliseconds.
+    let q = quote_ident(p.schema());
+    let event = serde_json::to_string(&WorkItem::ExternalRaised {
+        instance: "ab-batch".to_string(),
+        name: "E".to_string(),
+        data: "d".to_string(),
+    })
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {q}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms) \
+         SELECT 'ab-batch', 'ExternalRaised', $1, {q}.now_ms(), {q}.now_ms() FROM generate_series(1, 20000)"
+    ))
+    .bind(&event)
+    .execute(p.pool())
+    .await
+    .unwrap();
+    let (item, token, _) = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .expect("the batch");
+    assert_eq!(item.messages.len(), 20_001);
+    p.abandon_orchestration_item(&token, Some(Duration::from_secs(5)), false)
+        .await
+        .unwrap();
+    let times = scalar(
+        &p,
+        &format!(
+            "SELECT count(DISTINCT visible_at_ms) FROM {q}.orchestrator_queue \
+             WHERE instance_id = 'ab-batch'"
+        ),
+    )
+    .await;
+    assert_eq!(times, 1, "the batch is visible again at one time");
+    p.close().await;
+}

@@ -1,4 +1,4 @@
--- revision: 3
+-- revision: 4
 -- Ending or extending an orchestration turn's lease outside the ack.
 
 -- abandon_orchestration_item and the release of a claim whose reads failed: drops the
@@ -16,6 +16,9 @@ SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     v_instance TEXT;
+    -- One time for the whole batch: now_ms() per row would let a fetch waking at the
+    -- earliest of them claim part of the batch a millisecond before the rest.
+    v_visible  BIGINT := now_ms() + p_delay_ms;
 BEGIN
     -- Lease row first (the ack's lock order, so the two cannot deadlock), then the
     -- messages, then the lease ends: the lease-end trigger sees the batch as it will be
@@ -26,7 +29,7 @@ BEGIN
     END IF;
     UPDATE orchestrator_queue q
     SET lock_token = NULL,
-        visible_at_ms = CASE WHEN p_delay_ms IS NULL THEN q.visible_at_ms ELSE now_ms() + p_delay_ms END,
+        visible_at_ms = CASE WHEN p_delay_ms IS NULL THEN q.visible_at_ms ELSE v_visible END,
         attempt_count = CASE WHEN p_ignore_attempt THEN greatest(0, q.attempt_count - 1)
                              ELSE q.attempt_count END
     WHERE q.lock_token = p_lock_token;
