@@ -16,7 +16,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    completion, database_url, fan_out, new_provider_with, orchestration_metadata, test_options,
+    completion, counter, database_url, fan_out, new_provider_with, orchestration_metadata,
+    test_options, with_metrics,
 };
 use duroxide::providers::{Provider, WorkItem};
 use duroxide::runtime::registry::ActivityRegistry;
@@ -27,7 +28,7 @@ use duroxide::{
 };
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::Snapshotter;
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
@@ -199,29 +200,14 @@ fn a_grace_above_the_limit_is_refused() {
     assert!(e.to_string().contains("fan_in_grace"), "{e}");
 }
 
-fn counter(s: &Snapshotter, name: &str, outcome: Option<&str>) -> u64 {
-    s.snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, _, _, _)| {
-            let k = key.key();
-            k.name() == name
-                && k.labels()
-                    .any(|l| l.key() == "queue" && l.value() == "orchestrator")
-                && outcome
-                    .is_none_or(|o| k.labels().any(|l| l.key() == "outcome" && l.value() == o))
-        })
-        .map(|(_, _, _, v)| match v {
-            DebugValue::Counter(c) => c,
-            _ => 0,
-        })
-        .sum()
-}
-
 /// Orchestration turns this process ran: claimed fetches and turns handed over.
 fn turns(s: &Snapshotter) -> u64 {
-    counter(s, "duroxide_pg_claims_total", Some("claimed"))
-        + counter(s, "duroxide_pg_handovers_total", None)
+    let orchestrator = ("queue", "orchestrator");
+    counter(
+        s,
+        "duroxide_pg_claims_total",
+        &[orchestrator, ("outcome", "claimed")],
+    ) + counter(s, "duroxide_pg_handovers_total", &[orchestrator])
 }
 
 async fn until_completed(client: &Client, instance: &str) -> String {
@@ -240,94 +226,86 @@ async fn until_completed(client: &Client, instance: &str) -> String {
 /// before the slow one ends.
 #[test]
 fn a_runtime_joins_fan_outs_in_one_turn_and_select_waits_only_the_grace() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        rt.block_on(async {
-            let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(300)).await;
-            let activities = ActivityRegistry::builder()
-                .register("Echo", |_ctx: ActivityContext, input: String| async move {
-                    Ok(input)
-                })
-                .register("Slow", |_ctx: ActivityContext, input: String| async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    Ok(input)
-                })
-                .build();
-            let orchestrations = OrchestrationRegistry::builder()
-                .register(
-                    "FanOut",
-                    |ctx: OrchestrationContext, _in: String| async move {
-                        let calls = (0..5)
-                            .map(|i| ctx.schedule_activity("Echo", i.to_string()))
-                            .collect();
-                        let results = ctx.join(calls).await;
-                        Ok(results
-                            .into_iter()
-                            .collect::<Result<Vec<_>, _>>()?
-                            .join(","))
-                    },
-                )
-                .register(
-                    "Race",
-                    |ctx: OrchestrationContext, _in: String| async move {
-                        let quick = ctx.schedule_activity("Echo", "quick");
-                        let slow = ctx.schedule_activity("Slow", "slow");
-                        match ctx.select2(quick, slow).await {
-                            Either2::First(r) | Either2::Second(r) => r,
-                        }
-                    },
-                )
-                .build();
-            let runtime = Runtime::start_with_options(
-                p.clone(),
-                activities,
-                orchestrations,
-                RuntimeOptions {
-                    worker_concurrency: 4,
-                    ..RuntimeOptions::default()
+    with_metrics(|snapshotter| async move {
+        let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(300)).await;
+        let activities = ActivityRegistry::builder()
+            .register("Echo", |_ctx: ActivityContext, input: String| async move {
+                Ok(input)
+            })
+            .register("Slow", |_ctx: ActivityContext, input: String| async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(input)
+            })
+            .build();
+        let orchestrations = OrchestrationRegistry::builder()
+            .register(
+                "FanOut",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    let calls = (0..5)
+                        .map(|i| ctx.schedule_activity("Echo", i.to_string()))
+                        .collect();
+                    let results = ctx.join(calls).await;
+                    Ok(results
+                        .into_iter()
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(","))
                 },
             )
-            .await;
-            let client = Client::new(p.clone());
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            .register(
+                "Race",
+                |ctx: OrchestrationContext, _in: String| async move {
+                    let quick = ctx.schedule_activity("Echo", "quick");
+                    let slow = ctx.schedule_activity("Slow", "slow");
+                    match ctx.select2(quick, slow).await {
+                        Either2::First(r) | Either2::Second(r) => r,
+                    }
+                },
+            )
+            .build();
+        let runtime = Runtime::start_with_options(
+            p.clone(),
+            activities,
+            orchestrations,
+            RuntimeOptions {
+                worker_concurrency: 4,
+                ..RuntimeOptions::default()
+            },
+        )
+        .await;
+        let client = Client::new(p.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
-            let before = turns(&snapshotter);
-            for i in 0..8 {
-                client
-                    .start_orchestration(&format!("fi-fan-{i}"), "FanOut", "")
-                    .await
-                    .unwrap();
-            }
-            for i in 0..8 {
-                assert_eq!(
-                    until_completed(&client, &format!("fi-fan-{i}")).await,
-                    "0,1,2,3,4"
-                );
-            }
-            let fan_turns = turns(&snapshotter) - before;
-            assert!(
-                fan_turns <= 8 * 2 + 1,
-                "8 fan-outs of 5 ran {fan_turns} turns (2 each expected)"
-            );
-
-            let started = Instant::now();
+        let before = turns(&snapshotter);
+        for i in 0..8 {
             client
-                .start_orchestration("fi-race", "Race", "")
+                .start_orchestration(&format!("fi-fan-{i}"), "FanOut", "")
                 .await
                 .unwrap();
-            assert_eq!(until_completed(&client, "fi-race").await, "quick");
-            let took = started.elapsed();
-            assert!(
-                took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-                "select2 of a quick and a 5 s activity took {took:?} (grace 300 ms)"
+        }
+        for i in 0..8 {
+            assert_eq!(
+                until_completed(&client, &format!("fi-fan-{i}")).await,
+                "0,1,2,3,4"
             );
-            runtime.shutdown(Some(1000)).await;
-            p.close().await;
-        })
+        }
+        let fan_turns = turns(&snapshotter) - before;
+        assert!(
+            fan_turns <= 8 * 2 + 1,
+            "8 fan-outs of 5 ran {fan_turns} turns (2 each expected)"
+        );
+
+        let started = Instant::now();
+        client
+            .start_orchestration("fi-race", "Race", "")
+            .await
+            .unwrap();
+        assert_eq!(until_completed(&client, "fi-race").await, "quick");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "select2 of a quick and a 5 s activity took {took:?} (grace 300 ms)"
+        );
+        runtime.shutdown(Some(1000)).await;
+        p.close().await;
     });
 }

@@ -23,8 +23,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::{
-    activity_item, completion, database_url, fan_out, first_turn, new_provider, new_provider_with,
-    orchestration_metadata, start_item, started_event,
+    ack_with, activity_item, completion, counter, database_url, fan_out, first_turn, new_provider,
+    new_provider_with, orchestration_metadata, start_item, started_event, with_metrics,
 };
 use duroxide::EventKind;
 use duroxide::providers::{
@@ -34,66 +34,22 @@ use duroxide::providers::{
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
 use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::Snapshotter;
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Runs `f` on a current-thread runtime with a local metrics recorder.
-fn with_metrics<F, Fut>(f: F)
-where
-    F: FnOnce(Snapshotter) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&recorder, || rt.block_on(f(snapshotter)));
-}
-
-fn counter(s: &Snapshotter, name: &str, queue: &str) -> u64 {
-    s.snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, _, _, _)| {
-            key.key().name() == name
-                && key
-                    .key()
-                    .labels()
-                    .any(|l| l.key() == "queue" && l.value() == queue)
-        })
-        .map(|(_, _, _, v)| match v {
-            DebugValue::Counter(c) => c,
-            _ => 0,
-        })
-        .sum()
-}
-
 fn handovers(s: &Snapshotter, queue: &str) -> u64 {
-    counter(s, "duroxide_pg_handovers_total", queue)
+    counter(s, "duroxide_pg_handovers_total", &[("queue", queue)])
 }
 
 fn released(s: &Snapshotter, queue: &str) -> u64 {
-    counter(s, "duroxide_pg_handovers_released_total", queue)
-}
-
-/// Acks `token`'s turn scheduling `activities`.
-async fn ack_with(p: &PostgresProvider, token: &str, activities: Vec<WorkItem>) {
-    p.ack_orchestration_item(
-        token,
-        1,
-        vec![],
-        activities,
-        vec![],
-        orchestration_metadata(),
-        vec![],
+    counter(
+        s,
+        "duroxide_pg_handovers_released_total",
+        &[("queue", queue)],
     )
-    .await
-    .unwrap();
 }
 
 /// (lock_token IS NULL, attempt_count) of the instance's worker row.

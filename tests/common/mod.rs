@@ -529,6 +529,60 @@ pub fn completion(instance: &str, id: u64) -> WorkItem {
     }
 }
 
+/// Acks `token`'s turn (execution 1, [`orchestration_metadata`]) scheduling `activities`.
+pub async fn ack_with(p: &PostgresProvider, token: &str, activities: Vec<WorkItem>) {
+    p.ack_orchestration_item(
+        token,
+        1,
+        vec![],
+        activities,
+        vec![],
+        orchestration_metadata(),
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
+/// Runs `f` on a current-thread runtime with a local metrics recorder (the provider's
+/// counters of this test only).
+pub fn with_metrics<F, Fut>(f: F)
+where
+    F: FnOnce(metrics_util::debugging::Snapshotter) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || rt.block_on(f(snapshotter)));
+}
+
+/// Sum of counter `name` over the series carrying every label of `labels`.
+pub fn counter(
+    s: &metrics_util::debugging::Snapshotter,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> u64 {
+    s.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, _, _, _)| {
+            let k = key.key();
+            k.name() == name
+                && labels
+                    .iter()
+                    .all(|(n, v)| k.labels().any(|l| l.key() == *n && l.value() == *v))
+        })
+        .map(|(_, _, _, v)| match v {
+            metrics_util::debugging::DebugValue::Counter(c) => c,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Enqueues `instance`'s start and claims its first turn (30 s lease): the lock token.
 pub async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
     p.enqueue_for_orchestrator(start_item(instance), None)
@@ -547,18 +601,12 @@ pub async fn first_turn(p: &PostgresProvider, instance: &str) -> String {
 pub async fn fan_out(p: &PostgresProvider, instance: &str, n: u64) -> Vec<String> {
     const LOCK: Duration = Duration::from_secs(30);
     let token = first_turn(p, instance).await;
-    let activities = (1..=n).map(|id| activity_item(instance, id)).collect();
-    p.ack_orchestration_item(
+    ack_with(
+        p,
         &token,
-        1,
-        vec![],
-        activities,
-        vec![],
-        orchestration_metadata(),
-        vec![],
+        (1..=n).map(|id| activity_item(instance, id)).collect(),
     )
-    .await
-    .unwrap();
+    .await;
     let mut tokens = Vec::new();
     for _ in 0..n {
         let (_, t, _) = p
