@@ -10,7 +10,7 @@
 //! acking), both clients see every instance wherever it lives, the days-away timer still
 //! pending at its time, the old tables empty, and finalize leaves only this crate's objects.
 //!
-//! `cargo test --release --features duroxide-pg-tests --test adopt_duroxide_pg`
+//! `cargo test --profile ci --features duroxide-pg-tests --test adopt_duroxide_pg`
 
 #![cfg(feature = "duroxide-pg-tests")]
 

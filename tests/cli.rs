@@ -10,7 +10,7 @@
 //! with `--message-format=json` and take the executable path Cargo reports, so no target
 //! layout is guessed. Set `DUROXIDE_PG_HYBRID_CLI` to a built binary to skip the build.
 //!
-//! `cargo test --release --test cli`
+//! `cargo test --profile ci --test cli`
 
 #[path = "common/incumbent.rs"]
 mod incumbent_skeleton;
@@ -36,6 +36,22 @@ fn database_url() -> String {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
 }
 
+/// The Cargo profile this test binary was built with, read off its path
+/// (`target/<profile dir>/deps/cli-…`; the `dev` profile's directory is `debug`).
+fn test_profile() -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .and_then(|profile| profile.file_name())
+        .and_then(|name| name.to_str())
+        .unwrap_or("debug");
+    match dir {
+        "debug" => "dev".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// The CLI binary, built once per test process.
 fn cli_binary() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -54,9 +70,7 @@ fn cli_binary() -> &'static PathBuf {
                 "--message-format=json-render-diagnostics",
             ])
             .stderr(Stdio::inherit());
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
+        cmd.args(["--profile", &test_profile()]);
         let out = cmd.output().expect("cannot run cargo to build the CLI");
         assert!(
             out.status.success(),

@@ -14,7 +14,7 @@
 //! never touches the shared server's `public` schema (a database of its own would too,
 //! but `DROP DATABASE` waits for a checkpoint: a minute and more on a busy server).
 //!
-//! `cargo test --release --test compat` (`--features duroxide-pg-tests` for the real one)
+//! `cargo test --profile ci --test compat` (`--features duroxide-pg-tests` for the real one)
 
 #[path = "faults/cluster.rs"]
 mod cluster;

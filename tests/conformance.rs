@@ -4,7 +4,7 @@
 //! - `hybrid::<module>::<test>`: `FetchPath::Hybrid`
 //! - `procedure::<module>::<test>`: `FetchPath::Procedure`
 //!
-//! e.g. `cargo test --release --test conformance -- hybrid::` or `-- sessions::`.
+//! e.g. `cargo test --profile ci --test conformance -- hybrid::` or `-- sessions::`.
 //! Every test gets a [`PgFactory`](common::PgFactory): each `create_provider()` is a new
 //! schema, dropped when the test ends (passed or not). Needs PostgreSQL: see
 //! `scripts/with-postgres.sh`.

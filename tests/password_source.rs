@@ -12,7 +12,7 @@
 //! refused; the application pool's connect options carry the new secret; `Debug` shows
 //! neither secret.
 //!
-//! `cargo test --release --test password_source`
+//! `cargo test --profile ci --test password_source`
 
 #[path = "faults/cluster.rs"]
 mod cluster;
