@@ -18,33 +18,20 @@ use crate::turn::TurnData;
 /// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: an item
 /// whose lease expired, else the oldest visible, unleased item the tag filter and the
 /// session rules admit, leased; the same claim an orchestration ack makes for a waiting
-/// fetch) plus, when nothing was leased, the next wake-up time.
+/// fetch) plus, when nothing was leased, the next wake-up time (`p_next_wake`).
 ///
 /// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
 /// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
 /// Always one row: the leased item, or NULLs and the next wake-up time (see
 /// `sp_fetch_and_lock`).
 const FETCH: &str = "\
-WITH c AS MATERIALIZED (
-    SELECT * FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
-        p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
-        p_tag_mode => $6, p_tags => $7)
-)
 SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
        c.o_instance_id AS instance_id, c.o_execution_id AS execution_id,
        c.o_activity_id AS activity_id, c.o_session_id AS session_id, c.o_tag AS tag,
-       c.o_now_ms AS now_ms,
-       CASE
-           WHEN c.o_work_item IS NOT NULL THEN NULL
-           -- Lost a session race for a candidate: look again at once.
-           WHEN c.o_candidate THEN c.o_now_ms
-           ELSE least(
-               (SELECT min(w.visible_at_ms) FROM {s}.worker_queue w WHERE w.visible_at_ms > c.o_now_ms),
-               (SELECT min(w.locked_until_ms) FROM {s}.worker_queue w
-                 WHERE w.lock_token IS NOT NULL AND w.locked_until_ms > c.o_now_ms),
-               (SELECT min(s.locked_until_ms) FROM {s}.sessions s WHERE s.locked_until_ms > c.o_now_ms))
-       END AS next_wake_ms
-FROM c";
+       c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms
+FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
+    p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
+    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE) c";
 
 /// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
 pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
@@ -57,10 +44,11 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
         "p_session_lock_timeout_ms",
         "p_tag_mode",
         "p_tags",
+        "p_next_wake",
     ],
     columns: Some(
         "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
-         o_session_id, o_tag, o_now_ms, o_candidate",
+         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms",
     ),
 };
 

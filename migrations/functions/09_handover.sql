@@ -1,4 +1,4 @@
--- revision: 11
+-- revision: 12
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -21,8 +21,20 @@
 -- (FIFO by (visible_at, id)) the tag filter and the session rules admit, leased. A session item is only leased if the
 -- session upsert wins (unowned, expired, or already this owner's): otherwise nothing
 -- changes. One row always: the leased item or NULLs; o_candidate says whether an item
--- was found at all (a lost session race: look again at once).
+-- was found at all (a lost session race: look again at once). With p_next_wake, a call
+-- that leased nothing also says when to look again without a new write
+-- (o_next_wake_ms: now after a lost session race, else the earliest future visible
+-- time, lease expiry or session expiry; NULL = never).
 -- p_tag_mode: 0 untagged only, 1 listed tags, 2 untagged and listed tags, 3 any.
+--
+-- Revision 12: steps in PL/pgSQL instead of one statement of CTEs, and the next wake-up
+-- computed here instead of in the caller's query. PostgreSQL initializes every node of
+-- a plan on each execution, used or not; the one statement carried the session upsert
+-- (a second table and its indexes), six clock sub-plans and the caller's three
+-- next-wake sub-plans into every claim. Profiled, executor start-up was a fifth of the
+-- server's CPU under load. The old 7-argument signature is dropped (0.2.0 is
+-- unreleased; 0.1.0 never called it).
+DROP FUNCTION IF EXISTS claim_worker_item(TEXT, BIGINT, BOOLEAN, TEXT, BIGINT, INT, TEXT[]);
 CREATE OR REPLACE FUNCTION claim_worker_item(
     p_lock_token               TEXT,
     p_lock_timeout_ms          BIGINT,
@@ -30,7 +42,8 @@ CREATE OR REPLACE FUNCTION claim_worker_item(
     p_owner_id                 TEXT,
     p_session_lock_timeout_ms  BIGINT,
     p_tag_mode                 INT,
-    p_tags                     TEXT[]
+    p_tags                     TEXT[],
+    p_next_wake                BOOLEAN DEFAULT FALSE
 )
 RETURNS TABLE (
     o_work_item     TEXT,
@@ -41,15 +54,18 @@ RETURNS TABLE (
     o_session_id    TEXT,
     o_tag           TEXT,
     o_now_ms        BIGINT,
-    o_candidate     BOOLEAN
+    o_candidate     BOOLEAN,
+    o_next_wake_ms  BIGINT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 SET plan_cache_mode = force_generic_plan
 AS $fn$
+DECLARE
+    v_id      BIGINT;
+    v_session TEXT;
 BEGIN
-    RETURN QUERY
-    WITH clock AS MATERIALIZED (SELECT now_ms() AS now),
+    o_now_ms := now_ms();
     -- Two probes, each on an index that holds only its kind of candidate, so neither
     -- walks the dead index entries an item leaves behind when it is leased and acked
     -- (under load they pile up at the front of a whole-queue index faster than scans
@@ -57,73 +73,85 @@ BEGIN
     -- expired (its holder is gone; usually nothing: one probe of the lease index), then
     -- the oldest unleased one (worker_queue_unleased_idx). The second runs only when
     -- the first finds nothing.
-    cand AS MATERIALIZED (
-        SELECT k.id, k.session_id
-        FROM (
-            SELECT * FROM (
-                SELECT w.id, w.session_id
-                FROM worker_queue w
-                WHERE w.lock_token IS NOT NULL
-                  AND w.locked_until_ms <= (SELECT c.now FROM clock c)
-                  AND w.visible_at_ms <= (SELECT c.now FROM clock c)
-                  AND (p_tag_mode = 3
-                       OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
-                       OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
-                  AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
-                          SELECT 1 FROM sessions s
-                          WHERE s.session_id = w.session_id
-                            AND s.locked_until_ms > (SELECT c.now FROM clock c)
-                            AND s.worker_id <> p_owner_id)))
-                ORDER BY w.locked_until_ms
-                LIMIT 1
-                FOR UPDATE OF w SKIP LOCKED
-            ) expired
-            UNION ALL
-            SELECT * FROM (
-                SELECT w.id, w.session_id
-                FROM worker_queue w
-                WHERE w.lock_token IS NULL
-                  AND w.visible_at_ms <= (SELECT c.now FROM clock c)
-                  AND (p_tag_mode = 3
-                       OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
-                       OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
-                  AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
-                          SELECT 1 FROM sessions s
-                          WHERE s.session_id = w.session_id
-                            AND s.locked_until_ms > (SELECT c.now FROM clock c)
-                            AND s.worker_id <> p_owner_id)))
-                ORDER BY w.visible_at_ms, w.id
-                LIMIT 1
-                FOR UPDATE OF w SKIP LOCKED
-            ) unleased
-        ) k
-        LIMIT 1
-    ),
-    sess AS (
+    SELECT k.id, k.session_id INTO v_id, v_session
+    FROM (
+        SELECT * FROM (
+            SELECT w.id, w.session_id
+            FROM worker_queue w
+            WHERE w.lock_token IS NOT NULL
+              AND w.locked_until_ms <= o_now_ms
+              AND w.visible_at_ms <= o_now_ms
+              AND (p_tag_mode = 3
+                   OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
+                   OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
+              AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
+                      SELECT 1 FROM sessions s
+                      WHERE s.session_id = w.session_id
+                        AND s.locked_until_ms > o_now_ms
+                        AND s.worker_id <> p_owner_id)))
+            ORDER BY w.locked_until_ms
+            LIMIT 1
+            FOR UPDATE OF w SKIP LOCKED
+        ) expired
+        UNION ALL
+        SELECT * FROM (
+            SELECT w.id, w.session_id
+            FROM worker_queue w
+            WHERE w.lock_token IS NULL
+              AND w.visible_at_ms <= o_now_ms
+              AND (p_tag_mode = 3
+                   OR (p_tag_mode IN (0, 2) AND w.tag IS NULL)
+                   OR (p_tag_mode IN (1, 2) AND w.tag = ANY (p_tags)))
+              AND (w.session_id IS NULL OR (p_has_session AND NOT EXISTS (
+                      SELECT 1 FROM sessions s
+                      WHERE s.session_id = w.session_id
+                        AND s.locked_until_ms > o_now_ms
+                        AND s.worker_id <> p_owner_id)))
+            ORDER BY w.visible_at_ms, w.id
+            LIMIT 1
+            FOR UPDATE OF w SKIP LOCKED
+        ) unleased
+    ) k
+    LIMIT 1;
+    o_candidate := FOUND;
+    IF NOT o_candidate THEN
+        IF p_next_wake THEN
+            o_next_wake_ms := least(
+                (SELECT min(w.visible_at_ms) FROM worker_queue w WHERE w.visible_at_ms > o_now_ms),
+                (SELECT min(w.locked_until_ms) FROM worker_queue w
+                  WHERE w.lock_token IS NOT NULL AND w.locked_until_ms > o_now_ms),
+                (SELECT min(s.locked_until_ms) FROM sessions s WHERE s.locked_until_ms > o_now_ms));
+        END IF;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    IF v_session IS NOT NULL THEN
         INSERT INTO sessions AS s (session_id, worker_id, locked_until_ms, last_activity_at_ms)
-        SELECT k.session_id, p_owner_id, c.now + p_session_lock_timeout_ms, c.now
-        FROM cand k, clock c
-        WHERE k.session_id IS NOT NULL
+        VALUES (v_session, p_owner_id, o_now_ms + p_session_lock_timeout_ms, o_now_ms)
         ON CONFLICT (session_id) DO UPDATE
             SET worker_id = EXCLUDED.worker_id,
                 locked_until_ms = EXCLUDED.locked_until_ms,
                 last_activity_at_ms = EXCLUDED.last_activity_at_ms
             WHERE s.locked_until_ms <= EXCLUDED.last_activity_at_ms
-               OR s.worker_id = EXCLUDED.worker_id
-        RETURNING s.session_id
-    ),
-    leased AS (
-        UPDATE worker_queue w
-        SET lock_token = p_lock_token, locked_until_ms = c.now + p_lock_timeout_ms,
-            attempt_count = w.attempt_count + 1
-        FROM cand k, clock c
-        WHERE w.id = k.id AND (k.session_id IS NULL OR EXISTS (SELECT 1 FROM sess))
-        RETURNING w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
-                  w.session_id, w.tag
-    )
-    SELECT l.work_item, l.attempt_count, l.instance_id, l.execution_id, l.activity_id,
-           l.session_id, l.tag, c.now, EXISTS (SELECT 1 FROM cand)
-    FROM clock c LEFT JOIN leased l ON TRUE;
+               OR s.worker_id = EXCLUDED.worker_id;
+        IF NOT FOUND THEN
+            -- Another owner holds the session: nothing leased, look again at once.
+            o_next_wake_ms := CASE WHEN p_next_wake THEN o_now_ms END;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
+    UPDATE worker_queue w
+    SET lock_token = p_lock_token, locked_until_ms = o_now_ms + p_lock_timeout_ms,
+        attempt_count = w.attempt_count + 1
+    WHERE w.id = v_id
+    RETURNING w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
+              w.session_id, w.tag
+    INTO o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id,
+         o_session_id, o_tag;
+    RETURN NEXT;
 END;
 $fn$;
 
