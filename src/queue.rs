@@ -12,25 +12,23 @@ use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
 use crate::turn::TurnData;
 
-/// $4 delay ms (0 = visible now). Visibility is the database clock plus the delay; a
-/// TimerFired enqueued here uses the delay, not its fire_at_ms (duroxide's contract).
-/// $5 client enqueue id: the item is queued only if the id is new (see
-/// `enqueue_ledger`), so a resent statement cannot deliver it twice. A delayed item
-/// tells waiting fetches when it becomes visible.
-const ENQUEUE: &str = concat!(
-    enqueue_ledger_ctes!("$5"),
-    "queued AS (
-    INSERT INTO {s}.orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-    SELECT $1::TEXT, $2::TEXT, $3::TEXT, clock.now + greatest($4::BIGINT, 0), clock.now
-    FROM clock WHERE EXISTS (SELECT 1 FROM fresh)
-    RETURNING visible_at_ms
-)
-SELECT (SELECT count(*) FROM queued)
-FROM {s}.notify_work_available('orchestrator',
-         CASE WHEN $4::BIGINT <= 0 THEN (SELECT count(*) FROM queued) ELSE 0 END) AS n1,
-     {s}.notify_delayed('orchestrator',
-         CASE WHEN $4::BIGINT > 0 THEN (SELECT min(visible_at_ms) FROM queued) END) AS n2"
-);
+/// The client enqueue (`enqueue_orchestrator_item`, migrations/functions/
+/// 10_client_enqueue.sql). Visibility is the database clock plus the delay (0 = visible
+/// now); a TimerFired enqueued here uses the delay, not its fire_at_ms (duroxide's
+/// contract). The enqueue id makes it idempotent: the item is queued only if the id is
+/// new (see `enqueue_ledger`), so a resent statement cannot deliver it twice. A delayed
+/// item tells waiting fetches when it becomes visible.
+pub(crate) static ENQUEUE_ORCHESTRATOR_ITEM: SqlFunction = SqlFunction {
+    name: "enqueue_orchestrator_item",
+    args: &[
+        "p_instance_id",
+        "p_kind",
+        "p_work_item",
+        "p_delay_ms",
+        "p_enqueue_id",
+    ],
+    columns: None,
+};
 
 /// The client enqueue while a local orchestration fetch waits
 /// (`enqueue_orchestrator_handover`, migrations/functions/09_handover.sql): the enqueue
@@ -120,15 +118,20 @@ impl PostgresProvider {
             .await;
             return Ok(());
         }
+        let sql = self.call_sql(&ENQUEUE_ORCHESTRATOR_ITEM);
+        let args = || {
+            Args::new(&ENQUEUE_ORCHESTRATOR_ITEM)
+                .bind("p_instance_id", enc.instance.as_str())
+                .bind("p_kind", enc.kind)
+                .bind("p_work_item", enc.json.as_str())
+                .bind("p_delay_ms", delay_ms)
+                .bind("p_enqueue_id", enqueue_id.as_str())
+                .finish(OP)
+        };
         on_conn!(
             idempotent: self,
             execute,
-            sqlx::query(&self.sql(ENQUEUE))
-                .bind(&enc.instance)
-                .bind(enc.kind)
-                .bind(&enc.json)
-                .bind(delay_ms)
-                .bind(&enqueue_id)
+            sqlx::query_with(&sql, args()?)
         )
         .map_err(|e| db_error(OP, Some(&enc.instance), e))?;
         Ok(())

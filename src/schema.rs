@@ -59,6 +59,7 @@ pub static FUNCTION_FILES: &[FunctionFile] = &[
     function_file!("06_turn_lease.sql"),
     function_file!("07_admin.sql"),
     function_file!("09_handover.sql"),
+    function_file!("10_client_enqueue.sql"),
 ];
 
 /// This crate's migration ledger, in the provider's schema. Not sqlx's `_sqlx_migrations`:

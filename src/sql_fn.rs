@@ -58,6 +58,7 @@ pub fn all() -> Vec<&'static SqlFunction> {
         &turn::ack::ACK_ORCHESTRATION_HANDOVER,
         &crate::worker::CLAIM_WORKER_ITEM,
         &crate::worker::ACK_WORK_ITEM,
+        &crate::queue::ENQUEUE_ORCHESTRATOR_ITEM,
         &crate::queue::ENQUEUE_ORCHESTRATOR_HANDOVER,
         &turn::ABANDON_TURN,
         &turn::RENEW_TURN,
