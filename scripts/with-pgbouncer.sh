@@ -7,7 +7,7 @@
 # The PgBouncer is what managed offers put in front of PostgreSQL: pool_mode =
 # transaction, max_prepared_statements left at its default (0, or absent on PgBouncer
 # < 1.21), ignore_startup_parameters left empty (startup `options` are rejected). It
-# listens on 127.0.0.1 (first free port from PGBOUNCER_PORT, default 56432), trusts
+# listens on 127.0.0.1 (first free port from PGBOUNCER_PORT, default 16432), trusts
 # clients (the user in DATABASE_URL, with its password if the URL has one, is the only
 # entry of its auth file) and forwards every database name to DATABASE_URL's host and
 # port. The Debian package `pgbouncer` is installed with apt-get if the binary is
@@ -55,11 +55,18 @@ db_host=${BASH_REMATCH[5]}
 db_port=${BASH_REMATCH[7]:-5432}
 db_name=${BASH_REMATCH[8]}
 
+# Free = nothing listens on the port and no connection uses it as its local port (an
+# outgoing connection takes ports of the ephemeral range, 32768-60999 on Linux; a
+# connect test does not see those, and PgBouncer's bind() then fails). The default sits
+# below that range; a bind that fails anyway moves on to the next port (below).
 port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  if command -v ss >/dev/null 2>&1; then
+    [ -z "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
+  else
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
 }
-port=${PGBOUNCER_PORT:-56432}
-while ! port_free "$port"; do port=$((port + 1)); done
+port=${PGBOUNCER_PORT:-16432}
 
 # PgBouncer refuses to run as root: run it as the postgres OS user in that case.
 if [ "$(id -u)" -eq 0 ]; then
@@ -75,6 +82,7 @@ fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/with-pgbouncer.XXXXXX")
 chmod 755 "$tmp"
 printf '"%s" "%s"\n' "$db_user" "$db_password" >"$tmp/userlist.txt"
+write_ini() {
 cat >"$tmp/pgbouncer.ini" <<EOF
 [databases]
 * = host=$db_host port=$db_port
@@ -103,7 +111,7 @@ server_lifetime = 10
 logfile = $tmp/pgbouncer.log
 pidfile = $tmp/pgbouncer.pid
 EOF
-[ "$(id -u)" -eq 0 ] && chown -R postgres: "$tmp"
+}
 
 cleanup() {
   local rc=$?
@@ -124,21 +132,42 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if ! as_bouncer "$bin" -d -q "$tmp/pgbouncer.ini"; then
-  cat "$tmp/pgbouncer.log" >&2 || true
-  log "could not start pgbouncer"
+start_on_free_port() {
+  for _ in $(seq 20); do
+    while ! port_free "$port"; do port=$((port + 1)); done
+    write_ini
+    : >"$tmp/pgbouncer.log"
+    if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$tmp"; fi
+    if ! as_bouncer "$bin" -d -q "$tmp/pgbouncer.ini"; then
+      cat "$tmp/pgbouncer.log" >&2 || true
+      log "could not start pgbouncer"
+      exit 1
+    fi
+    PGBOUNCER_URL="postgres://$db_user${db_password:+:$db_password}@127.0.0.1:$port/$db_name?sslmode=disable"
+    for _ in $(seq 50); do
+      if PGCONNECT_TIMEOUT=3 psql "$PGBOUNCER_URL" -XAtqc 'select 1' >/dev/null 2>&1; then
+        return 0
+      fi
+      if grep -q "nowhere to listen" "$tmp/pgbouncer.log" 2>/dev/null; then
+        break
+      fi
+      sleep 0.1
+    done
+    if grep -q "nowhere to listen" "$tmp/pgbouncer.log" 2>/dev/null; then
+      log "port $port was taken when PgBouncer bound it; trying the next one"
+      port=$((port + 1))
+      continue
+    fi
+    log "PgBouncer on port $port does not answer"
+    exit 1
+  done
+  log "no free port found for PgBouncer"
   exit 1
-fi
+}
 
-export PGBOUNCER_URL="postgres://$db_user${db_password:+:$db_password}@127.0.0.1:$port/$db_name?sslmode=disable"
-for _ in $(seq 50); do
-  if PGCONNECT_TIMEOUT=3 psql "$PGBOUNCER_URL" -XAtqc 'select 1' >/dev/null 2>&1; then
-    log "PgBouncer $("$bin" --version | awk 'NR==1{print $2}') (transaction mode) on 127.0.0.1:$port -> $db_host:$db_port"
-    set +e
-    "$@"
-    exit $?
-  fi
-  sleep 0.1
-done
-log "PgBouncer on port $port does not answer"
-exit 1
+start_on_free_port
+export PGBOUNCER_URL
+log "PgBouncer $("$bin" --version | awk 'NR==1{print $2}') (transaction mode) on 127.0.0.1:$port -> $db_host:$db_port"
+set +e
+"$@"
+exit $?

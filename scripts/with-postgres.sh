@@ -12,7 +12,7 @@
 #
 # Environment:
 #   PG_FORCE_THROWAWAY=1   skip steps 1 and 2
-#   PG_THROWAWAY_PORT=N    first port to try for the throwaway cluster (default 55432)
+#   PG_THROWAWAY_PORT=N    first port to try for the throwaway cluster (default 15432)
 #
 # Exits with the command's exit code.
 set -euo pipefail
@@ -107,10 +107,17 @@ else
   as_pg() { "$@"; }
 fi
 
+# Free = nothing listens on the port and no connection uses it as its local port
+# (outgoing connections take ports of the ephemeral range, 32768-60999 on Linux, which a
+# connect test does not see; the default sits below that range).
 port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  if command -v ss >/dev/null 2>&1; then
+    [ -z "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
+  else
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
 }
-port=${PG_THROWAWAY_PORT:-55432}
+port=${PG_THROWAWAY_PORT:-15432}
 while ! port_free "$port"; do port=$((port + 1)); done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/with-postgres.XXXXXX")
