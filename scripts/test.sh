@@ -7,7 +7,7 @@
 # compile test `compat-check/`) against a PostgreSQL found or started by
 # scripts/with-postgres.sh; then the tests that depend on the compiled-in default fetch
 # path (lib, fetch_path) again, built with the `full-procedure` feature (the other tests
-# name their path); then the conformance suite (hybrid path) and the mixed fleet through
+# name their path); then the conformance suite (both paths) and the mixed fleet through
 # PgBouncer. The `entra` feature is checked by scripts/test-entra.sh.
 #
 # One build serves every phase: profile `ci` (Cargo.toml: dependencies as in release,
@@ -42,9 +42,9 @@ exec scripts/with-postgres.sh scripts/with-pgbouncer.sh bash -c '
   echo "== [${SECONDS}s] with --features full-procedure (procedure path as the default)" &&
   cargo test --profile ci --features duroxide-pg-hybrid/duroxide-pg-tests,duroxide-pg-hybrid/full-procedure \
     --lib --test fetch_path -- --test-threads="$threads" "$@" &&
-  echo "== [${SECONDS}s] through PgBouncer (transaction mode): conformance (hybrid path), mixed fleet" &&
+  echo "== [${SECONDS}s] through PgBouncer (transaction mode): conformance (both paths), mixed fleet" &&
   # 4 threads: every call is 4 round trips through the pooler, and several conformance
   # tests allow only 100-200 ms between calls or around 1 s leases.
-  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test "${build[@]}" --test conformance -- --test-threads=4 hybrid:: "$@" &&
+  DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test "${build[@]}" --test conformance -- --test-threads=4 "$@" &&
   DUROXIDE_PG_TEST_VIA_PGBOUNCER=1 cargo test "${build[@]}" --test mixed_fleet -- --test-threads="$threads" "$@" &&
   echo "== [${SECONDS}s] done"' "$threads" "$@"

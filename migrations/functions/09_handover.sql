@@ -1,4 +1,4 @@
--- revision: 13
+-- revision: 14
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -430,8 +430,10 @@ BEGIN
                                   WHERE l.enqueue_id = 'ack:' || p_call_id);
     END IF;
     IF o_acked = 1 THEN
-        UPDATE sessions s SET last_activity_at_ms = v_now
-        WHERE s.session_id = v_session AND s.locked_until_ms > v_now;
+        IF v_session IS NOT NULL THEN
+            UPDATE sessions s SET last_activity_at_ms = v_now
+            WHERE s.session_id = v_session AND s.locked_until_ms > v_now;
+        END IF;
         IF p_work_item IS NOT NULL THEN
             -- A completion for an instance that is already claimable, with no lease, needs
             -- no wake-up of its own: whoever made it claimable woke a fetch for it (an
