@@ -563,6 +563,17 @@ async fn orphan_rules_apply_on_arrival() {
         2,
         "an event raised before the start waits, with what follows it"
     );
+    // The client enqueue keeps the claim state of a single non-QueueMessage itself (the
+    // trigger only for QueueMessages): the waiting instance is outside the claim indexes.
+    assert_eq!(
+        count(
+            &p,
+            "SELECT count(*) FROM {s}.pending_instances WHERE instance_id = 'early' AND NOT runnable"
+        )
+        .await,
+        1,
+        "an instance that does not exist yet waits outside the claim indexes"
+    );
 
     enqueue_in_order(&p, [start_item("real"), queue_message("real")]).await;
     assert_eq!(
@@ -574,6 +585,15 @@ async fn orphan_rules_apply_on_arrival() {
     p.enqueue_for_orchestrator(start_item("early"), None)
         .await
         .unwrap();
+    assert_eq!(
+        count(
+            &p,
+            "SELECT count(*) FROM {s}.pending_instances WHERE instance_id = 'early' AND runnable"
+        )
+        .await,
+        1,
+        "its start makes it claimable"
+    );
     let mut seen = Vec::new();
     while let Some((item, token, _)) = p
         .fetch_orchestration_item(LOCK, Duration::ZERO, None)
