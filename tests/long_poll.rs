@@ -810,6 +810,14 @@ async fn listen_set_up_is_retried_after_a_failed_first_attempt() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The pool has no connection since the faults (min_connections 0): open one first,
+    // as a running process would have, so the long poll below does not meet a server
+    // that a parallel test run keeps full (53300) when it opens its own.
+    common::retry_while_server_full(|| {
+        proxied.fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
+    })
+    .await
+    .expect("a fetch through the proxy once it accepts connections again");
     let w = proxied.clone();
     let fetch =
         tokio::spawn(async move { w.fetch_work_item(LOCK, LONG, None, &TagFilter::Any).await });

@@ -1,4 +1,4 @@
--- revision: 14
+-- revision: 15
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -612,21 +612,8 @@ BEGIN
     IF random() < 0.0625 THEN
         PERFORM enqueue_ledger_prune(v_now);
     END IF;
-    IF p_kind = 'QueueMessage' THEN
-        -- The enqueue trigger keeps the claim state (and drops a QueueMessage for an
-        -- instance that does not exist).
-        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-        VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
-    ELSE
-        -- One message of one instance: the trigger's work is one pending_note_messages
-        -- call, made here (as enqueue_orchestrator_item does, 10_client_enqueue.sql).
-        PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'on', TRUE);
-        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-        VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
-        PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'off', TRUE);
-        PERFORM pending_note_messages(p_instance_id, v_now,
-                                      p_kind IN ('StartOrchestration', 'ContinueAsNew'));
-    END IF;
+    -- (With its claim state: 10_client_enqueue.sql.)
+    PERFORM enqueue_orchestrator_message(p_instance_id, p_kind, p_work_item, v_now, v_now);
     o_queued := 1;
 
     SELECT * INTO v_claim

@@ -11,6 +11,38 @@
 -- execution initialized all of its plan (the ledger's pruning DELETE, run once in 16
 -- calls, and both notifications included), which cost more than the statements that
 -- run. Releases before it keep sending their statement; both write the same rows.
+-- One client message into the orchestrator queue, with its claim state. For a single
+-- message the enqueue trigger's work is one pending_note_messages call, made here without
+-- the trigger's transition table and grouping query (02_pending_instances.sql; the worker
+-- ack does the same). A QueueMessage goes through the trigger, which applies the
+-- contract's orphan rule (one for an instance that does not exist is dropped).
+CREATE OR REPLACE FUNCTION enqueue_orchestrator_message(
+    p_instance_id    TEXT,
+    p_kind           TEXT,
+    p_work_item      TEXT,
+    p_visible_at_ms  BIGINT,
+    p_now_ms         BIGINT
+)
+RETURNS VOID
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
+AS $fn$
+BEGIN
+    IF p_kind = 'QueueMessage' THEN
+        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+        VALUES (p_instance_id, p_kind, p_work_item, p_visible_at_ms, p_now_ms);
+        RETURN;
+    END IF;
+    PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'on', TRUE);
+    INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
+    VALUES (p_instance_id, p_kind, p_work_item, p_visible_at_ms, p_now_ms);
+    PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'off', TRUE);
+    PERFORM pending_note_messages(p_instance_id, p_visible_at_ms,
+                                  p_kind IN ('StartOrchestration', 'ContinueAsNew'));
+END;
+$fn$;
+
 CREATE OR REPLACE FUNCTION enqueue_orchestrator_item(
     p_instance_id  TEXT,
     p_kind         TEXT,
@@ -36,22 +68,7 @@ BEGIN
     IF random() < 0.0625 THEN
         PERFORM enqueue_ledger_prune(v_now);
     END IF;
-    IF p_kind = 'QueueMessage' THEN
-        -- The enqueue trigger keeps the claim state, with the contract's orphan rule (a
-        -- QueueMessage for an instance that does not exist is dropped).
-        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-        VALUES (p_instance_id, p_kind, p_work_item, v_visible, v_now);
-    ELSE
-        -- One message of one instance: what the trigger would do for it is one
-        -- pending_note_messages call, made here without the trigger's transition table
-        -- and grouping query (02_pending_instances.sql; the worker ack does the same).
-        PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'on', TRUE);
-        INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
-        VALUES (p_instance_id, p_kind, p_work_item, v_visible, v_now);
-        PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'off', TRUE);
-        PERFORM pending_note_messages(p_instance_id, v_visible,
-                                      p_kind IN ('StartOrchestration', 'ContinueAsNew'));
-    END IF;
+    PERFORM enqueue_orchestrator_message(p_instance_id, p_kind, p_work_item, v_visible, v_now);
     IF v_visible > v_now THEN
         PERFORM notify_delayed('orchestrator', v_visible);
     ELSE

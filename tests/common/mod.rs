@@ -59,16 +59,19 @@ pub fn database_url() -> String {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
 }
 
-/// `PostgresProvider::connect_with`, waiting (up to 30 s) for a connection slot while the
-/// server is at `max_connections` (53300): under a full parallel test run that is
-/// transient, and not what the calling test is about.
-pub async fn connect_waiting(
-    url: &str,
-    options: ProviderOptions,
-) -> Result<PostgresProvider, duroxide::providers::ProviderError> {
+/// Runs `call` again (for up to 30 s) while it fails because the server is at
+/// `max_connections` (53300): a call that opens a connection can meet a full server under
+/// a full parallel test run, which is transient and not what the calling test is about.
+pub async fn retry_while_server_full<T, F, Fut>(
+    mut call: F,
+) -> Result<T, duroxide::providers::ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, duroxide::providers::ProviderError>>,
+{
     let mut attempt = 0;
     loop {
-        match PostgresProvider::connect_with(url, options.clone()).await {
+        match call().await {
             Err(e) if e.message.contains("53300") && attempt < 60 => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -76,6 +79,15 @@ pub async fn connect_waiting(
             other => return other,
         }
     }
+}
+
+/// `PostgresProvider::connect_with`, waiting for a connection slot while the server is
+/// full (`retry_while_server_full`).
+pub async fn connect_waiting(
+    url: &str,
+    options: ProviderOptions,
+) -> Result<PostgresProvider, duroxide::providers::ProviderError> {
+    retry_while_server_full(|| PostgresProvider::connect_with(url, options.clone())).await
 }
 
 /// Set (to anything) to run the providers this module creates through the PgBouncer at
@@ -214,19 +226,7 @@ impl SchemaCleanup {
         self.owned().schemas.push(schema.clone());
         let mut options = test_options(&schema, path);
         customize(&mut options);
-        // Under a full test run the server can briefly hit max_connections (53300); that
-        // is transient, so wait for a slot rather than failing the test.
-        let mut attempt = 0;
-        let connected = loop {
-            match PostgresProvider::connect_with(url, options.clone()).await {
-                Err(e) if e.message.contains("53300") && attempt < 60 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                other => break other,
-            }
-        };
-        let provider = connected.unwrap_or_else(|e| {
+        let provider = connect_waiting(url, options).await.unwrap_or_else(|e| {
             panic!(
                 "cannot create a test provider on schema {schema} at {}: {e}\n\
                  (is PostgreSQL running? run the tests through scripts/with-postgres.sh)",
