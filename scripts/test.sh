@@ -11,7 +11,7 @@
 # PgBouncer. The `entra` feature is checked by scripts/test-entra.sh.
 #
 # One build serves every phase: profile `ci` (Cargo.toml: dependencies as in release,
-# this workspace's crates at opt-level 1) and the same features in every cargo call
+# this workspace's crates at opt-level 0) and the same features in every cargo call
 # (`duroxide-pg-tests` pulls in duroxide-pg 0.1.38 and its Azure SDK; a phase with other
 # features would rebuild sqlx and everything above it), so only the full-procedure phase
 # compiles anything again (the library and two test binaries).
