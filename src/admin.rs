@@ -519,6 +519,8 @@ impl ProviderAdmin for PostgresProvider {
         )
         .map_err(|e| db_error(OP, named, e))?;
         let result = delete_result(OP, named, row)?;
+        // A history kept for a handed-over activity's read is gone with it.
+        self.inner.handover_reads.clear();
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,
@@ -550,6 +552,8 @@ impl ProviderAdmin for PostgresProvider {
         )
         .map_err(|e| db_error(OP, Some(instance_id), e))?;
         let result = delete_result(OP, Some(instance_id), row)?;
+        // A history kept for a handed-over activity's read is gone with it.
+        self.inner.handover_reads.clear();
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,
@@ -606,6 +610,8 @@ impl ProviderAdmin for PostgresProvider {
             );
         }
         let result = delete_result(OP, None, row)?;
+        // A history kept for a handed-over activity's read is gone with it.
+        self.inner.handover_reads.clear();
         tracing::debug!(
             target: TRACING_TARGET,
             operation = OP,

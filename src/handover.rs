@@ -312,7 +312,9 @@ impl PostgresProvider {
             return;
         }
         match turn.into_turn_rows(claim, offer.held.as_ref()) {
-            Ok(rows) => self.hand_over(offer.reservation, Handed::Turn(Box::new(rows))),
+            Ok(rows) => {
+                self.hand_over(offer.reservation, Handed::Turn(Box::new(rows)));
+            }
             Err((claim, e)) => {
                 drop(offer.reservation);
                 tracing::warn!(
@@ -333,15 +335,19 @@ impl PostgresProvider {
     }
 
     /// Hands `h` to a reserved fetch, or releases it (attempt not counted) when the
-    /// fetch is gone.
-    pub(crate) fn hand_over(&self, reservation: Reservation, h: Handed) {
+    /// fetch is gone; true when handed.
+    pub(crate) fn hand_over(&self, reservation: Reservation, h: Handed) -> bool {
         let queue = h.queue();
         match reservation.deliver(h) {
             Ok(()) => {
                 metrics::counter!("duroxide_pg_handovers_total", "queue" => queue.sql_name())
                     .increment(1);
+                true
             }
-            Err(h) => self.release_handed_later(h),
+            Err(h) => {
+                self.release_handed_later(h);
+                false
+            }
         }
     }
 

@@ -91,6 +91,7 @@ pub mod credentials;
 pub mod entra;
 pub mod errors;
 mod handover;
+mod handover_reads;
 mod history;
 mod history_cache;
 pub mod incumbent;
@@ -113,6 +114,9 @@ pub use credentials::PasswordSource;
 #[cfg(feature = "entra")]
 pub use entra::EntraAuthOptions;
 pub use errors::ConfigError;
-pub use options::{DEFAULT_SCHEMA, FetchPath, MAX_FAN_IN_GRACE, PoolerMode, ProviderOptions};
+pub use options::{
+    DEFAULT_SCHEMA, FetchPath, MAX_FAN_IN_GRACE, MAX_HANDOVER_HISTORY_WINDOW, PoolerMode,
+    ProviderOptions,
+};
 pub use provider::{PostgresProvider, TRACING_TARGET};
 pub use worker::UNDECODABLE_ACTIVITY;

@@ -25,6 +25,15 @@
 //! * Lazy and persistent: the LISTEN task starts with the first fetch that waits, and
 //!   retries resolving the channels and listening until it works (a failure at start-up
 //!   never leaves the provider deaf).
+//! * Quiet orchestrator queue: an empty orchestration claim's answer ("nothing
+//!   claimable for this capability filter") holds for as long as a waiting fetch would
+//!   rely on it: until an orchestrator notification arrives (every write that makes a
+//!   turn claimable sends one, which is what waiting fetches already depend on), the
+//!   listener reconnects, the claim's next wake-up time passes or the fallback poll
+//!   interval runs out. A fetch that starts while it holds waits without claiming first
+//!   ([`Notifier::quiet_until`]): no empty claim, and the fetch is open to hand-overs at
+//!   once (a dispatcher back from its ack is then waiting when the activity it scheduled
+//!   completes, instead of racing that completion with a claim).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +76,20 @@ pub(crate) struct Interest {
     pub session_owner: Option<String>,
     /// What an ack needs to claim work for this fetch (`None`: no hand-over to it).
     pub claim: Option<crate::handover::ClaimSpec>,
+    /// Orchestrator: the capability filter its empty claims answer for (the quiet
+    /// hint's key; `None`: no hint used or recorded).
+    pub quiet_key: Option<QuietKey>,
+}
+
+/// An orchestration claim's capability filter: enabled, lowest and highest version.
+pub(crate) type QuietKey = (bool, (i32, i32, i32), (i32, i32, i32));
+
+/// "Nothing claimable for `key`", from an empty claim sent at orchestrator epoch
+/// `epoch`; holds until `until` while the epoch does not move.
+struct Quiet {
+    key: QuietKey,
+    epoch: u64,
+    until: Instant,
 }
 
 impl Interest {
@@ -78,6 +101,7 @@ impl Interest {
             tags: Vec::new(),
             session_owner: None,
             claim: None,
+            quiet_key: None,
         }
     }
 
@@ -186,6 +210,12 @@ pub(crate) struct Notifier {
     /// Set by `PostgresProvider::close`: the listener task stops.
     shut_down: AtomicBool,
     shut_down_signal: Notify,
+    /// Moves with every orchestrator notification and listener (re)connect or loss.
+    orch_epoch: AtomicU64,
+    /// The LISTEN connection is up (notifications are being received).
+    listening: AtomicBool,
+    /// The last empty orchestration claim's answer (see the module docs).
+    quiet: Mutex<Option<Quiet>>,
 }
 
 impl Notifier {
@@ -205,7 +235,47 @@ impl Notifier {
             listener_started: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
             shut_down_signal: Notify::new(),
+            orch_epoch: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
+            quiet: Mutex::new(None),
         }
+    }
+
+    /// The orchestrator epoch to record before an orchestration claim is sent; `None`
+    /// while nothing is listening (then no notification is seen and no hint may hold).
+    pub(crate) fn orch_epoch(&self) -> Option<u64> {
+        self.listening
+            .load(Ordering::SeqCst)
+            .then(|| self.orch_epoch.load(Ordering::SeqCst))
+    }
+
+    /// An orchestration claim sent at `epoch` (from [`Self::orch_epoch`]) found nothing
+    /// for `key`; `until`: when that answer stops holding on its own (the claim's next
+    /// wake-up time or the fallback poll, whichever is first).
+    pub(crate) fn note_quiet(&self, epoch: Option<u64>, key: QuietKey, until: Instant) {
+        let mut q = lock(&self.quiet);
+        match epoch {
+            Some(epoch) if self.orch_epoch() == Some(epoch) => {
+                *q = Some(Quiet { key, epoch, until });
+            }
+            _ => *q = None,
+        }
+    }
+
+    /// When the last empty claim's answer for `key` still holds (nothing notified since,
+    /// the listener up all along): the time it stops holding.
+    pub(crate) fn quiet_until(&self, key: &QuietKey) -> Option<Instant> {
+        let q = lock(&self.quiet);
+        let quiet = q.as_ref()?;
+        (quiet.key == *key
+            && self.orch_epoch() == Some(quiet.epoch)
+            && quiet.until > Instant::now())
+        .then_some(quiet.until)
+    }
+
+    fn set_listening(&self, up: bool) {
+        self.listening.store(up, Ordering::SeqCst);
+        self.orch_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Stops the listener task (the provider is closing).
@@ -387,6 +457,10 @@ impl Notifier {
 
     /// Applies one notification payload (see `notify_worker_items`/`notify_delayed`).
     pub(crate) fn deliver(&self, queue: Queue, payload: &str) {
+        if queue == Queue::Orchestrator {
+            // Before anyone is woken: a fetch that reads the epoch after this claims.
+            self.orch_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         match parse_payload(payload) {
             Payload::Count(n) => {
                 self.dispatch(&Route::Any(queue), n);
@@ -587,7 +661,10 @@ async fn listen_loop(
         tracing::debug!(target: TRACING_TARGET, orchestrator = %orch_ch, worker = %work_ch, "listening for work notifications");
         // Anything sent while we were not listening is lost: let every waiter poll once.
         match notifier.upgrade() {
-            Some(n) => n.wake_all(),
+            Some(n) => {
+                n.set_listening(true);
+                n.wake_all();
+            }
             None => return,
         }
         let Some(strong) = notifier.upgrade() else {
@@ -629,11 +706,13 @@ async fn listen_loop(
                     // Connection lost. Reconnect from the top (password asked again, LISTEN
                     // again, then every waiter polls once) rather than inside try_recv.
                     tracing::debug!(target: TRACING_TARGET, "LISTEN connection lost; reconnecting");
+                    n.set_listening(false);
                     n.wake_all();
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(target: TRACING_TARGET, error = %e, "LISTEN connection failed; reconnecting");
+                    n.set_listening(false);
                     n.wake_all();
                     break;
                 }
@@ -681,6 +760,7 @@ mod tests {
             tag_mode,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             session_owner: owner.map(str::to_string),
+            quiet_key: None,
             claim: None,
         }
     }

@@ -14,6 +14,9 @@ pub const DEFAULT_SCHEMA: &str = "duroxide";
 /// Largest [`ProviderOptions::fan_in_grace`] accepted: the grace is meant to gather
 /// completions that arrive together, not to hold turns back for long.
 pub const MAX_FAN_IN_GRACE: Duration = Duration::from_secs(1);
+/// Largest [`ProviderOptions::handover_history_window`] accepted: the history it answers
+/// with is the one an ack committed, so the window stays short.
+pub const MAX_HANDOVER_HISTORY_WINDOW: Duration = Duration::from_secs(1);
 
 /// Which `fetch_orchestration_item` implementation a provider uses.
 ///
@@ -163,6 +166,15 @@ pub struct ProviderOptions {
     /// several results). `Duration::ZERO` = off. Default 20 ms. Env
     /// `DUROXIDE_PG_FAN_IN_GRACE_MS`.
     pub fan_in_grace: Duration,
+    /// How long the history an orchestration ack committed answers the
+    /// `read(instance)` that duroxide 0.1.32's worker makes before each activity the ack
+    /// handed over (one read per activity; the worker reads it for the orchestration's
+    /// name and version). Such a read costs no round trip; it returns the history as of
+    /// that ack, so it misses only a turn another process acked after it (see README
+    /// "In-process hand-over"). `Duration::ZERO` = every read asks the database. Default
+    /// 200 ms, at most [`MAX_HANDOVER_HISTORY_WINDOW`]. Env
+    /// `DUROXIDE_PG_HANDOVER_HISTORY_WINDOW_MS`.
+    pub handover_history_window: Duration,
 
     // ---- Connection poolers (PgBouncer, managed poolers); see README "Poolers and
     // managed PostgreSQL" and [`PoolerMode`]. ----
@@ -254,6 +266,7 @@ impl Default for ProviderOptions {
             history_cache_events: 50_000,
             handover: true,
             fan_in_grace: Duration::from_millis(20),
+            handover_history_window: Duration::from_millis(200),
             pooler: PoolerMode::Off,
             direct_url: None,
         }
@@ -282,6 +295,7 @@ impl fmt::Debug for ProviderOptions {
             .field("history_cache_events", &self.history_cache_events)
             .field("handover", &self.handover)
             .field("fan_in_grace", &self.fan_in_grace)
+            .field("handover_history_window", &self.handover_history_window)
             .field("pooler", &self.pooler)
             .field("direct_url", &self.direct_url.as_deref().map(redact_url))
             .finish()
@@ -320,6 +334,8 @@ pub mod env {
     pub const HANDOVER: &str = "DUROXIDE_PG_HANDOVER";
     /// Fan-in grace in milliseconds (`ProviderOptions::fan_in_grace`, `0` = off).
     pub const FAN_IN_GRACE_MS: &str = "DUROXIDE_PG_FAN_IN_GRACE_MS";
+    /// Milliseconds (`ProviderOptions::handover_history_window`, `0` = off).
+    pub const HANDOVER_HISTORY_WINDOW_MS: &str = "DUROXIDE_PG_HANDOVER_HISTORY_WINDOW_MS";
     /// `off` / `transaction`: what sits at `DATABASE_URL` (see `PoolerMode`).
     pub const POOLER: &str = "DUROXIDE_PG_POOLER";
     /// URL reaching PostgreSQL without the pooler (LISTEN, migrations).
@@ -396,6 +412,10 @@ impl ProviderOptions {
         if let Some(v) = read_env(env::FAN_IN_GRACE_MS) {
             self.fan_in_grace = Duration::from_millis(parse_env(env::FAN_IN_GRACE_MS, &v)?);
         }
+        if let Some(v) = read_env(env::HANDOVER_HISTORY_WINDOW_MS) {
+            self.handover_history_window =
+                Duration::from_millis(parse_env(env::HANDOVER_HISTORY_WINDOW_MS, &v)?);
+        }
         if let Some(v) = read_env(env::POOLER) {
             self.pooler = v.parse()?;
         }
@@ -410,7 +430,8 @@ impl ProviderOptions {
     ///
     /// # Errors
     /// An invalid schema name, a pool of size 0, `min_connections > max_connections`, or
-    /// a `fan_in_grace` above [`MAX_FAN_IN_GRACE`].
+    /// a `fan_in_grace` above [`MAX_FAN_IN_GRACE`], a `handover_history_window` above
+    /// [`MAX_HANDOVER_HISTORY_WINDOW`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_schema_name(&self.schema)?;
         if self.max_connections == 0 {
@@ -427,6 +448,14 @@ impl ProviderOptions {
                  their activities' results by that much",
                 self.fan_in_grace.as_millis(),
                 MAX_FAN_IN_GRACE.as_millis()
+            )));
+        }
+        if self.handover_history_window > MAX_HANDOVER_HISTORY_WINDOW {
+            return Err(ConfigError::new(format!(
+                "handover_history_window ({} ms) exceeds {} ms: reads in it are answered with \
+                 the history of a past ack",
+                self.handover_history_window.as_millis(),
+                MAX_HANDOVER_HISTORY_WINDOW.as_millis()
             )));
         }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {

@@ -87,8 +87,12 @@ impl PostgresProvider {
         }
         // Registered before the first claim and for the whole call, so a notification
         // sent while a claim runs is not missed.
-        let registration = self.inner.notifier.register(interest);
+        let quiet_key = interest.quiet_key;
+        let notifier = &self.inner.notifier;
+        let registration = notifier.register(interest);
         let waiter = registration.waiter();
+        // After registering: a notification from here on wakes this fetch.
+        let mut quiet = quiet_key.and_then(|k| notifier.quiet_until(&k));
         // Whatever way this fetch ends, nothing can be handed to it afterwards, and an
         // item handed and not taken is released.
         let _slot = SlotGuard {
@@ -111,7 +115,14 @@ impl PostgresProvider {
             // it (delivered or cancelled, both wake this fetch).
             let wake_in = if !waiter.slot().try_start_claim() {
                 None
+            } else if let Some(until) = quiet.take() {
+                // The last empty claim's answer still holds (notify.rs, "quiet"): wait
+                // as if this fetch had made it, open to hand-overs at once.
+                metrics::counter!("duroxide_pg_quiet_waits_total").increment(1);
+                waiter.slot().open();
+                Some(until.saturating_duration_since(Instant::now()))
             } else {
+                let epoch = quiet_key.and_then(|_| notifier.orch_epoch());
                 // Acting on the wake-up now; handed on if this future is dropped mid-claim.
                 let hand_on = registration.hand_on_guard(waiter.take_pending());
                 // A delayed-work time that has passed is served by this claim.
@@ -127,6 +138,12 @@ impl PostgresProvider {
                     Attempt::Empty { wake_in } => {
                         metrics::counter!("duroxide_pg_claims_total", "queue" => queue.sql_name(), "outcome" => "empty")
                             .increment(1);
+                        if let Some(key) = quiet_key {
+                            let holds = wake_in.map_or(self.inner.fallback_poll_interval, |w| {
+                                w.min(self.inner.fallback_poll_interval)
+                            });
+                            notifier.note_quiet(epoch, key, Instant::now() + holds);
+                        }
                         // Waiting from here on: an ack may claim for this fetch.
                         waiter.slot().open();
                         wake_in

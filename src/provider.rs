@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     pub(crate) history_cache: crate::history_cache::HistoryCache,
     /// Acks hand work to waiting fetches of this provider (`handover.rs`).
     pub(crate) handover: bool,
+    /// Histories committed by acks that handed activities over (`handover_reads.rs`).
+    pub(crate) handover_reads: crate::handover_reads::HandoverReads,
     /// Fan-in grace of worker acks, in milliseconds (`ProviderOptions::fan_in_grace`).
     pub(crate) fan_in_grace_ms: i64,
     /// The duroxide-pg schema being adopted, quoted (client reads that find nothing here
@@ -292,6 +294,9 @@ impl PostgresProvider {
             credentials: credentials.clone(),
             history_cache: crate::history_cache::HistoryCache::new(options.history_cache_events),
             handover: options.handover,
+            handover_reads: crate::handover_reads::HandoverReads::new(
+                options.handover_history_window,
+            ),
             fan_in_grace_ms: i64::try_from(options.fan_in_grace.as_millis()).unwrap_or(i64::MAX),
             adopting_q: resolved.adopting.as_deref().map(quote_ident),
         });

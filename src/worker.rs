@@ -290,6 +290,8 @@ impl PostgresProvider {
                 lock_timeout_ms: millis(lock_timeout),
                 session_lock_timeout_ms: session.map(|s| millis(s.lock_timeout)).unwrap_or(0),
             }),
+            // Worker notifications are routed by tag and session; no quiet hint.
+            quiet_key: None,
         };
         let tags = &tags;
         let claimed = self

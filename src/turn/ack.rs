@@ -11,7 +11,7 @@ use duroxide::providers::{
 };
 use duroxide::{Event, EventKind};
 
-use crate::codec::{encode_event, encode_item, to_i64};
+use crate::codec::{decode_history, encode_event, encode_item, to_i64};
 use crate::errors::{db_error, decode_error};
 use crate::handover::{ClaimSpec, Handed};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
@@ -173,6 +173,47 @@ struct OrchRows {
 }
 
 impl PostgresProvider {
+    /// Keeps the history an ack committed for the `reads` activities it handed over
+    /// (`crate::handover_reads`): the history cache's entry of the turn's fetch followed
+    /// by `appended`, when their event ids follow on; otherwise (and when nothing was
+    /// handed over) drops what was kept of the instance, whose history just changed.
+    fn keep_handover_history(
+        &self,
+        instance: &str,
+        execution_id: i64,
+        appended: &[String],
+        reads: u32,
+    ) {
+        let kept = &self.inner.handover_reads;
+        if reads == 0 {
+            kept.forget(instance);
+            return;
+        }
+        // Decoded from the text stored, so the read returns what the database would.
+        let Ok(appended) = decode_history(appended) else {
+            kept.forget(instance);
+            return;
+        };
+        let first = appended.first().map(Event::event_id);
+        let before = if first == Some(1) {
+            // The ack started the execution: nothing came before.
+            None
+        } else {
+            match self.inner.history_cache.held(instance, execution_id) {
+                Some(h)
+                    if first.is_none() || h.events.last().map(|e| e.event_id() + 1) == first =>
+                {
+                    Some(h.events)
+                }
+                _ => {
+                    kept.forget(instance);
+                    return;
+                }
+            }
+        };
+        kept.keep(instance, before, appended, reads);
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn ack_orchestration(
         &self,
@@ -375,6 +416,7 @@ impl PostgresProvider {
         match result {
             Ok((instance, handed)) => {
                 let mut reservations: Vec<_> = h_tokens.into_iter().zip(reservations).collect();
+                let mut handed_here = 0;
                 for row in handed {
                     let (Some(token), Some(json), Some(item_instance)) =
                         (row.o_lock_token, row.o_work_item, row.o_item_instance_id)
@@ -385,6 +427,7 @@ impl PostgresProvider {
                         continue;
                     };
                     let (_, reservation) = reservations.swap_remove(at);
+                    let of_this_instance = item_instance == instance;
                     let item = crate::worker::leased_item(
                         crate::worker::Leased {
                             json,
@@ -397,8 +440,14 @@ impl PostgresProvider {
                         },
                         token,
                     );
-                    self.hand_over(reservation, Handed::Work(Box::new(item)));
+                    if self.hand_over(reservation, Handed::Work(Box::new(item))) && of_this_instance
+                    {
+                        handed_here += 1;
+                    }
                 }
+                // The history this ack committed answers the read duroxide's worker makes
+                // before each activity handed over (handover_reads.rs).
+                self.keep_handover_history(&instance, execution_id, &ev_data, handed_here);
                 if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
                     // The instance is done: its history will not be read for a turn again.
                     // (After ContinuedAsNew one more turn reads it, then the next
@@ -428,6 +477,9 @@ impl PostgresProvider {
             }
             Err(e) => {
                 let err = db_error(OP, None, e);
+                // The outcome may be unknown and the instance is not (the token names
+                // it in the database): nothing kept for handed activities' reads stays.
+                self.inner.handover_reads.clear();
                 if err.is_retryable() && !reservations.is_empty() {
                     // The outcome may be unknown (the reply was lost): items this call
                     // may have claimed for the reserved fetches go back, attempt not

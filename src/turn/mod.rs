@@ -186,6 +186,7 @@ impl PostgresProvider {
         interest.claim = self
             .handover_enabled()
             .then(|| ClaimSpec::Turn(args.clone()));
+        interest.quiet_key = Some((args.filter_enabled, args.min, args.max));
         let args = &*args;
         let rows = self
             .poll_for(interest, poll_timeout, |handed| async move {
