@@ -86,6 +86,7 @@ impl Provider for PostgresProvider {
         execution_id: u64,
         new_events: Vec<Event>,
     ) -> Result<(), ProviderError> {
+        self.inner.handover_reads.forget(instance);
         self.append_history(instance, execution_id, new_events)
             .await
     }
