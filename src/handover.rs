@@ -29,7 +29,6 @@ use duroxide::providers::WorkItem;
 
 use crate::history_cache::Held;
 use crate::notify::{Interest, Queue, Waiter};
-use crate::options::FetchPath;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::Args;
 use crate::turn::{Claim, ClaimArgs, TurnData, TurnRows};
@@ -257,10 +256,13 @@ impl PostgresProvider {
     /// Reserves a waiting orchestration fetch for `instance`'s next turn, when hand-over
     /// is on and one waits. `execution_id`: the execution the caller knows the instance
     /// to be on (its cached history is sent for an incremental read), `None` for any.
+    /// `read_turn`: the call reads the claimed turn too (the procedure path, and a start
+    /// on either path); otherwise the hybrid fetch runs its four reads.
     pub(crate) fn offer_turn(
         &self,
         instance: &str,
         execution_id: Option<i64>,
+        read_turn: bool,
     ) -> Option<TurnOffer> {
         if !self.handover_enabled() {
             return None;
@@ -270,7 +272,6 @@ impl PostgresProvider {
             Some(ClaimSpec::Turn(a)) => a.clone(),
             _ => return None,
         };
-        let read_turn = self.fetch_path() == FetchPath::Procedure;
         let cache = &self.inner.history_cache;
         let held = match execution_id {
             _ if !read_turn => None,

@@ -8,6 +8,7 @@ use duroxide::providers::{ProviderError, WorkItem};
 use crate::codec::{encode_item, millis};
 use crate::errors::{db_error, decode_error};
 use crate::handover::TurnOffer;
+use crate::options::FetchPath;
 use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
 use crate::turn::TurnData;
@@ -88,9 +89,13 @@ impl PostgresProvider {
         let enqueue_id = uuid::Uuid::new_v4().to_string();
         let delay_ms = delay.map(millis).unwrap_or(0);
         // An item visible now, while a local orchestration fetch waits: the enqueue
-        // claims the instance's turn for it (handover.rs).
+        // claims the instance's turn for it (handover.rs). A start's turn is read in the
+        // same call on the hybrid path too: it is small (a new instance has no history
+        // and no KV), and its four reads would be a round trip before the first turn.
+        let read_turn = self.fetch_path() == FetchPath::Procedure
+            || matches!(item, WorkItem::StartOrchestration { .. });
         if delay_ms <= 0
-            && let Some(offer) = self.offer_turn(&enc.instance, None)
+            && let Some(offer) = self.offer_turn(&enc.instance, None, read_turn)
         {
             let sql = self.call_sql(&ENQUEUE_ORCHESTRATOR_HANDOVER);
             let args = || {

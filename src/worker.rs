@@ -10,6 +10,7 @@ use crate::codec::{millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
 use crate::handover::{ClaimSpec, Handed, TurnOffer};
 use crate::notify::{Interest, Queue};
+use crate::options::FetchPath;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::{Args, SqlFunction};
@@ -411,7 +412,8 @@ impl PostgresProvider {
         };
         // A local orchestration fetch waiting for work: the ack claims the instance's
         // next turn for it (handover.rs).
-        let offer = instance.and_then(|i| self.offer_turn(i, Some(execution_id)));
+        let read_turn = self.fetch_path() == FetchPath::Procedure;
+        let offer = instance.and_then(|i| self.offer_turn(i, Some(execution_id), read_turn));
         // Idempotent through the ledger: resent also when the outcome is unknown, so a
         // lost reply never makes duroxide abandon (and re-run) a completed activity.
         let call_id = uuid::Uuid::new_v4().to_string();

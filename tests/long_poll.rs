@@ -1241,3 +1241,169 @@ async fn fan_outs_on_two_processes_never_wait_for_the_fallback_poll() {
         rt.shutdown(None).await;
     }
 }
+
+// ---- the quiet orchestrator queue (notify.rs) --------------------------------------------
+
+fn orchestrator_claims(s: &metrics_util::debugging::Snapshotter, outcome: &str) -> u64 {
+    common::counter(
+        s,
+        "duroxide_pg_claims_total",
+        &[("queue", "orchestrator"), ("outcome", outcome)],
+    )
+}
+
+fn quiet_waits(s: &metrics_util::debugging::Snapshotter) -> u64 {
+    common::counter(s, "duroxide_pg_quiet_waits_total", &[])
+}
+
+/// An empty orchestration claim's answer holds until something could have changed it:
+/// a fetch that starts meanwhile waits without claiming, and is still woken by another
+/// process's enqueue and by the wake-up time the claim returned; another capability
+/// filter, a listener reconnect and a notification each make the next fetch claim.
+#[test]
+fn an_empty_claims_answer_holds_until_a_notification() {
+    common::with_metrics(|m| async move {
+        let (p, guard) = new_provider(FetchPath::Hybrid).await;
+        let other = second_provider(guard.schema(), FetchPath::Hybrid).await;
+        let short = Duration::from_millis(300);
+        // The first wait starts the listener; its start-up wake makes the fetch claim
+        // again, now with notifications arriving, and that empty answer is kept.
+        assert!(
+            p.fetch_orchestration_item(LOCK, Duration::from_millis(1_500), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (empty, quiet) = (orchestrator_claims(&m, "empty"), quiet_waits(&m));
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            orchestrator_claims(&m, "empty"),
+            empty,
+            "no claim: nothing changed"
+        );
+        assert_eq!(quiet_waits(&m), quiet + 1);
+
+        // Another process's enqueue wakes a fetch that skipped its claim.
+        let w = p.clone();
+        let fetch =
+            tokio::spawn(
+                async move { w.fetch_orchestration_item(LOCK, LONG, None).await.unwrap() },
+            );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!fetch.is_finished());
+        let enqueued = Instant::now();
+        other
+            .enqueue_for_orchestrator(start_item("qh-1"), None)
+            .await
+            .unwrap();
+        let (item, token, _) = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("woken by the enqueue's notification");
+        assert_eq!(item.instance, "qh-1");
+        assert!(enqueued.elapsed() < Duration::from_secs(1));
+        assert_eq!(quiet_waits(&m), quiet + 2);
+        p.abandon_orchestration_item(&token, Some(Duration::from_secs(60)), true)
+            .await
+            .unwrap();
+
+        // The notification (and the abandon's `at:`) moved the epoch: the next fetch
+        // claims, and its empty answer carries the abandoned start's time.
+        let empty = orchestrator_claims(&m, "empty");
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            orchestrator_claims(&m, "empty") > empty,
+            "claimed after a notification"
+        );
+
+        // Another capability filter: the kept answer is not its answer.
+        let empty = orchestrator_claims(&m, "empty");
+        let filter = duroxide::providers::DispatcherCapabilityFilter {
+            supported_duroxide_versions: vec![duroxide::providers::SemverRange {
+                min: semver::Version::new(0, 1, 0),
+                max: semver::Version::new(0, 1, 99),
+            }],
+        };
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, Some(&filter))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            orchestrator_claims(&m, "empty") > empty,
+            "own filter, own claim"
+        );
+
+        // A delayed start (visible in 1.5 s, announced by `at:`): a claim learns its
+        // time, and a fetch that then skips its claim still wakes at that time.
+        other
+            .enqueue_for_orchestrator(start_item("qh-2"), Some(Duration::from_millis(1_500)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let quiet = quiet_waits(&m);
+        let (item, _, _) = p
+            .fetch_orchestration_item(LOCK, LONG, None)
+            .await
+            .unwrap()
+            .expect("claimed when it became visible");
+        assert_eq!(item.instance, "qh-2");
+        assert_eq!(quiet_waits(&m), quiet + 1, "waited on the kept answer");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "woke at the start's time, not the fallback poll ({:?})",
+            t.elapsed()
+        );
+
+        // A listener reconnect: notifications may have been missed, so the next fetch
+        // claims (after the reconnect's own wake-up).
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+        )
+        .bind(format!("dpgh-test {}", guard.schema()))
+        .fetch_one(other.pool())
+        .await
+        .unwrap();
+        assert!(killed >= 1);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let empty = orchestrator_claims(&m, "empty");
+        assert!(
+            p.fetch_orchestration_item(LOCK, short, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            orchestrator_claims(&m, "empty") > empty,
+            "claimed after a reconnect"
+        );
+        p.close().await;
+        other.close().await;
+    });
+}
