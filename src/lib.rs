@@ -46,23 +46,31 @@ macro_rules! on_conn {
     (@run $provider:expr, $method:ident, $query:expr, $idempotent:expr) => {{
         let mut resends = 0u64;
         loop {
-            let failed = match $provider.conns().acquire().await {
-                Ok(mut conn) => {
-                    // Behind a transaction pooler: BEGIN/COMMIT around an unnamed statement.
-                    let persistent = $provider.conns().persistent_statements();
-                    let result = match conn.begin_call().await {
-                        Ok(()) => {
-                            let r = $query.persistent(persistent).$method(&mut *conn).await;
-                            conn.end_call(r).await
+            // Behind a transaction pooler: BEGIN/COMMIT around an unnamed statement.
+            let persistent = $provider.conns().persistent_statements();
+            // (A match keeps the query's temporaries alive for the whole call.)
+            let failed = match $query {
+                query => {
+                    // Named statements are prepared per connection: prefer one that has it.
+                    let statement = persistent
+                        .then(|| $crate::pool::statement_key(sqlx::Execute::sql(&query)));
+                    match $provider.conns().acquire_for(statement).await {
+                        Ok(mut conn) => {
+                            let result = match conn.begin_call().await {
+                                Ok(()) => {
+                                    let r = query.persistent(persistent).$method(&mut *conn).await;
+                                    conn.end_call(r).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                            match conn.finish(result) {
+                                Ok(v) => break Ok(v),
+                                Err(e) => $crate::pool::Failed::Statement(e),
+                            }
                         }
-                        Err(e) => Err(e),
-                    };
-                    match conn.finish(result) {
-                        Ok(v) => break Ok(v),
-                        Err(e) => $crate::pool::Failed::Statement(e),
+                        Err(e) => $crate::pool::Failed::Checkout(e),
                     }
                 }
-                Err(e) => $crate::pool::Failed::Checkout(e),
             };
             if resends < failed.resend_limit() && failed.may_resend($idempotent) {
                 resends += 1;

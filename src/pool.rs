@@ -11,6 +11,13 @@
 //! loses its connection (I/O error, FATAL such as `57P01`) also discards the idle
 //! connections, which the same restart or kill has most likely closed.
 //!
+//! Statement-affine checkout: sqlx prepares a statement on a connection the first time
+//! that connection runs it, in a round trip of its own. A call takes the most recently
+//! used idle connection that has already run its statement (else the most recently used
+//! one), so once a statement is prepared somewhere it rarely costs that trip again; the
+//! hybrid path's four concurrent reads would otherwise meet unprepared (statement,
+//! connection) pairs for a long time.
+//!
 //! Idle connections older than `idle_timeout` (or any older than `max_lifetime`) are
 //! closed at checkout instead of used: a load balancer or NAT gateway that silently
 //! dropped the flow would otherwise make the call hang until TCP gives up.
@@ -24,6 +31,8 @@
 //! The `PgPool` a provider is built from stays in use for migrations and is what
 //! [`PostgresProvider::pool`](crate::PostgresProvider::pool) returns to applications.
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -55,6 +64,8 @@ struct Pooled {
     conn: PgConnection,
     opened: Instant,
     idle_since: Instant,
+    /// Keys ([`statement_key`]) of the statements this connection has run.
+    prepared: HashSet<u64>,
 }
 
 impl Pooled {
@@ -84,6 +95,10 @@ pub(crate) struct PoolLimits {
 pub(crate) struct Conn {
     conn: Option<PgConnection>,
     opened: Instant,
+    prepared: HashSet<u64>,
+    /// The statement this checkout runs, recorded as prepared when it gives the
+    /// connection back.
+    statement: Option<u64>,
     pool: Arc<PoolInner>,
     /// The connection's state is unknown (a failed ROLLBACK): closed, never reused.
     poisoned: bool,
@@ -114,6 +129,12 @@ impl ConnPool {
     /// A connection: an idle one if any, else a new one, waiting at most the acquire
     /// timeout for a free slot (then `PoolTimedOut`, which maps to a retryable error).
     pub(crate) async fn acquire(&self) -> Result<Conn, sqlx::Error> {
+        self.acquire_for(None).await
+    }
+
+    /// Like [`acquire`](Self::acquire), preferring an idle connection that has already
+    /// run `statement` (a [`statement_key`]).
+    pub(crate) async fn acquire_for(&self, statement: Option<u64>) -> Result<Conn, sqlx::Error> {
         let started = Instant::now();
         let permit = tokio::time::timeout(
             self.inner.acquire_timeout,
@@ -135,21 +156,26 @@ impl ConnPool {
                 *idle = keep;
                 gone
             };
-            (idle.pop(), expired)
+            let warm = statement.and_then(|k| idle.iter().rposition(|c| c.prepared.contains(&k)));
+            let chosen = match warm {
+                Some(at) => Some(idle.remove(at)),
+                None => idle.pop(),
+            };
+            (chosen, expired)
         };
         if !expired.is_empty() {
             metrics::counter!("duroxide_pg_pool_expired_connections_total")
                 .increment(expired.len() as u64);
             close_in_background(expired.into_iter().map(|c| c.conn).collect());
         }
-        let (conn, opened) = match idle {
-            Some(c) => (c.conn, c.opened),
+        let (conn, opened, prepared) = match idle {
+            Some(c) => (c.conn, c.opened, c.prepared),
             None => {
                 let remaining = self.inner.acquire_timeout.saturating_sub(started.elapsed());
                 let conn = tokio::time::timeout(remaining, self.inner.connect.connect())
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                (conn, Instant::now())
+                (conn, Instant::now(), HashSet::new())
             }
         };
         metrics::histogram!("duroxide_pg_pool_wait_seconds")
@@ -157,6 +183,8 @@ impl ConnPool {
         Ok(Conn {
             conn: Some(conn),
             opened,
+            prepared,
+            statement,
             pool: self.inner.clone(),
             poisoned: false,
             _permit: permit,
@@ -191,6 +219,13 @@ impl ConnPool {
         .map(|c| c.conn)
         .collect()
     }
+}
+
+/// The key [`ConnPool::acquire_for`] matches a statement's text by.
+pub(crate) fn statement_key(sql: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    h.finish()
 }
 
 /// Closes connections politely (Terminate message) without making the caller wait.
@@ -358,6 +393,11 @@ impl Conn {
                         conn: c,
                         opened: self.opened,
                         idle_since: Instant::now(),
+                        prepared: {
+                            let mut p = std::mem::take(&mut self.prepared);
+                            p.extend(self.statement);
+                            p
+                        },
                     });
             } else if reusable {
                 close_in_background(vec![c]);
