@@ -13,32 +13,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{activity_item, completion, database_url, new_provider, orchestration_metadata};
+use common::{activity_item, completion, new_provider, orchestration_metadata};
 use common::{start_item, started_event};
 use duroxide::providers::{Provider, TagFilter, WorkItem};
 use duroxide::{Event, EventKind};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
-use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+use duroxide_pg_hybrid_testkit::proxy::Proxy;
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A provider on `schema` whose calls go through a counting proxy.
-async fn proxied(
-    schema: &str,
-    path: FetchPath,
-    customize: impl FnOnce(&mut ProviderOptions),
-) -> (Proxy, Arc<PostgresProvider>) {
-    let url = database_url();
-    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
-    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
-    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
-    let mut options = common::test_options(schema, path);
-    customize(&mut options);
-    let provider = common::connect_waiting(&via_proxy, options).await.unwrap();
-    (proxy, Arc::new(provider))
-}
 
 fn scheduled(instance: &str, id: u64) -> Event {
     Event::with_event_id(
@@ -139,7 +123,7 @@ async fn ack_turn(p: &PostgresProvider, delta: Vec<Event>) {
 
 async fn handed_activity_reads_the_acked_history(path: FetchPath) {
     let (direct, guard) = new_provider(path).await;
-    let (proxy, p) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     let i = "hr-1";
 
     // First turn: the ack starts the execution and hands activity 2 over.
@@ -234,7 +218,7 @@ async fn reads_outside_the_window_ask_the_database() {
     let path = FetchPath::Procedure;
     let (direct, guard) = new_provider(path).await;
 
-    let (proxy, off) = proxied(guard.schema(), path, |o| {
+    let (proxy, off) = common::proxied_provider(guard.schema(), path, |o| {
         o.handover_history_window = Duration::ZERO;
     })
     .await;
@@ -252,7 +236,7 @@ async fn reads_outside_the_window_ask_the_database() {
     assert_eq!(h.len(), 2);
     off.close().await;
 
-    let (proxy, p) = proxied(guard.schema(), path, |o| {
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |o| {
         o.handover_history_window = Duration::from_millis(100);
     })
     .await;

@@ -18,8 +18,8 @@ use duroxide::providers::{
     ExecutionMetadata, OrchestrationItem, Provider, ProviderAdmin, WorkItem,
 };
 use duroxide::{Event, EventKind};
-use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
-use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
+use duroxide_pg_hybrid_testkit::proxy::Proxy;
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
@@ -83,22 +83,6 @@ fn running() -> ExecutionMetadata {
     }
 }
 
-/// A provider on `schema` connected through a new proxy (bytes are counted there).
-async fn proxied(
-    schema: &str,
-    path: FetchPath,
-    customize: impl FnOnce(&mut ProviderOptions),
-) -> (Proxy, Arc<PostgresProvider>) {
-    let url = database_url();
-    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
-    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
-    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
-    let mut options = test_options(schema, path);
-    customize(&mut options);
-    let provider = common::connect_waiting(&via_proxy, options).await.unwrap();
-    (proxy, Arc::new(provider))
-}
-
 /// A second provider process on the same schema (direct connection).
 async fn another_process(schema: &str, path: FetchPath) -> Arc<PostgresProvider> {
     Arc::new(
@@ -155,7 +139,7 @@ async fn create(p: &PostgresProvider, instance: &str, n: u64, tag: &str) -> Vec<
 
 async fn second_turn_reads_only_new_events(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     for (instance, len) in [("short", 40u64), ("long", 200)] {
         let mut expected = create(&p, instance, len, "a").await;
 
@@ -200,7 +184,7 @@ async fn second_turn_reads_only_new_events_procedure() {
 /// it appended are read (and only those), and the history is exactly the stored one.
 async fn turns_run_elsewhere_are_read(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     // The other process runs the other path: the cache has to work in a mixed fleet.
     let other_path = match path {
         FetchPath::Hybrid => FetchPath::Procedure,
@@ -252,7 +236,7 @@ async fn turns_run_elsewhere_are_read_procedure() {
 /// apart, and the turn must still read the new incarnation in full.
 async fn recreated_instance_is_read_in_full(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     let p2 = another_process(guard.schema(), path).await;
     let inst = "phoenix";
     let old = create(&p1, inst, 40, "a").await;
@@ -299,7 +283,7 @@ async fn recreated_instance_is_read_in_full_procedure() {
 /// exists, and the short new history is what the turn gets.
 async fn recreated_shorter_instance(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p1) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     let p2 = another_process(guard.schema(), path).await;
     let inst = "shrunk";
     let old = create(&p1, inst, 40, "a").await;
@@ -328,7 +312,7 @@ async fn recreated_shorter_instance_procedure() {
 /// after its first read.
 async fn continue_as_new_starts_its_own_entry(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p) = proxied(guard.schema(), path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     let inst = "looping";
     let mut first = create(&p, inst, 40, "a").await;
     let (item, token, _) = fetch(&p, Some(&proxy), inst).await;
@@ -405,7 +389,8 @@ async fn continue_as_new_starts_its_own_entry_procedure() {
 /// the second's reads only what is new. `0` turns the cache off.
 async fn eviction_bound(path: FetchPath) {
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
-    let (proxy, p) = proxied(guard.schema(), path, |o| o.history_cache_events = 100).await;
+    let (proxy, p) =
+        common::proxied_provider(guard.schema(), path, |o| o.history_cache_events = 100).await;
     let a = create(&p, "a", 60, "a").await;
     let b = create(&p, "b", 60, "b").await;
     for (inst, hist) in [("a", &a), ("b", &b)] {
@@ -429,7 +414,8 @@ async fn eviction_bound(path: FetchPath) {
         "{path:?}: b was not evicted ({b_bytes} bytes)"
     );
 
-    let (proxy0, p0) = proxied(guard.schema(), path, |o| o.history_cache_events = 0).await;
+    let (proxy0, p0) =
+        common::proxied_provider(guard.schema(), path, |o| o.history_cache_events = 0).await;
     let c = create(&p0, "c", 40, "c").await;
     for _ in 0..2 {
         let (item, token, bytes) = fetch(&p0, Some(&proxy0), "c").await;

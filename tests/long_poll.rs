@@ -447,6 +447,19 @@ async fn dropped_chosen_waiter_hands_its_wake_up_on() {
 
 /// The LISTEN connection is killed; the provider reconnects, re-polls, and a waiter still
 /// receives work enqueued afterwards promptly.
+/// Terminates the LISTEN connection of the providers on `schema` (through `via`, a
+/// provider whose connections are not killed); how many were terminated.
+async fn kill_listener(via: &PostgresProvider, schema: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(format!("dpgh-test {schema}"))
+    .fetch_one(via.pool())
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_connection_loss() {
     let (p, guard) = new_provider(FetchPath::Hybrid).await;
@@ -458,16 +471,8 @@ async fn listener_reconnects_after_connection_loss() {
             .unwrap()
             .is_none()
     );
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
-    )
-    .bind(format!("dpgh-test {}", guard.schema()))
-    .fetch_one(other.pool())
-    .await
-    .unwrap();
     assert!(
-        killed >= 1,
+        kill_listener(&other, guard.schema()).await >= 1,
         "the LISTEN connection should have been found and killed"
     );
     let w = p.clone();
@@ -1382,15 +1387,7 @@ fn an_empty_claims_answer_holds_until_a_notification() {
                 .unwrap()
                 .is_none()
         );
-        let killed: i64 = sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
-        )
-        .bind(format!("dpgh-test {}", guard.schema()))
-        .fetch_one(other.pool())
-        .await
-        .unwrap();
-        assert!(killed >= 1);
+        assert!(kill_listener(&other, guard.schema()).await >= 1);
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         let empty = orchestrator_claims(&m, "empty");
         assert!(

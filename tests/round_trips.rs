@@ -219,14 +219,11 @@ async fn procedure_round_trips_per_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_statement_finds_its_connection() {
     let (_owner, guard) = new_provider(FetchPath::Procedure).await;
-    let url = database_url();
-    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
-    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
-    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
-    let mut options = test_options(guard.schema(), FetchPath::Procedure);
-    options.max_connections = 6;
-    options.min_connections = 6;
-    let p = common::connect_waiting(&via_proxy, options).await.unwrap();
+    let (proxy, p) = common::proxied_provider(guard.schema(), FetchPath::Procedure, |o| {
+        o.max_connections = 6;
+        o.min_connections = 6;
+    })
+    .await;
     p.read("affine").await.unwrap();
     let mut trips = Vec::new();
     for _ in 0..6 {

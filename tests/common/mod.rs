@@ -155,6 +155,28 @@ pub fn test_options(schema: &str, path: FetchPath) -> ProviderOptions {
     }
 }
 
+/// A provider on `schema` whose calls go through a new counting proxy
+/// (`duroxide_pg_hybrid_testkit::proxy`, no added latency), its options from
+/// [`test_options`] adjusted by `customize`.
+pub async fn proxied_provider(
+    schema: &str,
+    path: FetchPath,
+    customize: impl FnOnce(&mut ProviderOptions),
+) -> (
+    duroxide_pg_hybrid_testkit::proxy::Proxy,
+    Arc<PostgresProvider>,
+) {
+    use duroxide_pg_hybrid_testkit::proxy::{Proxy, rewrite_url};
+    let url = database_url();
+    let (_, upstream) = rewrite_url(&url, "127.0.0.1:1".parse().unwrap()).unwrap();
+    let proxy = Proxy::start(upstream, Duration::ZERO).await.unwrap();
+    let (via_proxy, _) = rewrite_url(&url, proxy.addr()).unwrap();
+    let mut options = test_options(schema, path);
+    customize(&mut options);
+    let provider = connect_waiting(&via_proxy, options).await.unwrap();
+    (proxy, Arc::new(provider))
+}
+
 /// Installs a `tracing` subscriber writing through the test harness when `RUST_LOG` is
 /// set (e.g. `RUST_LOG=duroxide::providers::postgres=debug`). Idempotent.
 pub fn init_tracing() {
