@@ -289,9 +289,10 @@ async fn fetch_serial_depth_under_latency() {
 /// Serial round trips of one sequential activity step (activity k's start to activity
 /// k + 1's start) in a running duroxide runtime, at `rtt` of simulated latency: the
 /// median gap between consecutive activity starts of a chain, in RTTs (best of three
-/// chains). Also returns the duration of the `read(instance)` duroxide 0.1.32's worker
-/// makes before every activity (`get_orchestration_descriptor`), and the time from the
-/// return of the start's enqueue to the first activity's start (best of three), in RTTs.
+/// chains). Also returns the duration of a `read(instance)` made outside a hand-over (the
+/// read duroxide 0.1.32's worker makes before every activity costs that much when the
+/// activity was not handed over), and the time from the return of the start's enqueue to
+/// the first activity's start (best of three), in RTTs.
 async fn step_depth(path: FetchPath, handover: bool, rtt: Duration) -> Depths {
     use std::sync::{Arc, Mutex};
 
@@ -410,7 +411,7 @@ async fn step_depth(path: FetchPath, handover: bool, rtt: Duration) -> Depths {
 struct Depths {
     /// One sequential activity step.
     step: f64,
-    /// duroxide's `read(instance)` before each activity.
+    /// A `read(instance)` outside a hand-over.
     read: f64,
     /// The start's enqueue returned to the first activity's start.
     start: f64,
