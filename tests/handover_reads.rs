@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{activity_item, completion, new_provider, orchestration_metadata};
+use common::{activity_item, completion, new_provider};
 use common::{start_item, started_event};
 use duroxide::providers::{Provider, TagFilter, WorkItem};
 use duroxide::{Event, EventKind};
@@ -83,17 +83,7 @@ async fn ack_while_worker_waits(
     });
     // Let the fetch make its first (empty) claim and start waiting.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    p.ack_orchestration_item(
-        &token,
-        1,
-        delta,
-        activities,
-        vec![],
-        orchestration_metadata(),
-        vec![],
-    )
-    .await
-    .unwrap();
+    common::ack_events(p, &token, delta, activities).await;
     let (item, token, _) = waiter
         .await
         .unwrap()
@@ -108,17 +98,7 @@ async fn ack_turn(p: &PostgresProvider, delta: Vec<Event>) {
         .await
         .unwrap()
         .expect("a turn is claimable");
-    p.ack_orchestration_item(
-        &token,
-        1,
-        delta,
-        vec![],
-        vec![],
-        orchestration_metadata(),
-        vec![],
-    )
-    .await
-    .unwrap();
+    common::ack_events(p, &token, delta, vec![]).await;
 }
 
 async fn handed_activity_reads_the_acked_history(path: FetchPath) {

@@ -1261,6 +1261,18 @@ fn quiet_waits(s: &metrics_util::debugging::Snapshotter) -> u64 {
     common::counter(s, "duroxide_pg_quiet_waits_total", &[])
 }
 
+/// Whether an orchestration fetch of `p` waiting up to `wait` returned nothing.
+async fn nothing_fetched(
+    p: &PostgresProvider,
+    wait: Duration,
+    filter: Option<&duroxide::providers::DispatcherCapabilityFilter>,
+) -> bool {
+    p.fetch_orchestration_item(LOCK, wait, filter)
+        .await
+        .unwrap()
+        .is_none()
+}
+
 /// An empty orchestration claim's answer holds until something could have changed it:
 /// a fetch that starts meanwhile waits without claiming, and is still woken by another
 /// process's enqueue and by the wake-up time the claim returned; another capability
@@ -1273,19 +1285,9 @@ fn an_empty_claims_answer_holds_until_a_notification() {
         let short = Duration::from_millis(300);
         // The first wait starts the listener; its start-up wake makes the fetch claim
         // again, now with notifications arriving, and that empty answer is kept.
-        assert!(
-            p.fetch_orchestration_item(LOCK, Duration::from_millis(1_500), None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, Duration::from_millis(1_500), None).await);
         let (empty, quiet) = (orchestrator_claims(&m, "empty"), quiet_waits(&m));
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, None).await);
         assert_eq!(
             orchestrator_claims(&m, "empty"),
             empty,
@@ -1321,12 +1323,7 @@ fn an_empty_claims_answer_holds_until_a_notification() {
         // The notification (and the abandon's `at:`) moved the epoch: the next fetch
         // claims, and its empty answer carries the abandoned start's time.
         let empty = orchestrator_claims(&m, "empty");
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, None).await);
         assert!(
             orchestrator_claims(&m, "empty") > empty,
             "claimed after a notification"
@@ -1340,12 +1337,7 @@ fn an_empty_claims_answer_holds_until_a_notification() {
                 max: semver::Version::new(0, 1, 99),
             }],
         };
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, Some(&filter))
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, Some(&filter)).await);
         assert!(
             orchestrator_claims(&m, "empty") > empty,
             "own filter, own claim"
@@ -1359,12 +1351,7 @@ fn an_empty_claims_answer_holds_until_a_notification() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = Instant::now();
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, None).await);
         let quiet = quiet_waits(&m);
         let (item, _, _) = p
             .fetch_orchestration_item(LOCK, LONG, None)
@@ -1381,21 +1368,11 @@ fn an_empty_claims_answer_holds_until_a_notification() {
 
         // A listener reconnect: notifications may have been missed, so the next fetch
         // claims (after the reconnect's own wake-up).
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, None).await);
         assert!(kill_listener(&other, guard.schema()).await >= 1);
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         let empty = orchestrator_claims(&m, "empty");
-        assert!(
-            p.fetch_orchestration_item(LOCK, short, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(nothing_fetched(&p, short, None).await);
         assert!(
             orchestrator_claims(&m, "empty") > empty,
             "claimed after a reconnect"

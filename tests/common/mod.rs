@@ -553,10 +553,21 @@ pub fn completion(instance: &str, id: u64) -> WorkItem {
 
 /// Acks `token`'s turn (execution 1, [`orchestration_metadata`]) scheduling `activities`.
 pub async fn ack_with(p: &PostgresProvider, token: &str, activities: Vec<WorkItem>) {
+    ack_events(p, token, vec![], activities).await;
+}
+
+/// Acks `token`'s turn (execution 1, [`orchestration_metadata`]) appending `events` and
+/// scheduling `activities`.
+pub async fn ack_events(
+    p: &PostgresProvider,
+    token: &str,
+    events: Vec<Event>,
+    activities: Vec<WorkItem>,
+) {
     p.ack_orchestration_item(
         token,
         1,
-        vec![],
+        events,
         activities,
         vec![],
         orchestration_metadata(),
