@@ -6,7 +6,9 @@ use duroxide::providers::ProviderError;
 
 use crate::codec::{decode_history, encode_event, to_i64};
 use crate::errors::{db_error, decode_error};
+use crate::history_cache::{HINT_MIN_EVENTS, Held};
 use crate::provider::PostgresProvider;
+use crate::sql_fn::{Args, SqlFunction};
 
 /// Latest execution: the highest recorded in `executions` (1 for an unknown instance).
 const READ_LATEST: &str = "\
@@ -16,6 +18,33 @@ WHERE h.instance_id = $1
 ORDER BY h.event_id";
 
 const READ_EXECUTION: &str = "SELECT o_event_data FROM {s}.read_execution_history($1, $2)";
+
+/// `read` of an instance whose history the history cache holds: only the events after
+/// the entry's last one, when the entry is of the latest execution and still matches the
+/// stored rows (migrations/functions/04_turn_reads.sql).
+pub(crate) static READ_LATEST_HISTORY_SINCE: SqlFunction = SqlFunction {
+    name: "read_latest_history_since",
+    args: &[
+        "p_instance_id",
+        "p_execution_id",
+        "p_after_event_id",
+        "p_guard",
+    ],
+    columns: Some("o_execution_id, o_incremental, o_events, o_last_event_id, o_last_guard"),
+};
+
+/// Histories shorter than this are read whole by `read`: describing a short cached
+/// prefix and checking its guard costs the server about as much as sending it again.
+const INCREMENTAL_READ_MIN_EVENTS: usize = HINT_MIN_EVENTS;
+
+#[derive(sqlx::FromRow)]
+struct LatestSinceRow {
+    o_execution_id: i64,
+    o_incremental: bool,
+    o_events: Vec<String>,
+    o_last_event_id: Option<i64>,
+    o_last_guard: Option<i64>,
+}
 
 /// Inserts the events as given; a duplicate id fails the statement and nothing is kept.
 const APPEND: &str = "\
@@ -35,6 +64,17 @@ impl PostgresProvider {
         instance: &str,
     ) -> Result<Vec<Event>, ProviderError> {
         const OP: &str = "read";
+        // duroxide reads the whole history on every status poll and before every
+        // activity: with a long history cached here (this process ran the instance, or
+        // read it before), only the events after the cached ones cross the wire.
+        if let Some(held) = self
+            .inner
+            .history_cache
+            .held_any(instance)
+            .filter(|h| h.events.len() >= INCREMENTAL_READ_MIN_EVENTS)
+        {
+            return self.read_latest_since(OP, instance, held).await;
+        }
         let rows: Vec<String> = on_conn!(
             idempotent: self,
             fetch_all,
@@ -47,6 +87,71 @@ impl PostgresProvider {
             rows
         };
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
+    }
+
+    /// `read` with the history cache's entry `held` of `instance`: the answer is what a
+    /// whole read returns (the database checks the entry against the stored rows and
+    /// reads everything when it does not match); the entry is brought up to date.
+    async fn read_latest_since(
+        &self,
+        op: &str,
+        instance: &str,
+        held: Held,
+    ) -> Result<Vec<Event>, ProviderError> {
+        let cache = &self.inner.history_cache;
+        let args = || {
+            Args::new(&READ_LATEST_HISTORY_SINCE)
+                .bind("p_instance_id", instance)
+                .bind("p_execution_id", held.execution_id)
+                .bind("p_after_event_id", held.last_event_id)
+                .bind("p_guard", held.guard)
+                .finish(op)
+        };
+        let row = on_conn!(
+            idempotent: self,
+            fetch_one,
+            sqlx::query_as_with::<_, LatestSinceRow, _>(
+                &self.call_sql(&READ_LATEST_HISTORY_SINCE),
+                args()?
+            )
+        )
+        .map_err(|e| db_error(op, Some(instance), e))?;
+        let label = if row.o_incremental {
+            "incremental"
+        } else {
+            "full"
+        };
+        metrics::counter!("duroxide_pg_history_reads_total", "read" => label).increment(1);
+        metrics::counter!("duroxide_pg_history_rows_read_total")
+            .increment(row.o_events.len() as u64);
+        if !row.o_incremental && row.o_events.is_empty() {
+            // The instance is gone from this schema (deleted, or not moved over from
+            // duroxide-pg yet): the plain read's answer, fallback included.
+            cache.forget(instance);
+            let rows = self.old_history(op, instance, None).await?;
+            return decode_history(&rows).map_err(|m| decode_error(op, Some(instance), m));
+        }
+        let new = decode_history(&row.o_events).map_err(|m| {
+            cache.forget(instance);
+            decode_error(op, Some(instance), m)
+        })?;
+        let history = if row.o_incremental {
+            let mut all = Vec::with_capacity(held.events.len() + new.len());
+            all.extend(held.events.iter().cloned());
+            all.extend(new);
+            all
+        } else {
+            new
+        };
+        let unchanged = row.o_incremental && history.len() == held.events.len();
+        match (row.o_last_event_id, row.o_last_guard) {
+            (Some(last_event_id), Some(guard)) if !unchanged => {
+                cache.store(instance, row.o_execution_id, &history, last_event_id, guard)
+            }
+            (Some(_), Some(_)) => {}
+            _ => cache.forget(instance),
+        }
+        Ok(history)
     }
 
     pub(crate) async fn read_execution_history(

@@ -54,6 +54,7 @@ pub fn all() -> Vec<&'static SqlFunction> {
         &turn::READ_INSTANCE_META,
         &turn::READ_EXECUTION_HISTORY,
         &turn::READ_KV_SNAPSHOT,
+        &crate::history::READ_LATEST_HISTORY_SINCE,
         &turn::ack::ACK_ORCHESTRATION_ITEM,
         &turn::ack::ACK_ORCHESTRATION_HANDOVER,
         &crate::worker::CLAIM_WORKER_ITEM,

@@ -1,6 +1,6 @@
 //! The history cache (`src/history_cache.rs`): a turn of an execution this provider ran
 //! before reads only the events it has not seen, on both fetch paths, and never serves a
-//! stale or partial history.
+//! stale or partial history; `read(instance)` uses it the same way.
 //!
 //! Turns are driven through the `Provider` API (fetch, then an ack that appends events
 //! and sends the instance a message so that it runs again), so every history is known
@@ -436,4 +436,160 @@ async fn eviction_bound_hybrid() {
 #[tokio::test]
 async fn eviction_bound_procedure() {
     eviction_bound(FetchPath::Procedure).await;
+}
+
+// `read(instance)`: duroxide reads the whole history on every status poll and, in its
+// worker, before every activity. With a long history in the cache (this process ran the
+// instance, or read it before), only the events after the cached ones are sent; the
+// answer is always the stored history, compared here with a whole read by a process that
+// holds nothing.
+
+/// Bytes a `read` may take besides its new events (the result row, and a statement's
+/// description the first time a pooled connection runs it).
+const READ_OVERHEAD: u64 = 2_000;
+
+/// `read` through `p`, and the bytes it took from the server.
+async fn read(p: &PostgresProvider, proxy: &Proxy, instance: &str) -> (Vec<Event>, u64) {
+    let before = proxy.snapshot();
+    let history = p.read(instance).await.unwrap();
+    (history, proxy.snapshot().since(&before).bytes_s2c)
+}
+
+/// A history of 40 events that `p` ran a turn of (so its cache holds all 40).
+async fn cached(p: &PostgresProvider, proxy: &Proxy, instance: &str) -> Vec<Event> {
+    let written = create(p, instance, 40, "a").await;
+    let (item, token, _) = fetch(p, Some(proxy), instance).await;
+    assert_eq!(item.history, written);
+    ack(p, &token, 1, vec![]).await;
+    written
+}
+
+#[tokio::test]
+async fn reads_of_a_cached_history_take_only_new_events() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "polled";
+    let mut expected = cached(&p1, &proxy, inst).await;
+
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history, expected);
+    assert!(bytes < READ_OVERHEAD, "nothing new, yet {bytes} bytes");
+
+    // Turns of another process append 3 events: they are read, and only they.
+    let (item, token, _) = fetch(&p2, None, inst).await;
+    assert_eq!(item.history, expected);
+    let new = events(inst, 1, 41, 43, "p2-");
+    expected.extend(new.clone());
+    ack(&p2, &token, 1, new).await;
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history, expected, "events appended elsewhere");
+    assert_eq!(history, p2.read(inst).await.unwrap(), "a whole read");
+    assert!(
+        bytes < 3 * EVENT_WIRE_MAX + READ_OVERHEAD,
+        "3 new events took {bytes} bytes"
+    );
+
+    // The read brought the entry up to date: the next one takes nothing.
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history, expected);
+    assert!(bytes < READ_OVERHEAD, "{bytes} bytes");
+    // ... and so does the next turn of this process.
+    let (item, _, bytes) = fetch(&p1, Some(&proxy), inst).await;
+    assert_eq!(item.history, expected);
+    assert!(bytes < TURN_OVERHEAD, "turn after the read: {bytes} bytes");
+}
+
+/// Deleted and re-created under the same id, with the row at the cached position byte
+/// for byte the old one (only its creation time differs) and an earlier row changed: the
+/// read returns the new incarnation, in full. Deleted for good: it returns what a whole
+/// read returns (nothing).
+#[tokio::test]
+async fn a_read_after_delete_and_recreate_is_whole() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "phoenix";
+    let old = cached(&p1, &proxy, inst).await;
+
+    p2.delete_instance(inst, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut new = old.clone();
+    new[4] = event(inst, 1, 5, payload("re-created"));
+    new.truncate(40);
+    p2.enqueue_for_orchestrator(start_item(inst), None)
+        .await
+        .unwrap();
+    let (_, token, _) = fetch(&p2, None, inst).await;
+    ack(&p2, &token, 1, new.clone()).await;
+
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history[4], new[4], "stale event served from the cache");
+    assert_eq!(history, new);
+    assert!(bytes > 40 * EVENT_BYTES, "not a whole read ({bytes} bytes)");
+
+    p2.delete_instance(inst, true).await.unwrap();
+    let (history, _) = read(&p1, &proxy, inst).await;
+    assert!(history.is_empty(), "deleted, yet {} events", history.len());
+    assert_eq!(history, p2.read(inst).await.unwrap());
+}
+
+/// The cache holds execution 1; the instance continued as new in another process: the
+/// read returns execution 2 (the latest), whole, and later reads of it take only what is
+/// new.
+#[tokio::test]
+async fn a_read_after_continue_as_new_returns_the_new_execution() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p1) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "looping";
+    cached(&p1, &proxy, inst).await;
+
+    let (_, token, _) = fetch(&p2, None, inst).await;
+    p2.ack_orchestration_item(
+        &token,
+        1,
+        events(inst, 1, 41, 41, "end"),
+        vec![],
+        vec![WorkItem::ContinueAsNew {
+            instance: inst.into(),
+            orchestration: "O".into(),
+            input: "again".into(),
+            version: Some("1.0.0".into()),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: vec![],
+            initial_custom_status: None,
+        }],
+        ExecutionMetadata {
+            status: Some("ContinuedAsNew".into()),
+            output: Some("again".into()),
+            ..running()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+    let (_, token, _) = p2
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .expect("the ContinueAsNew turn");
+    let mut second = events(inst, 2, 1, 35, "second");
+    ack(&p2, &token, 2, second.clone()).await;
+
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history, second, "execution 2 only");
+    assert!(bytes > 35 * EVENT_BYTES, "{bytes} bytes");
+    let (_, token, _) = fetch(&p2, None, inst).await;
+    let new = events(inst, 2, 36, 36, "more");
+    second.extend(new.clone());
+    ack(&p2, &token, 2, new).await;
+    let (history, bytes) = read(&p1, &proxy, inst).await;
+    assert_eq!(history, second);
+    assert!(bytes < EVENT_WIRE_MAX + READ_OVERHEAD, "{bytes} bytes");
 }

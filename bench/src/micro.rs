@@ -252,16 +252,25 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                 let session = env.session("hist", kind, rtt, true, true).await?;
                 let r = history_one(&session, events, &payload, calls, opts.runs).await;
                 session.teardown(env).await;
-                let (runs, bytes, rts, stmts) = r?;
+                let HistoryCosts {
+                    fetch_runs: runs,
+                    bytes,
+                    round_trips: rts,
+                    statements: stmts,
+                    read_ms,
+                    read_bytes,
+                } = r?;
                 let case = format!("{events} events");
                 eprintln!(
-                    "  history {case} rtt={rtt}ms {kind}: fetch {:.2} ms (runs {:?}), {} bytes from server, {} request bursts",
+                    "  history {case} rtt={rtt}ms {kind}: fetch {:.2} ms (runs {:?}), {} bytes from server, {} request bursts; read {:.2} ms, {} bytes",
                     median(&runs),
                     runs.iter()
                         .map(|v| (v * 100.0).round() / 100.0)
                         .collect::<Vec<_>>(),
                     bytes,
-                    rts
+                    rts,
+                    median(&read_ms),
+                    read_bytes
                 );
                 let extra = json!({"payload_chars": payload.len(), "calls_per_run": calls, "warmup_calls": HISTORY_WARMUP, "measured": "turns after the first: fetch, then an ack adding 2 events"});
                 out.push(
@@ -294,6 +303,24 @@ pub async fn history(env: &Env, opts: &Opts) -> Result<Vec<Record>, BoxError> {
                     "fetch_statements",
                     "stmts",
                     vec![stmts],
+                ));
+                out.push(Record::new(
+                    "history",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "read_ms",
+                    "ms",
+                    read_ms,
+                ));
+                out.push(Record::new(
+                    "history",
+                    kind.name(),
+                    &case,
+                    rtt,
+                    "read_bytes_from_server",
+                    "bytes",
+                    vec![read_bytes],
                 ));
             }
         }
@@ -383,7 +410,7 @@ async fn history_one(
     payload: &str,
     calls: usize,
     runs: usize,
-) -> Result<(Vec<f64>, f64, f64, f64), BoxError> {
+) -> Result<HistoryCosts, BoxError> {
     let direct = session.direct.as_provider();
     let proxied = session.provider.as_provider();
     let instance = format!("hist-{events}");
@@ -439,7 +466,41 @@ async fn history_one(
         rts.push(d.bursts as f64);
         stmts.push(d.statements as f64);
     }
-    Ok((per_run, median(&bytes), median(&rts), median(&stmts)))
+
+    // duroxide's `read(instance)` after a turn (its worker makes it before every
+    // activity, its client on every status poll): time and bytes, through the proxy.
+    let (mut read_ms, mut read_bytes) = (Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let before = proxy.snapshot();
+        let t = Instant::now();
+        let history = proxied.read(&instance).await?;
+        read_ms.push(ms(t.elapsed()));
+        tokio::time::sleep(settle).await;
+        read_bytes.push(proxy.snapshot().since(&before).bytes_s2c as f64);
+        if history.len() != len {
+            return Err(format!("read {} events, expected {len}", history.len()).into());
+        }
+    }
+    Ok(HistoryCosts {
+        fetch_runs: per_run,
+        bytes: median(&bytes),
+        round_trips: median(&rts),
+        statements: median(&stmts),
+        read_ms,
+        read_bytes: median(&read_bytes),
+    })
+}
+
+/// What `history_one` measured.
+struct HistoryCosts {
+    /// Median fetch time per run.
+    fetch_runs: Vec<f64>,
+    bytes: f64,
+    round_trips: f64,
+    statements: f64,
+    /// `read(instance)` times, one per call.
+    read_ms: Vec<f64>,
+    read_bytes: f64,
 }
 
 // ---------------------------------------------------------------------------------------

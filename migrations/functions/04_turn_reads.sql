@@ -1,11 +1,12 @@
--- revision: 3
+-- revision: 4
 -- The four reads of an orchestration fetch, defined ONCE and used by both fetch paths:
 -- the hybrid path calls them from Rust concurrently on separate connections, the
 -- full-procedure path calls them inside fetch_orchestration_turn (this release) or
 -- fetch_orchestration_full (kept for the previous release). The history read of a turn is
 -- read_history_since (only events the caller's history cache lacks); read_execution_history
--- serves management reads and the previous release. Payloads come back as TEXT exactly as
--- stored; decoding (and history_error) happens in Rust.
+-- serves management reads and the previous release; read_latest_history_since serves
+-- read(instance) when the history cache holds a long history of the instance. Payloads
+-- come back as TEXT exactly as stored; decoding (and history_error) happens in Rust.
 
 -- The batch a claim tagged, in queue order.
 CREATE OR REPLACE FUNCTION read_batch_messages(p_lock_token TEXT)
@@ -120,6 +121,42 @@ BEGIN
         WHERE h.instance_id = p_instance_id AND h.execution_id = p_execution_id
           AND h.event_id = o_last_event_id;
     END IF;
+    RETURN NEXT;
+END;
+$fn$;
+
+-- read(instance) (duroxide's status polls, and its worker before every activity): the
+-- latest execution's history, the execution read_latest in src/history.rs picks (the
+-- highest recorded, 1 for an unknown instance), incrementally when the caller's history
+-- cache holds the start of that execution (p_execution_id, p_after_event_id, p_guard as
+-- for read_history_since; an entry of another execution is read in full). STABLE: both
+-- steps see one snapshot, so the execution and its events agree.
+CREATE OR REPLACE FUNCTION read_latest_history_since(
+    p_instance_id     TEXT,
+    p_execution_id    BIGINT,
+    p_after_event_id  BIGINT,
+    p_guard           BIGINT
+)
+RETURNS TABLE (
+    o_execution_id   BIGINT,
+    o_incremental    BOOLEAN,
+    o_events         TEXT[],
+    o_last_event_id  BIGINT,
+    o_last_guard     BIGINT
+)
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+SET plan_cache_mode = force_generic_plan
+AS $fn$
+BEGIN
+    o_execution_id := (SELECT coalesce(max(e.execution_id), 1) FROM executions e
+                       WHERE e.instance_id = p_instance_id);
+    SELECT r.o_incremental, r.o_events, r.o_last_event_id, r.o_last_guard
+    INTO o_incremental, o_events, o_last_event_id, o_last_guard
+    FROM read_history_since(
+        p_instance_id, o_execution_id,
+        CASE WHEN p_execution_id = o_execution_id THEN p_after_event_id END,
+        CASE WHEN p_execution_id = o_execution_id THEN p_guard END) r;
     RETURN NEXT;
 END;
 $fn$;
