@@ -1,6 +1,8 @@
 //! History reads and the test/tooling append. Reads never return a partial history: one
 //! undecodable row fails the whole read.
 
+use std::sync::Arc;
+
 use duroxide::Event;
 use duroxide::providers::ProviderError;
 
@@ -66,13 +68,14 @@ impl PostgresProvider {
         const OP: &str = "read";
         // duroxide reads the whole history on every status poll and before every
         // activity: with a long history cached here (this process ran the instance, or
-        // read it before), only the events after the cached ones cross the wire.
-        if let Some(held) = self
-            .inner
-            .history_cache
+        // read it before), only the events after the cached ones cross the wire. A
+        // process that only reads the instance (a client polling its status) keeps an
+        // entry from its second read of a long history on.
+        let cache = &self.inner.history_cache;
+        let held = cache
             .held_any(instance)
-            .filter(|h| h.events.len() >= INCREMENTAL_READ_MIN_EVENTS)
-        {
+            .filter(|h| h.events.len() >= INCREMENTAL_READ_MIN_EVENTS);
+        if held.is_some() || cache.take_wanted(instance) {
             return self.read_latest_since(OP, instance, held).await;
         }
         let rows: Vec<String> = on_conn!(
@@ -86,25 +89,29 @@ impl PostgresProvider {
         } else {
             rows
         };
+        if rows.len() >= INCREMENTAL_READ_MIN_EVENTS {
+            cache.want(instance);
+        }
         decode_history(&rows).map_err(|m| decode_error(OP, Some(instance), m))
     }
 
-    /// `read` with the history cache's entry `held` of `instance`: the answer is what a
-    /// whole read returns (the database checks the entry against the stored rows and
-    /// reads everything when it does not match); the entry is brought up to date.
+    /// `read` with the history cache's entry `held` of `instance` (`None`: a whole read
+    /// that also returns what an entry needs). The answer is what a whole read returns:
+    /// the database checks the entry against the stored rows and reads everything when
+    /// it does not match. The entry is brought up to date.
     async fn read_latest_since(
         &self,
         op: &str,
         instance: &str,
-        held: Held,
+        held: Option<Held>,
     ) -> Result<Vec<Event>, ProviderError> {
         let cache = &self.inner.history_cache;
         let args = || {
             Args::new(&READ_LATEST_HISTORY_SINCE)
                 .bind("p_instance_id", instance)
-                .bind("p_execution_id", held.execution_id)
-                .bind("p_after_event_id", held.last_event_id)
-                .bind("p_guard", held.guard)
+                .bind("p_execution_id", held.as_ref().map(|h| h.execution_id))
+                .bind("p_after_event_id", held.as_ref().map(|h| h.last_event_id))
+                .bind("p_guard", held.as_ref().map(|h| h.guard))
                 .finish(op)
         };
         let row = on_conn!(
@@ -135,20 +142,32 @@ impl PostgresProvider {
             cache.forget(instance);
             decode_error(op, Some(instance), m)
         })?;
-        let history = if row.o_incremental {
-            let mut all = Vec::with_capacity(held.events.len() + new.len());
-            all.extend(held.events.iter().cloned());
-            all.extend(new);
-            all
-        } else {
-            new
+        let held = match (row.o_incremental, held) {
+            (false, _) => None,
+            (true, Some(h)) => Some(h.events),
+            (true, None) => {
+                cache.forget(instance);
+                let m = "history read answered incrementally to no cache entry";
+                return Err(decode_error(op, Some(instance), m));
+            }
         };
-        let unchanged = row.o_incremental && history.len() == held.events.len();
+        let history = match held {
+            // Nothing new: the entry stays as it is.
+            Some(held) if new.is_empty() => return Ok(held.as_ref().clone()),
+            Some(held) => {
+                // Without the entry's reference the held events are usually taken over
+                // without a copy; the entry is stored again below.
+                cache.forget(instance);
+                let mut all = Arc::unwrap_or_clone(held);
+                all.extend(new);
+                all
+            }
+            None => new,
+        };
         match (row.o_last_event_id, row.o_last_guard) {
-            (Some(last_event_id), Some(guard)) if !unchanged => {
+            (Some(last_event_id), Some(guard)) => {
                 cache.store(instance, row.o_execution_id, &history, last_event_id, guard)
             }
-            (Some(_), Some(_)) => {}
             _ => cache.forget(instance),
         }
         Ok(history)

@@ -14,7 +14,7 @@
 //! entry. Memory is bounded by a total number of events; the least recently used entries
 //! go first, and an entry whose execution finished is dropped by the ack.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use duroxide::Event;
@@ -25,6 +25,9 @@ use duroxide::Event;
 pub(crate) const HINT_MIN_EVENTS: usize = 32;
 /// At most this many entries (the most recently used) ride along with a procedure call.
 pub(crate) const HINT_MAX_ENTRIES: usize = 64;
+/// At most this many instances are remembered as read whole with a long history and no
+/// entry (a process that reads instances it does not run); the set starts over when full.
+const WANTED_MAX: usize = 1_024;
 
 /// What this process holds of one execution's history.
 #[derive(Clone)]
@@ -49,6 +52,9 @@ struct State {
     lru: BTreeMap<u64, String>,
     events: usize,
     tick: u64,
+    /// Instances whose history `read` found long and had no entry for: the next read
+    /// asks for the guard it needs to keep one.
+    wanted: HashSet<String>,
 }
 
 impl State {
@@ -177,6 +183,23 @@ impl HistoryCache {
         metrics::gauge!("duroxide_pg_history_cache_events").set(s.events as f64);
     }
 
+    /// `read` found `instance`'s history long and held no entry of it.
+    pub(crate) fn want(&self, instance: &str) {
+        if self.max_events == 0 {
+            return;
+        }
+        let mut s = self.state();
+        if s.wanted.len() >= WANTED_MAX {
+            s.wanted.clear();
+        }
+        s.wanted.insert(instance.to_string());
+    }
+
+    /// Whether `read` found `instance`'s history long before (forgets it).
+    pub(crate) fn take_wanted(&self, instance: &str) -> bool {
+        self.max_events > 0 && self.state().wanted.remove(instance)
+    }
+
     /// Drops `instance`'s entry (its execution ended, or its read failed).
     pub(crate) fn forget(&self, instance: &str) {
         if self.max_events == 0 {
@@ -246,6 +269,22 @@ mod tests {
         c.forget("a");
         assert!(c.held("a", 2).is_none());
         assert_eq!(c.len_events(), 0);
+    }
+
+    #[test]
+    fn wanted_is_taken_once_bounded_and_off_with_the_cache() {
+        let c = HistoryCache::new(100);
+        c.want("a");
+        assert!(c.take_wanted("a"));
+        assert!(!c.take_wanted("a"), "taken once");
+        for i in 0..=WANTED_MAX {
+            c.want(&format!("i{i}"));
+        }
+        assert!(c.state().wanted.len() <= WANTED_MAX);
+        assert!(c.take_wanted(&format!("i{WANTED_MAX}")), "the newest is kept");
+        let off = HistoryCache::new(0);
+        off.want("a");
+        assert!(!off.take_wanted("a"));
     }
 
     #[test]

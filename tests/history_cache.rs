@@ -593,3 +593,39 @@ async fn a_read_after_continue_as_new_returns_the_new_execution() {
     assert_eq!(history, second);
     assert!(bytes < EVENT_WIRE_MAX + READ_OVERHEAD, "{bytes} bytes");
 }
+
+/// A process that only reads the instance (a client polling its status) and never ran a
+/// turn of it: its first read of a long history is whole, so is its second (which keeps
+/// an entry), and from then on it reads only what is new. A short history is never
+/// kept.
+#[tokio::test]
+async fn a_process_that_only_reads_keeps_an_entry_from_its_second_read() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, reader) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let runner = another_process(guard.schema(), path).await;
+    let inst = "watched";
+    let mut expected = create(&runner, inst, 40, "a").await;
+
+    for n in 1..=2 {
+        let (history, bytes) = read(&reader, &proxy, inst).await;
+        assert_eq!(history, expected);
+        assert!(bytes > 40 * EVENT_BYTES, "read {n}: {bytes} bytes");
+    }
+    let (item, token, _) = fetch(&runner, None, inst).await;
+    assert_eq!(item.history, expected);
+    let new = events(inst, 1, 41, 41, "n");
+    expected.extend(new.clone());
+    ack(&runner, &token, 1, new).await;
+    let (history, bytes) = read(&reader, &proxy, inst).await;
+    assert_eq!(history, expected);
+    assert!(bytes < EVENT_WIRE_MAX + READ_OVERHEAD, "{bytes} bytes");
+
+    let short = create(&runner, "short", 3, "s").await;
+    for n in 1..=3 {
+        let (history, bytes) = read(&reader, &proxy, "short").await;
+        assert_eq!(history, short);
+        // (Event 1, the start, carries no payload.)
+        assert!(bytes > 2 * EVENT_BYTES, "short read {n}: {bytes} bytes");
+    }
+}
