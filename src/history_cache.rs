@@ -281,7 +281,10 @@ mod tests {
             c.want(&format!("i{i}"));
         }
         assert!(c.state().wanted.len() <= WANTED_MAX);
-        assert!(c.take_wanted(&format!("i{WANTED_MAX}")), "the newest is kept");
+        assert!(
+            c.take_wanted(&format!("i{WANTED_MAX}")),
+            "the newest is kept"
+        );
         let off = HistoryCache::new(0);
         off.want("a");
         assert!(!off.take_wanted("a"));
