@@ -3,7 +3,8 @@
 //!
 //! * a reply lost after the commit (PgBouncer's `08P01 server conn crashed?`): an enqueue
 //!   is delivered once, a claim is not sent twice (retryable error instead), a worker ack
-//!   that committed reports success; an enqueue that claimed the turn for a waiting fetch
+//!   and an orchestration ack that committed report success (the latter handing over
+//!   again what its lost reply handed over); an enqueue that claimed the turn for a waiting fetch
 //!   of its process gives that turn back when resent (attempt not counted);
 //! * a request that never reached the server is sent again (`renew_work_item_lock`);
 //! * a connection a load balancer silently dropped while idle costs no failed call;
@@ -257,6 +258,110 @@ async fn lost_reply_to_a_committed_worker_ack_reports_success() {
         .expect_err("a second ack of one token");
     assert!(!e.is_retryable(), "{e}");
     p.close().await;
+}
+
+/// An orchestration ack whose reply is lost after it committed: the provider sends it
+/// again under the same call id and reports success (history, activity and lease end
+/// applied once); a second, separate ack of the token still fails (contract).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_a_committed_orchestration_ack_reports_success() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+    let inst = "ack-o";
+    let token = common::first_turn(&p, inst).await;
+    proxy.faults().swallow_next_reply_with_08p01();
+    common::ack_events(
+        &p,
+        &token,
+        vec![common::started_event(inst)],
+        vec![activity_item(inst, 1)],
+    )
+    .await;
+    assert!(!proxy.faults().armed(), "the fault fired");
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.history WHERE instance_id = 'ack-o'"
+        )
+        .await,
+        1,
+        "the turn's event is written once"
+    );
+    assert_eq!(scalar(&p, "SELECT count(*) FROM {s}.worker_queue").await, 1);
+    assert_eq!(
+        scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await,
+        0
+    );
+    let e = p
+        .ack_orchestration_item(
+            &token,
+            1,
+            vec![],
+            vec![],
+            vec![],
+            common::orchestration_metadata(),
+            vec![],
+        )
+        .await
+        .expect_err("a second ack of one token");
+    assert!(!e.is_retryable(), "{e}");
+    p.close().await;
+    let _ = direct;
+}
+
+/// The same with hand-over: the lost reply carried the activity this ack claimed for a
+/// worker fetch of its process that waits. The resend hands the same item over again
+/// (still leased under that fetch's token): the waiter gets it at once, attempt 1, not
+/// after its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_an_orchestration_ack_that_handed_an_activity_over() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |o| o.long_poll = true).await;
+    let p = Arc::new(p);
+    let inst = "ack-h";
+    let token = common::first_turn(&p, inst).await;
+    let w = p.clone();
+    let waiter = tokio::spawn(async move {
+        w.fetch_work_item(LOCK, Duration::from_secs(10), None, &TagFilter::Any)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.faults().swallow_next_reply_with_08p01();
+    let started = Instant::now();
+    common::ack_events(
+        &p,
+        &token,
+        vec![common::started_event(inst)],
+        vec![activity_item(inst, 1)],
+    )
+    .await;
+    assert!(!proxy.faults().armed(), "the fault fired");
+    let (item, _, attempts) = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the waiting fetch gets the activity");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "handed over after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(item, WorkItem::ActivityExecute { id: 1, .. }),
+        "{item:?}"
+    );
+    assert_eq!(attempts, 1);
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.worker_queue WHERE instance_id = 'ack-h'"
+        )
+        .await,
+        1,
+        "queued once"
+    );
+    p.close().await;
+    let _ = direct;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

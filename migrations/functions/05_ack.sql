@@ -1,4 +1,4 @@
--- revision: 5
+-- revision: 6
 -- ack_orchestration_item: commit one orchestration turn in ONE round trip and one
 -- transaction (the function call's). Every write is set-based over the array arguments.
 -- The caller (Rust) has already reduced the delta to what SQL needs: history rows with
@@ -15,11 +15,20 @@
 -- claim-state statement trigger).
 -- Revision 2 added p_notify_worker_items (with a default, so calls of the previous
 -- release resolve to it unchanged); the 32-argument signature is dropped first so those
--- calls are not ambiguous between two overloads.
+-- calls are not ambiguous between two overloads. Revision 6 added p_call_id the same way
+-- (the 33-argument signature is dropped): one id per call, reused by the caller's
+-- resends and recorded in the enqueue ledger as 'oack:' || p_call_id, so a resend of an
+-- ack that committed (its reply was lost) is answered as done (NULL instead of the
+-- instance id) rather than "invalid lock token"; a second, separate ack of the token
+-- still fails. Callers that pass no id (earlier releases) get the earlier behaviour.
 DROP FUNCTION IF EXISTS ack_orchestration_item(
     TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
     BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
     TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[]);
+DROP FUNCTION IF EXISTS ack_orchestration_item(
+    TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
+    BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
+    TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[], BOOLEAN);
 
 CREATE OR REPLACE FUNCTION ack_orchestration_item(
     p_lock_token            TEXT,
@@ -56,7 +65,8 @@ CREATE OR REPLACE FUNCTION ack_orchestration_item(
     p_orch_visible_at_ms    BIGINT[],   -- NULL element = now
     -- FALSE: the caller notifies for the worker items itself (ack_orchestration_handover
     -- first hands some of them to waiting fetches of its own process).
-    p_notify_worker_items   BOOLEAN DEFAULT TRUE
+    p_notify_worker_items   BOOLEAN DEFAULT TRUE,
+    p_call_id               TEXT DEFAULT NULL
 )
 RETURNS TEXT
 LANGUAGE plpgsql VOLATILE
@@ -75,6 +85,12 @@ BEGIN
     FROM instance_locks l WHERE l.lock_token = p_lock_token
     FOR UPDATE;
     IF NOT FOUND THEN
+        -- (A resend waited above for its first attempt's row lock, if that attempt was
+        -- still running; this statement's snapshot sees what it committed.)
+        IF p_call_id IS NOT NULL AND EXISTS (SELECT 1 FROM enqueue_ledger l
+                                             WHERE l.enqueue_id = 'oack:' || p_call_id) THEN
+            RETURN NULL;
+        END IF;
         RAISE EXCEPTION 'Invalid lock token: no live lease holds this token'
             USING ERRCODE = 'DX001';
     END IF;
@@ -182,6 +198,16 @@ BEGIN
     -- Last, after every message this turn wrote: the lease-end trigger makes the
     -- instance's claim state exact again (02_pending_instances.sql).
     DELETE FROM instance_locks l WHERE l.lock_token = p_lock_token;
+
+    IF p_call_id IS NOT NULL THEN
+        INSERT INTO enqueue_ledger (enqueue_id, created_at_ms)
+        VALUES ('oack:' || p_call_id, v_now)
+        ON CONFLICT (enqueue_id) DO NOTHING;
+        -- Every writer of the ledger prunes it now and then (09_handover.sql).
+        IF random() < 0.0625 THEN
+            PERFORM enqueue_ledger_prune(v_now);
+        END IF;
+    END IF;
 
     -- Wake long-pollers for what this turn made runnable: new activities, messages
     -- visible now (other instances, or this one, which is unlocked from here on, with

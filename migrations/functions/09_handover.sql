@@ -1,4 +1,4 @@
--- revision: 15
+-- revision: 16
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -215,6 +215,15 @@ $fn$;
 -- all of them). One row per item handed over (o_lock_token = the waiter's token), or one
 -- row with only o_instance_id when none was. The turn's worker items that are still
 -- unleased afterwards are announced as ack_orchestration_item would have.
+-- p_call_id as for ack_orchestration_item: a resend of an ack that committed gets
+-- o_instance_id NULL, with a row per item its lost reply had handed over that is still
+-- leased under the waiter's token (the resend carries the same tokens), so the waiters
+-- still get them. Revision 16 added it; the signature without it is dropped.
+DROP FUNCTION IF EXISTS ack_orchestration_handover(
+    TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
+    BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
+    TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[],
+    TEXT[], BIGINT[], TEXT[], BIGINT[], INT, TEXT[]);
 CREATE OR REPLACE FUNCTION ack_orchestration_handover(
     p_lock_token            TEXT,
     p_execution_id          BIGINT,
@@ -253,7 +262,8 @@ CREATE OR REPLACE FUNCTION ack_orchestration_handover(
     p_handover_owner_ids               TEXT[],
     p_handover_session_lock_timeout_ms BIGINT[],
     p_handover_tag_mode                INT,
-    p_handover_tags                    TEXT[]
+    p_handover_tags                    TEXT[],
+    p_call_id                          TEXT DEFAULT NULL
 )
 RETURNS TABLE (
     o_instance_id       TEXT,
@@ -292,7 +302,20 @@ BEGIN
         p_cancel_executions => p_cancel_executions, p_cancel_activities => p_cancel_activities,
         p_orch_instances => p_orch_instances, p_orch_kinds => p_orch_kinds,
         p_orch_items => p_orch_items, p_orch_visible_at_ms => p_orch_visible_at_ms,
-        p_notify_worker_items => FALSE);
+        p_notify_worker_items => FALSE, p_call_id => p_call_id);
+
+    IF v_instance IS NULL THEN
+        -- A resend of an ack that committed: hand over again what its lost reply did.
+        RETURN QUERY
+        SELECT NULL::TEXT, w.lock_token, w.work_item, w.attempt_count, w.instance_id,
+               w.execution_id, w.activity_id, w.session_id, w.tag
+        FROM worker_queue w
+        WHERE w.lock_token = ANY (p_handover_tokens);
+        IF NOT FOUND THEN
+            RETURN NEXT;
+        END IF;
+        RETURN;
+    END IF;
 
     FOR i IN 1 .. coalesce(cardinality(p_handover_tokens), 0) LOOP
         SELECT c.o_work_item, c.o_attempt_count, c.o_instance_id, c.o_execution_id,

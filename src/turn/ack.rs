@@ -60,9 +60,11 @@ macro_rules! ack_args {
     };
 }
 
+/// Returns the instance id, or NULL to a resend (same `p_call_id`) of an ack that
+/// committed (migrations/functions/05_ack.sql).
 pub(crate) static ACK_ORCHESTRATION_ITEM: SqlFunction = SqlFunction {
     name: "ack_orchestration_item",
-    args: ack_args!(),
+    args: ack_args!("p_notify_worker_items", "p_call_id"),
     columns: None,
 };
 
@@ -77,6 +79,7 @@ pub(crate) static ACK_ORCHESTRATION_HANDOVER: SqlFunction = SqlFunction {
         "p_handover_session_lock_timeout_ms",
         "p_handover_tag_mode",
         "p_handover_tags",
+        "p_call_id",
     ),
     columns: Some(
         "o_instance_id, o_lock_token, o_work_item, o_attempt_count, o_item_instance_id, \
@@ -88,7 +91,8 @@ pub(crate) static ACK_ORCHESTRATION_HANDOVER: SqlFunction = SqlFunction {
 /// the instance alone.
 #[derive(sqlx::FromRow)]
 struct HandoverRow {
-    o_instance_id: String,
+    /// NULL for a resend of an ack that committed.
+    o_instance_id: Option<String>,
     o_lock_token: Option<String>,
     o_work_item: Option<String>,
     o_attempt_count: Option<i32>,
@@ -378,13 +382,21 @@ impl PostgresProvider {
                 .bind("p_orch_items", &o.items)
                 .bind("p_orch_visible_at_ms", &o.visible_at)
         };
+        // One id per call, reused by resends: a resend of an ack that committed (its
+        // reply was lost) is answered as done, so the call may be sent again.
+        let call_id = uuid::Uuid::new_v4().to_string();
         let result = if reservations.is_empty() {
             let sql = self.call_sql(&ACK_ORCHESTRATION_ITEM);
-            let args = || common(Args::new(&ACK_ORCHESTRATION_ITEM)).finish(OP);
+            let args = || {
+                common(Args::new(&ACK_ORCHESTRATION_ITEM))
+                    .bind("p_notify_worker_items", true)
+                    .bind("p_call_id", call_id.as_str())
+                    .finish(OP)
+            };
             on_conn!(
-                self,
+                idempotent: self,
                 fetch_one,
-                sqlx::query_scalar_with::<_, String, _>(&sql, args()?)
+                sqlx::query_scalar_with::<_, Option<String>, _>(&sql, args()?)
             )
             .map(|instance| (instance, Vec::new()))
         } else {
@@ -397,18 +409,16 @@ impl PostgresProvider {
                     .bind("p_handover_session_lock_timeout_ms", &h_session_ms)
                     .bind("p_handover_tag_mode", h_tag_mode)
                     .bind("p_handover_tags", &h_tags)
+                    .bind("p_call_id", call_id.as_str())
                     .finish(OP)
             };
             on_conn!(
-                self,
+                idempotent: self,
                 fetch_all,
                 sqlx::query_as_with::<_, HandoverRow, _>(&sql, args()?)
             )
             .map(|rows| {
-                let instance = rows
-                    .first()
-                    .map(|r| r.o_instance_id.clone())
-                    .unwrap_or_default();
+                let instance = rows.first().and_then(|r| r.o_instance_id.clone());
                 (instance, rows)
             })
         };
@@ -427,7 +437,7 @@ impl PostgresProvider {
                         continue;
                     };
                     let (_, reservation) = reservations.swap_remove(at);
-                    let of_this_instance = item_instance == instance;
+                    let of_this_instance = instance.as_deref() == Some(item_instance.as_str());
                     let item = crate::worker::leased_item(
                         crate::worker::Leased {
                             json,
@@ -445,14 +455,22 @@ impl PostgresProvider {
                         handed_here += 1;
                     }
                 }
-                // The history this ack committed answers the read duroxide's worker makes
-                // before each activity handed over (handover_reads.rs).
-                self.keep_handover_history(&instance, execution_id, &ev_data, handed_here);
-                if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
-                    // The instance is done: its history will not be read for a turn again.
-                    // (After ContinuedAsNew one more turn reads it, then the next
-                    // execution's entry replaces it.)
-                    self.inner.history_cache.forget(&instance);
+                // (None: a resend of this ack found it committed by an attempt whose reply
+                // was lost; the reply does not name the instance, so nothing kept for
+                // handed activities' reads stays.)
+                if instance.is_none() {
+                    self.inner.handover_reads.clear();
+                }
+                if let Some(instance) = &instance {
+                    // The history this ack committed answers the read duroxide's worker
+                    // makes before each activity handed over (handover_reads.rs).
+                    self.keep_handover_history(instance, execution_id, &ev_data, handed_here);
+                    if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
+                        // The instance is done: its history will not be read for a turn
+                        // again. (After ContinuedAsNew one more turn reads it, then the
+                        // next execution's entry replaces it.)
+                        self.inner.history_cache.forget(instance);
+                    }
                 }
                 metrics::histogram!("duroxide_pg_ack_rows", "kind" => "history")
                     .record(ev_ids.len() as f64);
@@ -463,7 +481,8 @@ impl PostgresProvider {
                 tracing::debug!(
                     target: TRACING_TARGET,
                     operation = OP,
-                    instance = %instance,
+                    instance = instance.as_deref().unwrap_or(""),
+                    resent_after_commit = instance.is_none(),
                     execution_id,
                     events = ev_ids.len(),
                     worker_items = w.items.len(),
