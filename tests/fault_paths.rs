@@ -260,6 +260,17 @@ async fn lost_reply_to_a_committed_worker_ack_reports_success() {
     p.close().await;
 }
 
+/// Acks `inst`'s first turn: its start event and activity 1.
+async fn first_turn_schedules_one_activity(p: &PostgresProvider, token: &str, inst: &str) {
+    common::ack_events(
+        p,
+        token,
+        vec![common::started_event(inst)],
+        vec![activity_item(inst, 1)],
+    )
+    .await;
+}
+
 /// An orchestration ack whose reply is lost after it committed: the provider sends it
 /// again under the same call id and reports success (history, activity and lease end
 /// applied once); a second, separate ack of the token still fails (contract).
@@ -270,13 +281,7 @@ async fn lost_reply_to_a_committed_orchestration_ack_reports_success() {
     let inst = "ack-o";
     let token = common::first_turn(&p, inst).await;
     proxy.faults().swallow_next_reply_with_08p01();
-    common::ack_events(
-        &p,
-        &token,
-        vec![common::started_event(inst)],
-        vec![activity_item(inst, 1)],
-    )
-    .await;
+    first_turn_schedules_one_activity(&p, &token, inst).await;
     assert!(!proxy.faults().armed(), "the fault fired");
     assert_eq!(
         scalar(
@@ -328,13 +333,7 @@ async fn lost_reply_to_an_orchestration_ack_that_handed_an_activity_over() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     proxy.faults().swallow_next_reply_with_08p01();
     let started = Instant::now();
-    common::ack_events(
-        &p,
-        &token,
-        vec![common::started_event(inst)],
-        vec![activity_item(inst, 1)],
-    )
-    .await;
+    first_turn_schedules_one_activity(&p, &token, inst).await;
     assert!(!proxy.faults().armed(), "the fault fired");
     let (item, _, attempts) = waiter
         .await

@@ -125,6 +125,36 @@ async fn ack(p: &PostgresProvider, token: &str, execution: u64, new: Vec<Event>)
         .unwrap();
 }
 
+/// Acks `token`'s turn of execution 1 appending `end`, ending the execution with
+/// ContinuedAsNew and sending the instance its ContinueAsNew message.
+async fn continue_as_new(p: &PostgresProvider, token: &str, instance: &str, end: Vec<Event>) {
+    p.ack_orchestration_item(
+        token,
+        1,
+        end,
+        vec![],
+        vec![WorkItem::ContinueAsNew {
+            instance: instance.into(),
+            orchestration: "O".into(),
+            input: "again".into(),
+            version: Some("1.0.0".into()),
+            parent_instance: None,
+            parent_id: None,
+            parent_execution_id: None,
+            carry_forward_events: vec![],
+            initial_custom_status: None,
+        }],
+        ExecutionMetadata {
+            status: Some("ContinuedAsNew".into()),
+            output: Some("again".into()),
+            ..running()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
 /// Starts `instance` through `p` with events 1..=n of execution 1.
 async fn create(p: &PostgresProvider, instance: &str, n: u64, tag: &str) -> Vec<Event> {
     p.enqueue_for_orchestrator(start_item(instance), None)
@@ -320,31 +350,7 @@ async fn continue_as_new_starts_its_own_entry(path: FetchPath) {
     // The turn that continues as new: execution 1 ends, a ContinueAsNew message follows.
     let end = events(inst, 1, 41, 41, "end");
     first.extend(end.clone());
-    p.ack_orchestration_item(
-        &token,
-        1,
-        end,
-        vec![],
-        vec![WorkItem::ContinueAsNew {
-            instance: inst.into(),
-            orchestration: "O".into(),
-            input: "again".into(),
-            version: Some("1.0.0".into()),
-            parent_instance: None,
-            parent_id: None,
-            parent_execution_id: None,
-            carry_forward_events: vec![],
-            initial_custom_status: None,
-        }],
-        ExecutionMetadata {
-            status: Some("ContinuedAsNew".into()),
-            output: Some("again".into()),
-            ..running()
-        },
-        vec![],
-    )
-    .await
-    .unwrap();
+    continue_as_new(&p, &token, inst, end).await;
 
     // The ContinueAsNew turn is claimed on execution 1 and sees its history (1 new event).
     let (item, token, bytes) = fetch(&p, Some(&proxy), inst).await;
@@ -549,31 +555,7 @@ async fn a_read_after_continue_as_new_returns_the_new_execution() {
     cached(&p1, &proxy, inst).await;
 
     let (_, token, _) = fetch(&p2, None, inst).await;
-    p2.ack_orchestration_item(
-        &token,
-        1,
-        events(inst, 1, 41, 41, "end"),
-        vec![],
-        vec![WorkItem::ContinueAsNew {
-            instance: inst.into(),
-            orchestration: "O".into(),
-            input: "again".into(),
-            version: Some("1.0.0".into()),
-            parent_instance: None,
-            parent_id: None,
-            parent_execution_id: None,
-            carry_forward_events: vec![],
-            initial_custom_status: None,
-        }],
-        ExecutionMetadata {
-            status: Some("ContinuedAsNew".into()),
-            output: Some("again".into()),
-            ..running()
-        },
-        vec![],
-    )
-    .await
-    .unwrap();
+    continue_as_new(&p2, &token, inst, events(inst, 1, 41, 41, "end")).await;
     let (_, token, _) = p2
         .fetch_orchestration_item(LOCK, NOW, None)
         .await
