@@ -1,8 +1,6 @@
 //! History reads and the test/tooling append. Reads never return a partial history: one
 //! undecodable row fails the whole read.
 
-use std::sync::Arc;
-
 use duroxide::Event;
 use duroxide::providers::ProviderError;
 
@@ -11,6 +9,7 @@ use crate::errors::{db_error, decode_error};
 use crate::history_cache::{HINT_MIN_EVENTS, Held};
 use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
+use crate::turn::HistoryRows;
 
 /// Latest execution: the highest recorded in `executions` (1 for an unknown instance).
 const READ_LATEST: &str = "\
@@ -123,14 +122,6 @@ impl PostgresProvider {
             )
         )
         .map_err(|e| db_error(op, Some(instance), e))?;
-        let label = if row.o_incremental {
-            "incremental"
-        } else {
-            "full"
-        };
-        metrics::counter!("duroxide_pg_history_reads_total", "read" => label).increment(1);
-        metrics::counter!("duroxide_pg_history_rows_read_total")
-            .increment(row.o_events.len() as u64);
         if !row.o_incremental && row.o_events.is_empty() {
             // The instance is gone from this schema (deleted, or not moved over from
             // duroxide-pg yet): the plain read's answer, fallback included.
@@ -138,39 +129,19 @@ impl PostgresProvider {
             let rows = self.old_history(op, instance, None).await?;
             return decode_history(&rows).map_err(|m| decode_error(op, Some(instance), m));
         }
-        let new = decode_history(&row.o_events).map_err(|m| {
+        let rows = HistoryRows::from_read(
+            row.o_incremental,
+            held.as_ref(),
+            row.o_events,
+            row.o_last_event_id,
+            row.o_last_guard,
+        )
+        .map_err(|m| {
             cache.forget(instance);
             decode_error(op, Some(instance), m)
         })?;
-        let held = match (row.o_incremental, held) {
-            (false, _) => None,
-            (true, Some(h)) => Some(h.events),
-            (true, None) => {
-                cache.forget(instance);
-                let m = "history read answered incrementally to no cache entry";
-                return Err(decode_error(op, Some(instance), m));
-            }
-        };
-        let history = match held {
-            // Nothing new: the entry stays as it is.
-            Some(held) if new.is_empty() => return Ok(held.as_ref().clone()),
-            Some(held) => {
-                // Without the entry's reference the held events are usually taken over
-                // without a copy; the entry is stored again below.
-                cache.forget(instance);
-                let mut all = Arc::unwrap_or_clone(held);
-                all.extend(new);
-                all
-            }
-            None => new,
-        };
-        match (row.o_last_event_id, row.o_last_guard) {
-            (Some(last_event_id), Some(guard)) => {
-                cache.store(instance, row.o_execution_id, &history, last_event_id, guard)
-            }
-            _ => cache.forget(instance),
-        }
-        Ok(history)
+        rows.into_history(cache, instance, row.o_execution_id)
+            .map_err(|m| decode_error(op, Some(instance), m))
     }
 
     pub(crate) async fn read_execution_history(

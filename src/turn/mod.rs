@@ -168,6 +168,50 @@ impl HistoryRows {
             last: last_event_id.zip(last_guard),
         })
     }
+
+    /// The whole history of `instance`'s execution `execution_id`: the held events, then
+    /// the rows read. The cache entry becomes that history (left as it is when nothing
+    /// was new; dropped first otherwise, so the held events are usually taken over
+    /// without a copy), or is dropped when the rows do not decode or nothing was read.
+    pub(crate) fn into_history(
+        self,
+        cache: &HistoryCache,
+        instance: &str,
+        execution_id: i64,
+    ) -> Result<Vec<Event>, String> {
+        let Self { held, rows, last } = self;
+        if let Some(h) = &held
+            && rows.is_empty()
+        {
+            return Ok(h.as_ref().clone());
+        }
+        let held_len = held.as_ref().map_or(0, |h| h.len());
+        if held.is_some() {
+            cache.forget(instance);
+        }
+        let decoded = decode_history(&rows).map(|new| match held {
+            Some(h) => {
+                let mut all = Arc::unwrap_or_clone(h);
+                all.extend(new);
+                all
+            }
+            None => new,
+        });
+        match (&decoded, last) {
+            (Ok(h), Some((last_event_id, guard))) => {
+                cache.store(instance, execution_id, h, last_event_id, guard);
+            }
+            _ => cache.forget(instance),
+        }
+        // Row numbers in the message count from the first row read.
+        decoded.map_err(|e| {
+            if held_len > 0 {
+                format!("{e} (after {held_len} cached events)")
+            } else {
+                e
+            }
+        })
+    }
 }
 
 impl PostgresProvider {
@@ -290,37 +334,11 @@ fn assemble(rows: TurnRows, cache: &HistoryCache) -> (OrchestrationItem, String,
             (Vec::new(), Some(e))
         }
     };
-    let HistoryRows { held, rows, last } = history;
-    let held_len = held.as_ref().map_or(0, |h| h.len());
-    if held.is_some() {
-        // Drop the entry's reference so that the held events can usually be taken over
-        // without a copy; the entry is stored again below.
-        cache.forget(&instance);
-    }
-    let decoded = decode_history(&rows).map(|new| match held {
-        Some(h) => {
-            let mut all = Arc::unwrap_or_clone(h);
-            all.extend(new);
-            all
-        }
-        None => new,
-    });
-    match (&decoded, last) {
-        (Ok(h), Some((last_event_id, guard))) => {
-            cache.store(&instance, claim.execution_id, h, last_event_id, guard);
-        }
-        _ => cache.forget(&instance),
-    }
+    let decoded = history.into_history(cache, &instance, claim.execution_id);
     let (history, history_error) = match decoded {
         Ok(_) if message_error.is_some() => (Vec::new(), message_error),
         Ok(h) => (h, None),
         Err(e) => {
-            // Row numbers in the message count from the first row read.
-            let e = if held_len > 0 {
-                format!("{e} (after {held_len} cached events)")
-            } else {
-                e
-            };
             tracing::warn!(
                 target: TRACING_TARGET,
                 operation = OP,
