@@ -2,6 +2,7 @@
 //! session upsert that guards it, and the lease bookkeeping live in data-modifying CTEs,
 //! so there is no client-side transaction and no extra round trip.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem};
@@ -22,7 +23,9 @@ use crate::turn::TurnData;
 /// fetch) plus, when nothing was leased, the next wake-up time (`p_next_wake`).
 ///
 /// $1 token, $2 lease ms, $3 has session config, $4 owner id, $5 session lease ms,
-/// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags.
+/// $6 tag mode (0 default only, 1 tags, 2 default and tags, 3 any), $7 tags, $8 this is
+/// a resend of the call (same token) after a lost reply: the item its first attempt
+/// leased comes back, if that attempt committed.
 /// Always one row: the leased item, or NULLs and the next wake-up time (see
 /// `sp_fetch_and_lock`).
 const FETCH: &str = "\
@@ -32,7 +35,7 @@ SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
        c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms
 FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
     p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
-    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE) c";
+    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8) c";
 
 /// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
 pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
@@ -46,6 +49,7 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
         "p_tag_mode",
         "p_tags",
         "p_next_wake",
+        "p_resend",
     ],
     columns: Some(
         "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
@@ -339,8 +343,11 @@ impl PostgresProvider {
         tags: &[String],
     ) -> Result<Attempt<(WorkItem, String, u32)>, ProviderError> {
         let token = format!("work_{}", uuid::Uuid::new_v4());
+        // One token per call, reused by resends: a resend gets what the first attempt
+        // leased, so the call may be sent again after a lost reply.
+        let sent = AtomicBool::new(false);
         let row = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_as::<_, LeaseRow>(&self.sql(FETCH))
                 .bind(&token)
@@ -350,6 +357,7 @@ impl PostgresProvider {
                 .bind(session.map(|s| millis(s.lock_timeout)).unwrap_or(0))
                 .bind(tag_mode)
                 .bind(tags)
+                .bind(sent.swap(true, Ordering::Relaxed))
         )
         .map_err(|e| db_error(FETCH_OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {

@@ -2,7 +2,8 @@
 //! proxy where the fault is on the wire:
 //!
 //! * a reply lost after the commit (PgBouncer's `08P01 server conn crashed?`): an enqueue
-//!   is delivered once, a claim is not sent twice (retryable error instead), a worker ack
+//!   is delivered once, a turn claim is not sent twice (retryable error instead), a worker
+//!   claim sent again returns the item it leased, a worker ack
 //!   and an orchestration ack that committed report success (the latter handing over
 //!   again what its lost reply handed over); an enqueue that claimed the turn for a waiting fetch
 //!   of its process gives that turn back when resent (attempt not counted);
@@ -173,7 +174,7 @@ async fn lost_reply_to_an_enqueue_that_handed_a_turn_over_gives_the_turn_back() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_reply_to_a_claim_is_not_sent_again() {
+async fn lost_reply_to_a_claim_is_not_sent_again_unless_it_can_return_its_item() {
     let (direct, guard) = new_provider(FetchPath::Hybrid).await;
     let (proxy, p) = proxied(guard.schema(), |_| {}).await;
     direct
@@ -200,20 +201,44 @@ async fn lost_reply_to_a_claim_is_not_sent_again() {
         1
     );
 
+    // The worker claim carries its token from the caller: its resend gets the item the
+    // lost reply carried (same lease, one attempt), not a second one.
+    direct
+        .enqueue_for_worker(activity_item("claim-w", 2))
+        .await
+        .unwrap();
     proxy.faults().swallow_next_reply_with_08p01();
-    let r = p
+    let (item, token, attempts) = p
         .fetch_work_item(LOCK, Duration::ZERO, None, &TagFilter::Any)
-        .await;
-    let e = r.expect_err("a worker claim whose outcome is unknown is not resent");
-    assert!(e.is_retryable(), "{e}");
+        .await
+        .expect("a resent worker claim returns what its first attempt leased")
+        .expect("an item");
+    assert!(!proxy.faults().armed(), "the fault fired");
+    assert!(
+        matches!(item, WorkItem::ActivityExecute { id: 1, .. }),
+        "{item:?}"
+    );
+    assert_eq!(attempts, 1);
     assert_eq!(
         scalar(
             &p,
-            "SELECT attempt_count::BIGINT FROM {s}.worker_queue WHERE instance_id = 'claim-w'"
+            "SELECT count(*) FROM {s}.worker_queue WHERE lock_token IS NOT NULL"
+        )
+        .await,
+        1,
+        "one item leased"
+    );
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT max(attempt_count)::BIGINT FROM {s}.worker_queue WHERE instance_id = 'claim-w'"
         )
         .await,
         1
     );
+    p.ack_work_item(&token, None)
+        .await
+        .expect("the returned lease is the live one");
     p.close().await;
 }
 

@@ -1,4 +1,4 @@
--- revision: 16
+-- revision: 17
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -34,7 +34,14 @@
 -- next-wake sub-plans into every claim. Profiled, executor start-up was a fifth of the
 -- server's CPU under load. The old 7-argument signature is dropped (0.2.0 is
 -- unreleased; 0.1.0 never called it).
+--
+-- Revision 17 added p_resend (the caller's resend of this call after a lost reply, same
+-- p_lock_token): the item the first attempt leased under that token, if it committed, is
+-- returned again instead of a second item being leased (the first would stay leased
+-- until its lease ran out, and run with one attempt more). The 8-argument signature is
+-- dropped; calls without p_resend resolve to this one.
 DROP FUNCTION IF EXISTS claim_worker_item(TEXT, BIGINT, BOOLEAN, TEXT, BIGINT, INT, TEXT[]);
+DROP FUNCTION IF EXISTS claim_worker_item(TEXT, BIGINT, BOOLEAN, TEXT, BIGINT, INT, TEXT[], BOOLEAN);
 CREATE OR REPLACE FUNCTION claim_worker_item(
     p_lock_token               TEXT,
     p_lock_timeout_ms          BIGINT,
@@ -43,7 +50,8 @@ CREATE OR REPLACE FUNCTION claim_worker_item(
     p_session_lock_timeout_ms  BIGINT,
     p_tag_mode                 INT,
     p_tags                     TEXT[],
-    p_next_wake                BOOLEAN DEFAULT FALSE
+    p_next_wake                BOOLEAN DEFAULT FALSE,
+    p_resend                   BOOLEAN DEFAULT FALSE
 )
 RETURNS TABLE (
     o_work_item     TEXT,
@@ -66,6 +74,19 @@ DECLARE
     v_session TEXT;
 BEGIN
     o_now_ms := now_ms();
+    IF p_resend THEN
+        SELECT w.work_item, w.attempt_count, w.instance_id, w.execution_id, w.activity_id,
+               w.session_id, w.tag
+        INTO o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id,
+             o_session_id, o_tag
+        FROM worker_queue w
+        WHERE w.lock_token = p_lock_token;
+        IF FOUND THEN
+            o_candidate := TRUE;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
     -- Two probes, each on an index that holds only its kind of candidate, so neither
     -- walks the dead index entries an item leaves behind when it is leased and acked
     -- (under load they pile up at the front of a whole-queue index faster than scans
