@@ -1,4 +1,4 @@
--- revision: 17
+-- revision: 18
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -527,18 +527,29 @@ BEGIN
     -- Only the instance's last outstanding activity hands its turn over: while others of
     -- a fan-out are still queued or running, a turn now would hold one completion and
     -- lease the instance while the rest arrive; a fetch later takes them together.
+    --
+    -- Completions of one fan-out acked at the same moment would each see the others'
+    -- activities still queued (their deletes are not committed yet) and none would end
+    -- the grace. So a completion that may hold or end one first locks the instance's
+    -- claim-state row, then looks at the queue: the locks make such completions take
+    -- turns, each one's look comes after the ones before it committed, and the last to
+    -- look sees every other activity gone. The grace it ends may have been set after
+    -- this call read the row (v_held_until), by a completion that committed meanwhile,
+    -- so the end does not depend on that read.
     IF v_queued > 0
        AND (p_turn_lock_token IS NOT NULL OR v_held_until IS NOT NULL
-            OR (p_fan_in_grace_ms > 0 AND NOT v_woken AND v_leased_until IS NULL)) THEN
+            OR (NOT v_woken AND v_leased_until IS NULL)) THEN
+        PERFORM 1 FROM pending_instances p WHERE p.instance_id = p_instance_id
+        FOR NO KEY UPDATE;
         -- (Index-ordered LIMIT 1 rather than EXISTS, for the generic plan: 01_primitives.sql.)
         v_last := (SELECT w.activity_id FROM worker_queue w WHERE w.instance_id = p_instance_id
                    ORDER BY w.instance_id, w.execution_id, w.activity_id LIMIT 1) IS NULL;
-        IF v_last AND v_held_until IS NOT NULL THEN
+        IF v_last THEN
             -- The fan-in is complete: end the grace (an earlier completion's, maybe of
-            -- another process).
+            -- another process), if one holds the instance.
             UPDATE pending_instances p SET claimable_at_ms = v_now
             WHERE p.instance_id = p_instance_id AND p.claimable_at_ms > v_now
-              AND coalesce(p.locked_until_ms, 0) <= v_now;
+              AND p.visible_at_ms <= v_now AND coalesce(p.locked_until_ms, 0) <= v_now;
             v_held_until := NULL;
         ELSIF NOT v_last AND p_fan_in_grace_ms > 0 AND NOT v_woken
               AND v_leased_until IS NULL AND v_held_until IS NULL THEN
