@@ -238,13 +238,53 @@ pub fn install_revision() -> i32 {
         .unwrap_or(0)
 }
 
+/// How long the install waits for one of duroxide-pg's tables before it gives up and
+/// tries again. Its triggers lock those tables one after the other, while a running
+/// duroxide-pg process writes them in its own order (a worker ack: worker queue, then
+/// orchestrator queue); a wait between the two is a deadlock, and PostgreSQL may pick the
+/// duroxide-pg process's transaction to fail (its activity then runs again). Waiting less
+/// than `deadlock_timeout` (1 s by default) means the install is always the one to back
+/// off, before the deadlock check runs.
+const INSTALL_LOCK_TIMEOUT: &str = "100ms";
+/// Attempts of the install (its lock waits time out), about half a minute in all.
+const INSTALL_ATTEMPTS: u32 = 60;
+
 /// Installs (or brings up to date) the adoption of `old` into `new`, whose migrations
 /// must already be applied. One transaction under `new`'s migration lock; a no-op when
-/// the installed revision is current.
+/// the installed revision is current. Running duroxide-pg processes are never made to
+/// fail by it: it waits at most 100 ms for each of their tables, then rolls back and
+/// tries again.
 ///
 /// # Errors
-/// Database errors; `new` already adopting another schema.
+/// Database errors; `new` already adopting another schema; duroxide-pg's tables still
+/// busy after about half a minute of attempts (SQLSTATE 55P03).
 pub async fn install(pool: &PgPool, old: &str, new: &str) -> Result<(), sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match install_once(pool, old, new).await {
+            Err(e) if is_lock_timeout(&e) && attempt < INSTALL_ATTEMPTS => {
+                tracing::debug!(
+                    target: crate::provider::TRACING_TARGET,
+                    duroxide_pg_schema = old,
+                    attempt,
+                    "adoption install: duroxide-pg's tables are busy; trying again"
+                );
+                let backoff = Duration::from_millis(u64::from(attempt.min(10)) * 50);
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "55P03")
+}
+
+async fn install_once(pool: &PgPool, old: &str, new: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("duroxide-pg-hybrid:migrate:{new}"))
@@ -269,6 +309,8 @@ pub async fn install(pool: &PgPool, old: &str, new: &str) -> Result<(), sqlx::Er
         _ => {}
     }
     tx.execute(format!("SET LOCAL search_path TO {}, pg_temp", quote_ident(new)).as_str())
+        .await?;
+    tx.execute(format!("SET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}'").as_str())
         .await?;
     tx.execute(install_sql(old, new).as_str()).await?;
     sqlx::query(&format!(

@@ -31,7 +31,7 @@ use duroxide::providers::{Provider, ProviderAdmin, WorkItem};
 use duroxide_pg_hybrid::adopt;
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{PostgresProvider, ProviderOptions};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 
 struct Fixture {
     _cleanup: common::SchemaCleanup,
@@ -324,6 +324,57 @@ async fn everything_moves_with_the_instance_and_held_instances_wait() {
     assert!(p.is_done(), "{p:?}");
     assert_eq!(p.adopted, 3);
     provider.close().await;
+}
+
+/// The install puts triggers on duroxide-pg's queues one after the other while a
+/// running duroxide-pg worker ack writes them in its own order (worker queue, then
+/// orchestrator queue). Such an ack must never be the one that fails (its activity would
+/// run again): the install waits for a busy table only briefly, then backs off and tries
+/// again. The ack here waits for the orchestrator queue while the install holds it and
+/// waits for the worker queue, and its `deadlock_timeout` is short, so before the install
+/// backed off it was the deadlock's victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_install_backs_off_instead_of_deadlocking_a_running_duroxide_pg_ack() {
+    init_tracing();
+    let url = database_url();
+    let old = unique_schema();
+    let new = adopt::companion_schema(&old).unwrap();
+    let _cleanup = common::SchemaCleanup::for_schemas(&[old.clone(), new.clone()]);
+    let admin = PgPool::connect(&url).await.unwrap();
+    let mut conn = admin.acquire().await.unwrap();
+    incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &old, 26).await;
+    drop(conn);
+    duroxide_pg_hybrid::schema::migrate(&admin, &new)
+        .await
+        .unwrap();
+    let o = quote_ident(&old);
+
+    // A duroxide-pg worker ack: it has deleted its worker row (the table's write lock)...
+    let mut ack = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET deadlock_timeout = '50ms'; BEGIN; LOCK TABLE {o}.worker_queue IN ROW EXCLUSIVE MODE"
+    ))
+    .execute(&mut ack)
+    .await
+    .unwrap();
+    let install = tokio::spawn({
+        let (admin, old, new) = (admin.clone(), old.clone(), new.clone());
+        async move { adopt::install(&admin, &old, &new).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... and now inserts its completion into the orchestrator queue.
+    sqlx::raw_sql(&format!(
+        "LOCK TABLE {o}.orchestrator_queue IN ROW EXCLUSIVE MODE; COMMIT"
+    ))
+    .execute(&mut ack)
+    .await
+    .expect("the duroxide-pg ack commits");
+    tokio::time::timeout(Duration::from_secs(30), install)
+        .await
+        .expect("the install finishes once the ack is done")
+        .unwrap()
+        .expect("the install succeeds");
+    adopt::verify_installed(&admin, &old, &new).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
