@@ -41,17 +41,24 @@ struct Fixture {
     n: String,
 }
 
+/// A hand-made duroxide-pg schema and the name of its companion (not created yet), both
+/// dropped with the cleanup, and a pool for the test's own statements.
+async fn duroxide_pg_schema() -> (common::SchemaCleanup, PgPool, String, String) {
+    init_tracing();
+    let old = unique_schema();
+    let new = adopt::companion_schema(&old).unwrap();
+    let cleanup = common::SchemaCleanup::for_schemas(&[old.clone(), new.clone()]);
+    let admin = PgPool::connect(&database_url()).await.unwrap();
+    let mut conn = admin.acquire().await.unwrap();
+    incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &old, 26).await;
+    drop(conn);
+    (cleanup, admin, old, new)
+}
+
 impl Fixture {
     async fn new() -> (Self, PostgresProvider) {
-        init_tracing();
         let url = database_url();
-        let old = unique_schema();
-        let new = adopt::companion_schema(&old).unwrap();
-        let cleanup = common::SchemaCleanup::for_schemas(&[old.clone(), new.clone()]);
-        let admin = PgPool::connect(&url).await.unwrap();
-        let mut conn = admin.acquire().await.unwrap();
-        incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &old, 26).await;
-        drop(conn);
+        let (cleanup, admin, old, new) = duroxide_pg_schema().await;
         // No mover: the test drives the batches.
         let provider = PostgresProvider::connect_with(
             &url,
@@ -335,15 +342,8 @@ async fn everything_moves_with_the_instance_and_held_instances_wait() {
 /// backed off it was the deadlock's victim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_install_backs_off_instead_of_deadlocking_a_running_duroxide_pg_ack() {
-    init_tracing();
     let url = database_url();
-    let old = unique_schema();
-    let new = adopt::companion_schema(&old).unwrap();
-    let _cleanup = common::SchemaCleanup::for_schemas(&[old.clone(), new.clone()]);
-    let admin = PgPool::connect(&url).await.unwrap();
-    let mut conn = admin.acquire().await.unwrap();
-    incumbent_skeleton::create_duroxide_pg_skeleton(&mut conn, &old, 26).await;
-    drop(conn);
+    let (_cleanup, admin, old, new) = duroxide_pg_schema().await;
     duroxide_pg_hybrid::schema::migrate(&admin, &new)
         .await
         .unwrap();

@@ -56,6 +56,21 @@ async fn claimable_in_ms(p: &PostgresProvider, instance: &str) -> i64 {
     .unwrap()
 }
 
+/// Acks a turn that appends nothing and schedules nothing (the instance stays running).
+async fn ack_running_turn(p: &PostgresProvider, token: &str) {
+    p.ack_orchestration_item(
+        token,
+        1,
+        vec![],
+        vec![],
+        vec![],
+        orchestration_metadata(),
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
 async fn next_turn_now(p: &PostgresProvider) -> Option<(Vec<WorkItem>, String)> {
     p.fetch_orchestration_item(LOCK, NOW, None)
         .await
@@ -122,17 +137,7 @@ async fn completions_acked_together_end_the_grace() {
             5,
             "{instance}: one turn for the whole fan-out"
         );
-        p.ack_orchestration_item(
-            &token,
-            1,
-            vec![],
-            vec![],
-            vec![],
-            orchestration_metadata(),
-            vec![],
-        )
-        .await
-        .unwrap();
+        ack_running_turn(&p, &token).await;
     }
     p.close().await;
 }
@@ -166,17 +171,7 @@ async fn a_partial_fan_in_runs_when_the_grace_ends() {
         after >= Duration::from_millis(300) && after < Duration::from_secs(3),
         "claimed {after:?} after the ack; the grace is 400 ms"
     );
-    p.ack_orchestration_item(
-        &token,
-        1,
-        vec![],
-        vec![],
-        vec![],
-        orchestration_metadata(),
-        vec![],
-    )
-    .await
-    .unwrap();
+    ack_running_turn(&p, &token).await;
     // The other activity still completes into a turn of its own.
     p.ack_work_item(&tokens[1], Some(completion("fi-part", 2)))
         .await
@@ -211,18 +206,7 @@ async fn a_process_without_grace_ends_it_and_claims_at_once() {
         .unwrap();
     let (messages, token) = next_turn_now(&plain).await.expect("the last completion");
     assert_eq!(messages.len(), 2);
-    plain
-        .ack_orchestration_item(
-            &token,
-            1,
-            vec![],
-            vec![],
-            vec![],
-            orchestration_metadata(),
-            vec![],
-        )
-        .await
-        .unwrap();
+    ack_running_turn(&plain, &token).await;
 
     let tokens = fan_out(&plain, "fi-off", 2).await;
     plain
