@@ -117,11 +117,10 @@ pub(crate) fn decode_history(rows: &[String]) -> Result<Vec<Event>, String> {
 }
 
 /// Decodes a batch of queued messages, failing on the first row that does not decode
-/// (message names the instance and the row's position). For the fetch assembly: a
-/// failure goes to duroxide as `history_error` with an empty history, so the runtime
-/// abandons the turn with back-off and poisons the instance after `max_attempts`,
-/// instead of a message being dropped silently.
-#[allow(dead_code)] // wired by the fetch assembly (src/fetch/mod.rs), see ROADMAP
+/// (message names the instance and the row's position). For the turn's assembly
+/// (`src/turn/mod.rs`): a failure goes to duroxide as `history_error` with an empty
+/// history, so the runtime abandons the turn with back-off and poisons the instance after
+/// `max_attempts`, instead of a message being dropped silently.
 pub(crate) fn decode_messages_strict(
     instance: &str,
     rows: &[String],
