@@ -901,8 +901,15 @@ async fn ack_written_timer_wakes_a_waiting_fetch_of_another_provider() {
 
 /// The orchestrator channel of `p`'s schema, listened to on a connection of its own.
 async fn orchestrator_listener(p: &PostgresProvider) -> sqlx::postgres::PgListener {
+    queue_listener(p, "orchestrator").await
+}
+
+/// `queue`'s channel of `p`'s schema (as `notify_channel` names it), listened to on a
+/// connection of its own.
+async fn queue_listener(p: &PostgresProvider, queue: &str) -> sqlx::postgres::PgListener {
     let q = duroxide_pg_hybrid::schema::quote_ident(p.schema());
-    let channel: String = sqlx::query_scalar(&format!("SELECT {q}.notify_channel('orchestrator')"))
+    let channel: String = sqlx::query_scalar(&format!("SELECT {q}.notify_channel($1)"))
+        .bind(queue)
         .fetch_one(p.pool())
         .await
         .unwrap();
@@ -911,6 +918,47 @@ async fn orchestrator_listener(p: &PostgresProvider) -> sqlx::postgres::PgListen
         .unwrap();
     listener.listen(&channel).await.unwrap();
     listener
+}
+
+/// What the worker notification says, on the channel listeners use: items without tag or
+/// session as one entry (its shortcut), others grouped by tag and session.
+#[tokio::test]
+async fn worker_notifications_group_items_by_tag_and_session() {
+    let (p, _guard) = new_provider_with(FetchPath::Hybrid, |_| {}).await;
+    let q = duroxide_pg_hybrid::schema::quote_ident(p.schema());
+    let mut listener = queue_listener(&p, "worker").await;
+    let mut sent = Vec::new();
+    for (tags, sessions) in [
+        (vec![None, None, None], vec![None, None, None]),
+        (
+            vec![None, Some("gpu"), Some("gpu"), None],
+            vec![None, None, None, Some("s1")],
+        ),
+    ] {
+        sqlx::query(&format!(
+            "SELECT {q}.notify_worker_items($1::text[], $2::text[])"
+        ))
+        .bind(&tags)
+        .bind(&sessions)
+        .execute(p.pool())
+        .await
+        .unwrap();
+        let got = notifications_within(&mut listener, Duration::from_millis(300)).await;
+        let [payload] = got.as_slice() else {
+            panic!("one notification per call: {got:?}");
+        };
+        let json = payload.strip_prefix("w:").expect(payload);
+        let mut groups: Vec<(Option<String>, Option<String>, u64)> =
+            serde_json::from_str(json).expect(payload);
+        groups.sort();
+        sent.push(groups);
+    }
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(sent[0], vec![(None, None, 3)]);
+    assert_eq!(
+        sent[1],
+        vec![(None, None, 1), (None, s("s1"), 1), (s("gpu"), None, 2)]
+    );
 }
 
 /// Notifications that arrive on `listener` within `window`.

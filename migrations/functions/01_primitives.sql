@@ -1,4 +1,4 @@
--- revision: 3
+-- revision: 4
 -- Primitives every other function uses: the clock, notification channels, and the
 -- advisory-lock key space of per-instance claims.
 --
@@ -49,12 +49,21 @@ $fn$;
 -- (never by a per-row trigger). The payload is how many items became visible, so the
 -- listener wakes that many waiters rather than all of them. PostgreSQL delivers at
 -- commit and folds identical notifications of one transaction.
+--
+-- The notify functions spell the channel out rather than call notify_channel (a nested
+-- call of a function with a SET clause costs a configuration save and restore, and the
+-- next statement then re-resolves the search path), and test their arguments with IF,
+-- so a call that sends nothing runs no statement. (Revision 4; notify_channel stays the
+-- definition listeners use: tests/long_poll.rs listens on it for what these send.)
 CREATE OR REPLACE FUNCTION notify_work_available(p_queue TEXT, p_count BIGINT) RETURNS VOID
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
 BEGIN
-    PERFORM pg_notify(notify_channel(p_queue), p_count::TEXT) WHERE p_count > 0;
+    IF p_count > 0 THEN
+        PERFORM pg_notify('duroxide_' || left(p_queue, 4) || '_' || left(md5(current_schema()), 16),
+                          p_count::TEXT);
+    END IF;
 END;
 $fn$;
 
@@ -90,11 +99,18 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
 DECLARE
-    v_channel TEXT := notify_channel('worker');
+    v_channel TEXT := 'duroxide_work_' || left(md5(current_schema()), 16);
     v_chunk   TEXT := '';
     v_entry   TEXT;
     r         RECORD;
 BEGIN
+    -- The common case, items without tag or session (one payload entry): no grouping
+    -- query, no JSON building.
+    IF cardinality(p_tags) > 0 AND cardinality(p_session_ids) = cardinality(p_tags)
+       AND array_remove(p_tags, NULL) = '{}' AND array_remove(p_session_ids, NULL) = '{}' THEN
+        PERFORM pg_notify(v_channel, 'w:[[null,null,' || cardinality(p_tags) || ']]');
+        RETURN;
+    END IF;
     FOR r IN
         SELECT i.tag, i.session_id, count(*) AS n
         FROM unnest(p_tags, p_session_ids) AS i(tag, session_id)
@@ -126,7 +142,9 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
 BEGIN
-    PERFORM pg_notify(notify_channel(p_queue), 'at:' || p_visible_at_ms || ',' || now_ms())
-    WHERE p_visible_at_ms IS NOT NULL;
+    IF p_visible_at_ms IS NOT NULL THEN
+        PERFORM pg_notify('duroxide_' || left(p_queue, 4) || '_' || left(md5(current_schema()), 16),
+                          'at:' || p_visible_at_ms || ',' || now_ms());
+    END IF;
 END;
 $fn$;

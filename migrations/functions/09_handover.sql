@@ -1,4 +1,4 @@
--- revision: 18
+-- revision: 19
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -220,14 +220,19 @@ $fn$;
 -- Drops up to 64 ledger rows older than 15 min. Callers run it for one call in 16 on
 -- average (`IF random() < 0.0625`, at the call site so the other 15 pay no function
 -- call): that keeps ahead of one insert per call without a statement on every call.
+--
+-- PL/pgSQL, not SQL (revision 19): a SQL function with a SET clause is parsed and planned
+-- on every call; PL/pgSQL keeps the plan for the session.
 CREATE OR REPLACE FUNCTION enqueue_ledger_prune(p_now_ms BIGINT) RETURNS VOID
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $fn$
+BEGIN
     DELETE FROM enqueue_ledger l
     WHERE l.enqueue_id IN (SELECT o.enqueue_id FROM enqueue_ledger o
                            WHERE o.created_at_ms < p_now_ms - 900000
                            ORDER BY o.created_at_ms LIMIT 64 FOR UPDATE SKIP LOCKED);
+END;
 $fn$;
 
 -- ack_orchestration_item, then one worker claim per waiting local worker fetch
@@ -599,9 +604,9 @@ BEGIN
         PERFORM notify_delayed('orchestrator', v_leased_until);
     ELSIF v_queued > 0 AND v_holds THEN
         PERFORM notify_delayed('orchestrator', v_now + p_fan_in_grace_ms);
-    ELSIF v_held_until IS NULL AND NOT v_passed THEN
+    ELSIF v_held_until IS NULL AND NOT v_passed AND NOT v_woken AND v_queued > 0 THEN
         -- (Held by an earlier completion's grace: that ack announced when it ends.)
-        PERFORM notify_work_available('orchestrator', CASE WHEN v_woken THEN 0 ELSE v_queued END);
+        PERFORM notify_work_available('orchestrator', v_queued);
     END IF;
     RETURN NEXT;
 END;
