@@ -30,6 +30,7 @@ use duroxide::{
 use duroxide_pg_hybrid::schema::quote_ident;
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider, ProviderOptions};
 use metrics_util::debugging::Snapshotter;
+use sqlx::Connection;
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
@@ -179,6 +180,76 @@ async fn a_partial_fan_in_runs_when_the_grace_ends() {
     let (messages, _) = next_turn_now(&p).await.expect("the last completion");
     assert_eq!(messages.len(), 1);
     p.close().await;
+}
+
+/// The last completion takes the held fan-in for a fetch of its process that waits: the
+/// claim's lease write ends the grace. When that claim cannot take the turn (here the
+/// instance's claim lock is busy, as during a delete), the ack ends the grace itself, so
+/// any fetch claims the fan-in at once rather than when the grace runs out.
+#[test]
+fn the_last_completion_hands_the_fan_in_over_or_ends_the_grace() {
+    with_metrics(|m| async move {
+        let handovers = || {
+            counter(
+                &m,
+                "duroxide_pg_handovers_total",
+                &[("queue", "orchestrator")],
+            )
+        };
+        let (p, _guard) = new_provider_with(FetchPath::Hybrid, grace(1_000)).await;
+        let q = quote_ident(p.schema());
+        for busy in [false, true] {
+            let instance = if busy { "fi-ho-busy" } else { "fi-ho" };
+            let tokens = fan_out(&p, instance, 3).await;
+            for (t, id) in tokens.iter().zip(1..3) {
+                p.ack_work_item(t, Some(completion(instance, id)))
+                    .await
+                    .unwrap();
+            }
+            let waiter = {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.fetch_orchestration_item(LOCK, Duration::from_secs(20), None)
+                        .await
+                        .unwrap()
+                })
+            };
+            // The fetch's empty claim is done and it waits.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut lock_holder = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+            let lock =
+                |f: &str| format!("SELECT {f}({q}.instance_lock_space(), hashtext('{instance}'))");
+            if busy {
+                sqlx::query(&lock("pg_advisory_lock"))
+                    .execute(&mut lock_holder)
+                    .await
+                    .unwrap();
+            }
+            let before = handovers();
+            p.ack_work_item(&tokens[2], Some(completion(instance, 3)))
+                .await
+                .unwrap();
+            if busy {
+                let left = claimable_in_ms(&p, instance).await;
+                assert!(
+                    left <= 0,
+                    "the grace ended with the last completion: {left} ms left"
+                );
+                assert_eq!(handovers(), before, "the busy instance was not handed over");
+                sqlx::query(&lock("pg_advisory_unlock"))
+                    .execute(&mut lock_holder)
+                    .await
+                    .unwrap();
+            } else {
+                assert_eq!(handovers(), before + 1, "the fan-in is handed over");
+            }
+            let (item, token, _) = waiter.await.unwrap().expect("the fan-in's turn");
+            assert_eq!(item.instance, instance);
+            assert_eq!(item.messages.len(), 3, "one turn for the whole fan-out");
+            ack_running_turn(&p, &token).await;
+        }
+        p.close().await;
+    });
 }
 
 /// A process with the grace off (0; or a release without it) still ends a grace another

@@ -66,7 +66,13 @@ run() { # schema, label
 }
 
 echo "pgbench: 1 client, ${secs}s per run, ms per call ($(psql "$url" -XAtc 'show server_version'))"
+# The order alternates: the second run of a pair was measured slower than the first.
 for r in $(seq "$rounds"); do
-  run wcyc_before "round $r before ($before)"
-  run wcyc_after "round $r after (working tree)"
+  if [ $((r % 2)) -eq 1 ]; then
+    run wcyc_before "round $r before ($before)"
+    run wcyc_after "round $r after (working tree)"
+  else
+    run wcyc_after "round $r after (working tree)"
+    run wcyc_before "round $r before ($before)"
+  fi
 done

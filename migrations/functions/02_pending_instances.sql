@@ -1,4 +1,4 @@
--- revision: 5
+-- revision: 6
 -- Maintenance of pending_instances, the per-instance claim state (table: migration
 -- 20261201000001).
 --
@@ -49,12 +49,19 @@ $fn$;
 
 -- Messages for p_instance_id were inserted: the earliest visible at p_visible_at_ms;
 -- p_starts = one of them starts the instance (StartOrchestration, ContinueAsNew).
+-- p_hold_until_ms (the worker ack's fan-in grace, 09_handover.sql): when this call
+-- creates the row of a runnable instance without a live lease, the row is claimable
+-- only from then on; returns TRUE when it did that (otherwise FALSE, and the caller
+-- holds the row the usual way). Revision 6 added it and the result; the VOID signature
+-- is dropped (every caller is in these files).
+DROP FUNCTION IF EXISTS pending_note_messages(TEXT, BIGINT, BOOLEAN);
 CREATE OR REPLACE FUNCTION pending_note_messages(
     p_instance_id   TEXT,
     p_visible_at_ms BIGINT,
-    p_starts        BOOLEAN
+    p_starts        BOOLEAN,
+    p_hold_until_ms BIGINT DEFAULT NULL
 )
-RETURNS VOID
+RETURNS BOOLEAN
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 SET plan_cache_mode = force_generic_plan
@@ -72,7 +79,7 @@ BEGIN
         -- live lease: the turn's ack or the lease expiry brings the instance back.)
         IF (v_row.runnable OR NOT p_starts)
            AND (v_row.visible_at_ms <= p_visible_at_ms OR v_row.locked_until_ms > now_ms()) THEN
-            RETURN;
+            RETURN FALSE;
         END IF;
         UPDATE pending_instances p
         SET visible_at_ms = least(p.visible_at_ms, p_visible_at_ms),
@@ -81,12 +88,24 @@ BEGIN
                                    ELSE least(p.claimable_at_ms, p_visible_at_ms) END,
             runnable = p.runnable OR p_starts
         WHERE p.instance_id = p_instance_id;
-        RETURN;
+        RETURN FALSE;
     END IF;
 
     SELECT * INTO v_facts FROM pending_instance_facts(p_instance_id);
     SELECT l.locked_until_ms INTO v_lease FROM instance_locks l
     WHERE l.instance_id = p_instance_id AND l.locked_until_ms > now_ms();
+    IF p_hold_until_ms IS NOT NULL AND v_lease IS NULL AND (p_starts OR v_facts.o_exists) THEN
+        -- Created held, in one write (not created, then updated). If another enqueue
+        -- created the row meanwhile, the statement below merges into it as usual.
+        INSERT INTO pending_instances (instance_id, visible_at_ms, claimable_at_ms, locked_until_ms,
+                                       runnable, pinned_major, pinned_minor, pinned_patch)
+        VALUES (p_instance_id, p_visible_at_ms, greatest(p_visible_at_ms, p_hold_until_ms), NULL,
+                TRUE, v_facts.o_pinned_major, v_facts.o_pinned_minor, v_facts.o_pinned_patch)
+        ON CONFLICT (instance_id) DO NOTHING;
+        IF FOUND THEN
+            RETURN TRUE;
+        END IF;
+    END IF;
     INSERT INTO pending_instances AS p (instance_id, visible_at_ms, claimable_at_ms, locked_until_ms,
                                         runnable, pinned_major, pinned_minor, pinned_patch)
     VALUES (p_instance_id, p_visible_at_ms, greatest(p_visible_at_ms, coalesce(v_lease, 0)), v_lease,
@@ -101,6 +120,7 @@ BEGIN
             runnable = p.runnable OR EXCLUDED.runnable
         WHERE p.visible_at_ms > EXCLUDED.visible_at_ms
            OR (EXCLUDED.runnable AND NOT p.runnable);
+    RETURN FALSE;
 END;
 $fn$;
 

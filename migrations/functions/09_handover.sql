@@ -1,4 +1,4 @@
--- revision: 19
+-- revision: 20
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -181,7 +181,12 @@ $fn$;
 -- runnable and claimable now (FOR NO KEY UPDATE SKIP LOCKED), the per-instance advisory
 -- try-lock, then claim_instance (lease, capability filter, attempt count, batch). NULLs
 -- when it cannot be claimed now (busy, leased, filtered out): the caller notifies
--- instead, and any fetch claims it as usual.
+-- instead, and any fetch claims it as usual. p_ending_grace: the caller ends a fan-in
+-- grace that holds the row (claimable later than its visible messages, no lease) and
+-- takes the turn in the same write, the claim's lease; if the claim takes nothing, the
+-- caller ends the grace itself. Revision 20 added it; the signature without it is
+-- dropped (its callers are in this file).
+DROP FUNCTION IF EXISTS claim_instance_turn(TEXT, TEXT, BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT);
 CREATE OR REPLACE FUNCTION claim_instance_turn(
     p_instance_id      TEXT,
     p_lock_token       TEXT,
@@ -189,6 +194,7 @@ CREATE OR REPLACE FUNCTION claim_instance_turn(
     p_filter_enabled   BOOLEAN,
     p_min_major INT, p_min_minor INT, p_min_patch INT,
     p_max_major INT, p_max_minor INT, p_max_patch INT,
+    p_ending_grace     BOOLEAN DEFAULT FALSE,
     OUT o_attempt_count  INT,
     OUT o_execution_id   BIGINT
 )
@@ -200,7 +206,10 @@ DECLARE
     v_step RECORD;
 BEGIN
     PERFORM 1 FROM pending_instances p
-    WHERE p.instance_id = p_instance_id AND p.runnable AND p.claimable_at_ms <= now_ms()
+    WHERE p.instance_id = p_instance_id AND p.runnable
+      AND (p.claimable_at_ms <= now_ms()
+           OR (p_ending_grace AND p.visible_at_ms <= now_ms()
+               AND coalesce(p.locked_until_ms, 0) <= now_ms()))
     FOR NO KEY UPDATE SKIP LOCKED;
     IF NOT FOUND
        OR NOT pg_try_advisory_xact_lock(instance_lock_space(), hashtext(p_instance_id)) THEN
@@ -516,7 +525,18 @@ BEGIN
             INSERT INTO orchestrator_queue (instance_id, kind, work_item, visible_at_ms, created_at_ms)
             VALUES (p_instance_id, p_kind, p_work_item, v_now, v_now);
             PERFORM set_config('duroxide_pg_hybrid.claim_state_kept', 'off', TRUE);
-            IF NOT coalesce(v_promised, FALSE) THEN
+            IF v_promised IS NULL AND p_fan_in_grace_ms > 0
+               -- (Index-ordered LIMIT 1 rather than EXISTS, for the generic plan.)
+               AND (SELECT w.activity_id FROM worker_queue w WHERE w.instance_id = p_instance_id
+                    ORDER BY w.instance_id, w.execution_id, w.activity_id LIMIT 1) IS NOT NULL THEN
+                -- No claim-state row (the instance was idle) and other activities are still
+                -- outstanding: create the row held for the grace rather than create it
+                -- and then hold it. Completions that race this one find the row (or wait
+                -- for its insert) and go through the grace block below, which looks at
+                -- the queue after this one has committed.
+                v_holds := pending_note_messages(p_instance_id, v_now, FALSE,
+                                                 v_now + p_fan_in_grace_ms);
+            ELSIF NOT coalesce(v_promised, FALSE) THEN
                 PERFORM pending_note_messages(p_instance_id, v_now, FALSE);
             END IF;
             v_queued := 1;
@@ -541,7 +561,7 @@ BEGIN
     -- look sees every other activity gone. The grace it ends may have been set after
     -- this call read the row (v_held_until), by a completion that committed meanwhile,
     -- so the end does not depend on that read.
-    IF v_queued > 0
+    IF v_queued > 0 AND NOT v_holds
        AND (p_turn_lock_token IS NOT NULL OR v_held_until IS NOT NULL
             OR (NOT v_woken AND v_leased_until IS NULL)) THEN
         PERFORM 1 FROM pending_instances p WHERE p.instance_id = p_instance_id
@@ -550,11 +570,8 @@ BEGIN
         v_last := (SELECT w.activity_id FROM worker_queue w WHERE w.instance_id = p_instance_id
                    ORDER BY w.instance_id, w.execution_id, w.activity_id LIMIT 1) IS NULL;
         IF v_last THEN
-            -- The fan-in is complete: end the grace (an earlier completion's, maybe of
-            -- another process), if one holds the instance.
-            UPDATE pending_instances p SET claimable_at_ms = v_now
-            WHERE p.instance_id = p_instance_id AND p.claimable_at_ms > v_now
-              AND p.visible_at_ms <= v_now AND coalesce(p.locked_until_ms, 0) <= v_now;
+            -- The fan-in is complete: the grace (an earlier completion's, maybe of another
+            -- process), if one holds the instance, ends below.
             v_held_until := NULL;
         ELSIF NOT v_last AND p_fan_in_grace_ms > 0 AND NOT v_woken
               AND v_leased_until IS NULL AND v_held_until IS NULL THEN
@@ -567,10 +584,11 @@ BEGIN
         END IF;
     END IF;
     IF v_last AND p_turn_lock_token IS NOT NULL THEN
+        -- The claim's lease write ends the grace too.
         SELECT * INTO v_claim
         FROM claim_instance_turn(p_instance_id, p_turn_lock_token, p_lock_timeout_ms,
                                  p_filter_enabled, p_min_major, p_min_minor, p_min_patch,
-                                 p_max_major, p_max_minor, p_max_patch);
+                                 p_max_major, p_max_minor, p_max_patch, TRUE);
         IF v_claim.o_execution_id IS NOT NULL THEN
             -- The waiter takes the completion: nobody else needs waking for it.
             v_queued := 0;
@@ -599,6 +617,13 @@ BEGIN
     ELSIF o_acked = 0 AND o_acked_before AND p_turn_lock_token IS NOT NULL THEN
         -- A resend of an ack that committed: the turn its lost reply carried goes back.
         PERFORM abandon_orchestration_turn(p_turn_lock_token, NULL, TRUE);
+    END IF;
+    IF v_last AND o_execution_id IS NULL THEN
+        -- The fan-in is complete and nothing here took the turn: end the grace. (Not
+        -- for a row the claim above found not runnable and corrected.)
+        UPDATE pending_instances p SET claimable_at_ms = v_now
+        WHERE p.instance_id = p_instance_id AND p.runnable AND p.claimable_at_ms > v_now
+          AND p.visible_at_ms <= v_now AND coalesce(p.locked_until_ms, 0) <= v_now;
     END IF;
     IF v_queued > 0 AND v_leased_until IS NOT NULL THEN
         PERFORM notify_delayed('orchestrator', v_leased_until);
