@@ -12,13 +12,14 @@
 //! | class `53` insufficient resources (`53300` too many connections, `53100` disk full) | retryable |
 //! | `53200` out of shared memory (the lock table is full) | see below | retryable / permanent |
 //! | `0A000` feature_not_supported            | cached plan invalidated by a concurrent migration | retryable |
+//! | `XX000` "cache lookup failed for ..."    | a function dropped and re-created by a concurrent migration between a statement's plan check and its execution | retryable |
 //! | `28000`/`28P01` invalid authorization / password | a new connection was refused: the secret rotated (or a token expired) between asking the password source and connecting | retryable |
 //! | `DX001` (ours) invalid lock token        | unknown / acked / stolen token   | permanent  |
 //! | `DX002` (ours) instance lock expired     | lease ran out before the ack     | permanent  |
 //! | class `23` integrity (`23505` duplicate event id, ...) | contract violation  | permanent  |
 //! | class `22` data exception                | bad value                        | permanent  |
 //! | class `42` syntax / privilege (`42501`)  | missing privilege or schema      | permanent  |
-//! | anything else from the server            | unknown                          | permanent  |
+//! | anything else from the server (other `XX000` included) | unknown            | permanent  |
 //! | pool timed out, I/O, TLS, protocol error | transient transport trouble      | retryable  |
 //! | TLS certificate verification failed      | wrong `sslmode`/`sslrootcert`, or an impostor | permanent |
 //! | pool closed                              | provider shut down               | permanent  |
@@ -125,10 +126,22 @@ pub fn is_tls_verification_failure(err: &sqlx::Error) -> bool {
         || text.contains("unknown ca")
 }
 
+/// A migration that changes a function's signature drops and re-creates it in one
+/// transaction (migrations/functions/*.sql). Other sessions never see it missing, but a
+/// statement whose plan was checked just before that commit can still look up the
+/// dropped function: PostgreSQL then reports an internal error. The next attempt plans
+/// the statement again and finds the new function.
+fn is_concurrent_function_swap(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code().as_deref() == Some("XX000") && db.message().starts_with("cache lookup failed for ")
+}
+
 /// Retry class of any sqlx error.
 pub fn is_retryable(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| sqlstate_is_retryable(&c)),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| sqlstate_is_retryable(&c))
+                || is_concurrent_function_swap(db.as_ref())
+        }
         sqlx::Error::Tls(_) => !is_tls_verification_failure(err),
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,

@@ -1145,6 +1145,28 @@ fn sqlx_errors_transport_retryable_decode_and_closed_permanent() {
     }
 }
 
+/// An internal error is permanent, except the one a migration's function swap can cause
+/// in a concurrent statement ("cache lookup failed for function ..."): the next attempt
+/// finds the new function (src/errors.rs).
+#[tokio::test]
+async fn only_the_function_swap_internal_error_is_retryable() {
+    let mut db = admin().await;
+    let mut raise = async |message: &str| {
+        sqlx::query(&format!(
+            "DO $$ BEGIN RAISE EXCEPTION '{message}' USING ERRCODE = 'XX000'; END $$"
+        ))
+        .execute(&mut db)
+        .await
+        .expect_err("the DO block raises")
+    };
+    let swap = raise("cache lookup failed for function 123456").await;
+    assert!(is_retryable(&swap), "{swap}");
+    let other = raise("could not read block 7 in file base/1/2").await;
+    assert!(!is_retryable(&other), "{other}");
+    let e = duroxide_pg_hybrid::errors::db_error("ack_work_item", Some("i-1"), swap);
+    assert!(e.is_retryable() && e.message.contains("i-1"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_errors_are_classified() {
     for path in PATHS {
