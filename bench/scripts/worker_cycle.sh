@@ -23,21 +23,10 @@ url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable}
 work=$(mktemp -d)
 trap 'rm -rf "$work"; psql "$url" -Xq -c "DROP SCHEMA IF EXISTS wcyc_before CASCADE" -c "DROP SCHEMA IF EXISTS wcyc_after CASCADE" >/dev/null 2>&1 || true' EXIT
 
-build_schema() { # schema, then migration files in order
-  local schema=$1; shift
-  {
-    echo "DROP SCHEMA IF EXISTS $schema CASCADE; CREATE SCHEMA $schema; SET search_path TO $schema;"
-    cat "$@"
-  } >"$work/$schema.sql"
-  psql "$url" -Xq -v ON_ERROR_STOP=1 -f "$work/$schema.sql" >/dev/null
-}
-
-mkdir -p "$work/before/functions"
-for f in $(git ls-tree -r --name-only "$before" migrations/ | grep '\.sql$' | grep -v adoption/); do
-  git show "$before:$f" >"$work/before/${f#migrations/}"
-done
-build_schema wcyc_before "$work"/before/*.sql "$work"/before/functions/*.sql
-build_schema wcyc_after migrations/*.sql migrations/functions/*.sql
+. bench/scripts/lib.sh
+migrations_at "$before" before
+build_schema wcyc_before "${MIGRATIONS[@]}" </dev/null
+build_schema wcyc_after migrations/*.sql migrations/functions/*.sql </dev/null
 
 script() { # schema
   local s=$1

@@ -19,24 +19,13 @@ url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable}
 work=$(mktemp -d)
 trap 'rm -rf "$work"; psql "$url" -Xq -c "DROP SCHEMA IF EXISTS wc_before CASCADE" -c "DROP SCHEMA IF EXISTS wc_after CASCADE" >/dev/null 2>&1 || true' EXIT
 
-build_schema() { # schema, then migration files in order
-  local schema=$1; shift
-  {
-    echo "DROP SCHEMA IF EXISTS $schema CASCADE; CREATE SCHEMA $schema; SET search_path TO $schema;"
-    cat "$@"
-    # An existing, idle instance receives the messages (8 of them for the reference run).
-    echo "INSERT INTO instances (instance_id, orchestration_name, orchestration_version, created_at_ms, updated_at_ms)"
-    echo "  SELECT 'i' || g, 'O', '1.0.0', now_ms(), now_ms() FROM generate_series(1, 8) g;"
-  } >"$work/$schema.sql"
-  psql "$url" -Xq -v ON_ERROR_STOP=1 -f "$work/$schema.sql" >/dev/null
-}
-
-mkdir -p "$work/before"
-for f in $(git ls-tree --name-only "$before" migrations/ | grep '\.sql$'); do
-  git show "$before:$f" >"$work/before/$(basename "$f")"
-done
-build_schema wc_before "$work"/before/*.sql
-build_schema wc_after migrations/*.sql migrations/functions/*.sql
+. bench/scripts/lib.sh
+# An existing, idle instance receives the messages (8 of them for the reference run).
+instances="INSERT INTO instances (instance_id, orchestration_name, orchestration_version, created_at_ms, updated_at_ms)
+  SELECT 'i' || g, 'O', '1.0.0', now_ms(), now_ms() FROM generate_series(1, 8) g;"
+migrations_at "$before" before
+build_schema wc_before "${MIGRATIONS[@]}" <<<"$instances"
+build_schema wc_after migrations/*.sql migrations/functions/*.sql <<<"$instances"
 
 run() { # schema, instance expression
   cat >"$work/script.sql" <<SQL
