@@ -1,5 +1,7 @@
 //! `impl Provider`: the duroxide contract, delegating each call to the module that owns
 //! it (fetch, ack, queue, worker, history, kv). `ProviderAdmin` lives in `admin.rs`.
+//! The runtime's dispatch calls (fetch, ack, renew, abandon) check connections out in
+//! the pool's dispatch lane (`permits.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use duroxide::providers::{
 };
 use duroxide::{Event, SystemStats};
 
+use crate::permits::in_dispatch_lane;
 use crate::provider::PostgresProvider;
 
 #[async_trait::async_trait]
@@ -28,8 +31,7 @@ impl Provider for PostgresProvider {
         poll_timeout: Duration,
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
-        self.fetch_orchestration(lock_timeout, poll_timeout, filter)
-            .await
+        in_dispatch_lane(self.fetch_orchestration(lock_timeout, poll_timeout, filter)).await
     }
 
     async fn ack_orchestration_item(
@@ -42,7 +44,7 @@ impl Provider for PostgresProvider {
         metadata: ExecutionMetadata,
         cancelled_activities: Vec<ScheduledActivityIdentifier>,
     ) -> Result<(), ProviderError> {
-        self.ack_orchestration(
+        in_dispatch_lane(self.ack_orchestration(
             lock_token,
             execution_id,
             history_delta,
@@ -50,7 +52,7 @@ impl Provider for PostgresProvider {
             orchestrator_items,
             metadata,
             cancelled_activities,
-        )
+        ))
         .await
     }
 
@@ -60,8 +62,7 @@ impl Provider for PostgresProvider {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        self.abandon_orchestration(lock_token, delay, ignore_attempt)
-            .await
+        in_dispatch_lane(self.abandon_orchestration(lock_token, delay, ignore_attempt)).await
     }
 
     async fn read(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
@@ -102,8 +103,7 @@ impl Provider for PostgresProvider {
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        self.fetch_work(lock_timeout, poll_timeout, session, tag_filter)
-            .await
+        in_dispatch_lane(self.fetch_work(lock_timeout, poll_timeout, session, tag_filter)).await
     }
 
     async fn ack_work_item(
@@ -111,7 +111,7 @@ impl Provider for PostgresProvider {
         token: &str,
         completion: Option<WorkItem>,
     ) -> Result<(), ProviderError> {
-        self.ack_work(token, completion).await
+        in_dispatch_lane(self.ack_work(token, completion)).await
     }
 
     async fn renew_work_item_lock(
@@ -119,7 +119,7 @@ impl Provider for PostgresProvider {
         token: &str,
         extend_for: Duration,
     ) -> Result<(), ProviderError> {
-        self.renew_work(token, extend_for).await
+        in_dispatch_lane(self.renew_work(token, extend_for)).await
     }
 
     async fn renew_session_lock(
@@ -128,8 +128,7 @@ impl Provider for PostgresProvider {
         extend_for: Duration,
         idle_timeout: Duration,
     ) -> Result<usize, ProviderError> {
-        self.renew_sessions(owner_ids, extend_for, idle_timeout)
-            .await
+        in_dispatch_lane(self.renew_sessions(owner_ids, extend_for, idle_timeout)).await
     }
 
     async fn cleanup_orphaned_sessions(
@@ -145,7 +144,7 @@ impl Provider for PostgresProvider {
         delay: Option<Duration>,
         ignore_attempt: bool,
     ) -> Result<(), ProviderError> {
-        self.abandon_work(token, delay, ignore_attempt).await
+        in_dispatch_lane(self.abandon_work(token, delay, ignore_attempt)).await
     }
 
     async fn renew_orchestration_item_lock(
@@ -153,7 +152,7 @@ impl Provider for PostgresProvider {
         token: &str,
         extend_for: Duration,
     ) -> Result<(), ProviderError> {
-        self.renew_orchestration(token, extend_for).await
+        in_dispatch_lane(self.renew_orchestration(token, extend_for)).await
     }
 
     async fn enqueue_for_orchestrator(

@@ -107,6 +107,7 @@ pub mod inspect;
 mod kv;
 mod notify;
 pub mod options;
+mod permits;
 mod poll;
 mod pool;
 pub mod provider;

@@ -102,6 +102,14 @@ pub struct ProviderOptions {
     /// How long a call waits for a pooled connection before failing with a retryable
     /// error.
     pub acquire_timeout: Duration,
+    /// When every connection is busy, serve the runtime's dispatch calls (fetch, ack,
+    /// renew, abandon) before other calls (status reads, client enqueues, admin), so a
+    /// crowd of clients polling `wait_for_orchestration` does not queue in front of the
+    /// turns that would complete their orchestrations, and a lease renewal is not late
+    /// behind them. A waiting call of the other lane is passed over by at most 8
+    /// dispatch calls in a row. Default on; `false` = one first-come queue. Env
+    /// `DUROXIDE_PG_DISPATCH_LANE`.
+    pub dispatch_lane: bool,
     /// Server-side `statement_timeout` for the provider's connections (`None` = server
     /// default).
     pub statement_timeout: Option<Duration>,
@@ -251,6 +259,7 @@ impl Default for ProviderOptions {
             max_connections: 10,
             min_connections: 0,
             acquire_timeout: Duration::from_secs(30),
+            dispatch_lane: true,
             statement_timeout: None,
             lock_timeout: None,
             auto_migrate: true,
@@ -280,6 +289,7 @@ impl fmt::Debug for ProviderOptions {
             .field("max_connections", &self.max_connections)
             .field("min_connections", &self.min_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("dispatch_lane", &self.dispatch_lane)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
             .field("auto_migrate", &self.auto_migrate)
@@ -330,6 +340,9 @@ pub mod env {
     pub const MAX_LIFETIME_MS: &str = "DUROXIDE_PG_MAX_LIFETIME_MS";
     /// History cache size in events (`0` = off).
     pub const HISTORY_CACHE_EVENTS: &str = "DUROXIDE_PG_HISTORY_CACHE_EVENTS";
+    /// `true` / `false`: dispatch calls first when the pool is busy
+    /// (`ProviderOptions::dispatch_lane`).
+    pub const DISPATCH_LANE: &str = "DUROXIDE_PG_DISPATCH_LANE";
     /// `true` / `false`: in-process hand-over (`ProviderOptions::handover`).
     pub const HANDOVER: &str = "DUROXIDE_PG_HANDOVER";
     /// Fan-in grace in milliseconds (`ProviderOptions::fan_in_grace`, `0` = off).
@@ -405,6 +418,9 @@ impl ProviderOptions {
         }
         if let Some(v) = read_env(env::HISTORY_CACHE_EVENTS) {
             self.history_cache_events = parse_env(env::HISTORY_CACHE_EVENTS, &v)?;
+        }
+        if let Some(v) = read_env(env::DISPATCH_LANE) {
+            self.dispatch_lane = parse_bool(env::DISPATCH_LANE, &v)?;
         }
         if let Some(v) = read_env(env::HANDOVER) {
             self.handover = parse_bool(env::HANDOVER, &v)?;

@@ -37,11 +37,10 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::credentials::Credentials;
+use crate::permits::{Permit, Permits};
 use futures::future::BoxFuture;
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::credentials::Credentials;
 
 pub(crate) struct ConnPool {
     inner: Arc<PoolInner>,
@@ -51,7 +50,7 @@ struct PoolInner {
     /// Asks the password source (if any) for every new connection.
     connect: Arc<Credentials>,
     idle: Mutex<Vec<Pooled>>,
-    permits: Arc<Semaphore>,
+    permits: Arc<Permits>,
     acquire_timeout: Duration,
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
@@ -88,6 +87,9 @@ pub(crate) struct PoolLimits {
     /// `Some(sql)`: behind a transaction pooler, each call runs inside a transaction
     /// opened by `sql` (`BEGIN` plus any `SET LOCAL`).
     pub call_begin: Option<String>,
+    /// Serve the runtime's dispatch calls before other calls when every connection is
+    /// busy ([`crate::permits`]).
+    pub dispatch_lane: bool,
 }
 
 /// A checked-out connection. Call [`finish`](Conn::finish) with the query's result to
@@ -102,7 +104,7 @@ pub(crate) struct Conn {
     pool: Arc<PoolInner>,
     /// The connection's state is unknown (a failed ROLLBACK): closed, never reused.
     poisoned: bool,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl ConnPool {
@@ -111,7 +113,7 @@ impl ConnPool {
             inner: Arc::new(PoolInner {
                 connect,
                 idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_connections as usize)),
+                permits: Permits::new(max_connections as usize, limits.dispatch_lane),
                 acquire_timeout: limits.acquire_timeout,
                 idle_timeout: limits.idle_timeout,
                 max_lifetime: limits.max_lifetime,
@@ -136,13 +138,11 @@ impl ConnPool {
     /// run `statement` (a [`statement_key`]).
     pub(crate) async fn acquire_for(&self, statement: Option<u64>) -> Result<Conn, sqlx::Error> {
         let started = Instant::now();
-        let permit = tokio::time::timeout(
-            self.inner.acquire_timeout,
-            self.inner.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)?
-        .map_err(|_| sqlx::Error::PoolClosed)?;
+        let permit = self
+            .inner
+            .permits
+            .acquire(self.inner.acquire_timeout)
+            .await?;
         let (idle, expired) = {
             let mut idle = self
                 .inner

@@ -238,6 +238,7 @@ impl PostgresProvider {
                 idle_timeout: options.idle_timeout,
                 max_lifetime: options.max_lifetime,
                 call_begin: behind_pooler.then(|| call_begin_sql(&options)),
+                dispatch_lane: options.dispatch_lane,
             },
         );
         if options.min_connections > 0 {

@@ -18,6 +18,9 @@ pub struct Counting {
     pub calls: Arc<AtomicU64>,
     /// Calls per method; fetches split by outcome (`fetch_orchestration_item:empty`).
     pub by_method: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    /// Wall time per method (calls, total µs) as the runtime sees it: round trips,
+    /// server time, waits for a pooled connection, and for fetches the long-poll wait.
+    pub wall: Arc<Mutex<BTreeMap<&'static str, (u64, u64)>>>,
 }
 
 impl Counting {
@@ -26,7 +29,22 @@ impl Counting {
             inner,
             calls: Arc::default(),
             by_method: Arc::default(),
+            wall: Arc::default(),
         }
+    }
+
+    async fn timed<T>(&self, method: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let r = f.await;
+        let us = start.elapsed().as_micros() as u64;
+        let mut wall = self
+            .wall
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = wall.entry(method).or_default();
+        e.0 += 1;
+        e.1 += us;
+        r
     }
 
     fn count(&self, method: &'static str) -> &dyn Provider {
@@ -69,8 +87,11 @@ impl Provider for Counting {
         filter: Option<&DispatcherCapabilityFilter>,
     ) -> Result<Option<(OrchestrationItem, String, u32)>, ProviderError> {
         let r = self
-            .count("fetch_orchestration_item")
-            .fetch_orchestration_item(lock_timeout, poll_timeout, filter)
+            .timed(
+                "fetch_orchestration_item",
+                self.count("fetch_orchestration_item")
+                    .fetch_orchestration_item(lock_timeout, poll_timeout, filter),
+            )
             .await;
         self.note_empty("fetch_orchestration_item:empty", &r);
         r
@@ -86,8 +107,9 @@ impl Provider for Counting {
         metadata: ExecutionMetadata,
         cancelled_activities: Vec<ScheduledActivityIdentifier>,
     ) -> Result<(), ProviderError> {
-        self.count("ack_orchestration_item")
-            .ack_orchestration_item(
+        self.timed(
+            "ack_orchestration_item",
+            self.count("ack_orchestration_item").ack_orchestration_item(
                 lock_token,
                 execution_id,
                 history_delta,
@@ -95,8 +117,9 @@ impl Provider for Counting {
                 orchestrator_items,
                 metadata,
                 cancelled_activities,
-            )
-            .await
+            ),
+        )
+        .await
     }
 
     async fn abandon_orchestration_item(
@@ -111,7 +134,7 @@ impl Provider for Counting {
     }
 
     async fn read(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
-        self.count("read").read(instance).await
+        self.timed("read", self.count("read").read(instance)).await
     }
 
     async fn read_with_execution(
@@ -149,8 +172,15 @@ impl Provider for Counting {
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
         let r = self
-            .count("fetch_work_item")
-            .fetch_work_item(lock_timeout, poll_timeout, session, tag_filter)
+            .timed(
+                "fetch_work_item",
+                self.count("fetch_work_item").fetch_work_item(
+                    lock_timeout,
+                    poll_timeout,
+                    session,
+                    tag_filter,
+                ),
+            )
             .await;
         self.note_empty("fetch_work_item:empty", &r);
         r
@@ -161,9 +191,11 @@ impl Provider for Counting {
         token: &str,
         completion: Option<WorkItem>,
     ) -> Result<(), ProviderError> {
-        self.count("ack_work_item")
-            .ack_work_item(token, completion)
-            .await
+        self.timed(
+            "ack_work_item",
+            self.count("ack_work_item").ack_work_item(token, completion),
+        )
+        .await
     }
 
     async fn renew_work_item_lock(
@@ -222,9 +254,12 @@ impl Provider for Counting {
         item: WorkItem,
         delay: Option<Duration>,
     ) -> Result<(), ProviderError> {
-        self.count("enqueue_for_orchestrator")
-            .enqueue_for_orchestrator(item, delay)
-            .await
+        self.timed(
+            "enqueue_for_orchestrator",
+            self.count("enqueue_for_orchestrator")
+                .enqueue_for_orchestrator(item, delay),
+        )
+        .await
     }
 
     fn as_management_capability(&self) -> Option<&dyn ProviderAdmin> {
@@ -236,9 +271,12 @@ impl Provider for Counting {
         instance: &str,
         last_seen_version: u64,
     ) -> Result<Option<(Option<String>, u64)>, ProviderError> {
-        self.count("get_custom_status")
-            .get_custom_status(instance, last_seen_version)
-            .await
+        self.timed(
+            "get_custom_status",
+            self.count("get_custom_status")
+                .get_custom_status(instance, last_seen_version),
+        )
+        .await
     }
 
     async fn get_kv_value(

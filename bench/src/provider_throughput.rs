@@ -106,6 +106,7 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                 let counting = Arc::new(Counting::new(session.dyn_provider()));
                 let calls = counting.calls.clone();
                 let by_method = counting.by_method.clone();
+                let wall = counting.wall.clone();
                 let config = StressTestConfig {
                     max_concurrent: IN_FLIGHT,
                     duration_secs,
@@ -158,6 +159,18 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                     .collect::<Vec<_>>()
                     .join(", ");
                 eprintln!("    calls per orchestration: {methods}");
+                let walls = wall
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .map(|(m, (c, us))| {
+                        format!("{m} {:.2}", *us as f64 / 1000.0 / (*c).max(1) as f64)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                eprintln!(
+                    "    mean wall ms per call (fetches include their long-poll wait): {walls}"
+                );
                 let idx = match per.iter().position(|p| p.0 == kind.name()) {
                     Some(i) => i,
                     None => {

@@ -1,0 +1,320 @@
+//! The connection permits of the provider's pool ([`crate::pool`]), handed out in two
+//! lanes: calls of the runtime's dispatchers (fetch, ack, renew, abandon: the turns and
+//! activities in progress) before everything else (status reads, client enqueues, admin).
+//!
+//! Why: one provider usually serves both the runtime and the application's clients. When
+//! every connection is busy, a first-come queue makes a dispatcher's claim or ack wait
+//! behind whatever client reads arrived first: duroxide's `wait_for_orchestration` polls
+//! the history and custom status of every instance a client waits for, so a hundred
+//! waiting clients put two reads each in front of every turn. The turns then take longer,
+//! the orchestrations finish later, and the clients poll more. With the dispatch lane
+//! first, a dispatcher waits only for a connection to come back, never for the queue.
+//!
+//! Calls of the other lane are not starved: the oldest one is passed over by at most
+//! [`MAX_PASSES`] dispatch checkouts in a row. (A bound by count, not by time: after a
+//! stall of the database every waiter is old, and the renewals queued during it are the
+//! calls that must go first.) With `ProviderOptions::dispatch_lane` off, every call is
+//! served in arrival order.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+/// The lane a pool checkout waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The runtime's dispatch calls: served first.
+    Dispatch,
+    /// Everything else.
+    Other,
+}
+
+tokio::task_local! {
+    static LANE: Lane;
+}
+
+/// Runs `f` with every pool checkout it makes (the concurrent reads it joins included)
+/// in the dispatch lane.
+pub(crate) async fn in_dispatch_lane<F: Future>(f: F) -> F::Output {
+    LANE.scope(Lane::Dispatch, f).await
+}
+
+fn current_lane() -> Lane {
+    LANE.try_with(|lane| *lane).unwrap_or(Lane::Other)
+}
+
+/// Dispatch checkouts served in a row while a checkout of the other lane waits; the
+/// next free connection then goes to the oldest of the other lane.
+pub(crate) const MAX_PASSES: u32 = 8;
+
+pub(crate) struct Permits {
+    state: Mutex<State>,
+    /// `false`: one first-come queue (both lanes served in arrival order).
+    lanes: bool,
+}
+
+struct State {
+    free: usize,
+    closed: bool,
+    dispatch: VecDeque<Waiter>,
+    other: VecDeque<Waiter>,
+    /// Dispatch checkouts served in a row while the other lane had a waiter.
+    passes: u32,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Permit>,
+}
+
+/// One connection slot; dropping it hands the slot to the next waiter.
+pub(crate) struct Permit {
+    permits: Option<Arc<Permits>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(p) = self.permits.take() {
+            p.release();
+        }
+    }
+}
+
+impl Permits {
+    pub(crate) fn new(n: usize, lanes: bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                free: n,
+                closed: false,
+                dispatch: VecDeque::new(),
+                other: VecDeque::new(),
+                passes: 0,
+            }),
+            lanes,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot, waiting at most `timeout` (`PoolTimedOut`); `PoolClosed` once closed.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> Result<Permit, sqlx::Error> {
+        let lane = if self.lanes {
+            current_lane()
+        } else {
+            Lane::Other
+        };
+        let rx = {
+            let mut s = self.lock();
+            if s.closed {
+                return Err(sqlx::Error::PoolClosed);
+            }
+            if s.free > 0 {
+                s.free -= 1;
+                return Ok(Permit {
+                    permits: Some(self.clone()),
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            let waiter = Waiter { tx };
+            match lane {
+                Lane::Dispatch => s.dispatch.push_back(waiter),
+                Lane::Other => s.other.push_back(waiter),
+            }
+            rx
+        };
+        // A slot sent just as the timeout fires is dropped with the receiver, and its
+        // drop passes it on to the next waiter.
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
+    fn release(self: &Arc<Self>) {
+        let mut s = self.lock();
+        while let Some(waiter) = s.next_waiter() {
+            let permit = Permit {
+                permits: Some(self.clone()),
+            };
+            match waiter.tx.send(permit) {
+                Ok(()) => return,
+                // That waiter gave up (timed out): the slot goes to the next one. (Disarmed
+                // first: its drop would release again under this lock.)
+                Err(mut unsent) => unsent.permits = None,
+            }
+        }
+        s.free += 1;
+    }
+
+    /// Refuses new checkouts; waiting ones fail with `PoolClosed`.
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.dispatch.clear();
+        s.other.clear();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+impl State {
+    fn next_waiter(&mut self) -> Option<Waiter> {
+        if self.other.is_empty() || self.dispatch.is_empty() {
+            self.passes = 0;
+            return self.dispatch.pop_front().or_else(|| self.other.pop_front());
+        }
+        if self.passes >= MAX_PASSES {
+            self.passes = 0;
+            return self.other.pop_front();
+        }
+        self.passes += 1;
+        self.dispatch.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a checkout in `lane` as its own task, after the ones started before it.
+    async fn waiting(
+        permits: &Arc<Permits>,
+        lane: Lane,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+        name: &'static str,
+    ) -> tokio::task::JoinHandle<Result<Permit, sqlx::Error>> {
+        let (p, o) = (permits.clone(), order.clone());
+        let handle = tokio::spawn(LANE.scope(lane, async move {
+            let permit = p.acquire(Duration::from_secs(5)).await;
+            o.lock().unwrap().push(name);
+            permit
+        }));
+        // Let it reach the queue.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        handle
+    }
+
+    /// Like [`waiting`], the task giving its slot back as soon as it has it.
+    async fn passing(
+        permits: &Arc<Permits>,
+        lane: Lane,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+        name: &'static str,
+    ) -> tokio::task::JoinHandle<Result<(), sqlx::Error>> {
+        let (p, o) = (permits.clone(), order.clone());
+        let handle = tokio::spawn(LANE.scope(lane, async move {
+            let permit = p.acquire(Duration::from_secs(5)).await?;
+            o.lock().unwrap().push(name);
+            drop(permit);
+            Ok(())
+        }));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        handle
+    }
+
+    #[tokio::test]
+    async fn a_dispatch_checkout_is_served_before_earlier_other_ones() {
+        let permits = Permits::new(1, true);
+        let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let read1 = waiting(&permits, Lane::Other, &order, "read1").await;
+        let read2 = waiting(&permits, Lane::Other, &order, "read2").await;
+        let ack = waiting(&permits, Lane::Dispatch, &order, "ack").await;
+        drop(held);
+        let ack = ack.await.unwrap().unwrap();
+        drop(ack);
+        let r1 = read1.await.unwrap().unwrap();
+        drop(r1);
+        read2.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["ack", "read1", "read2"]);
+    }
+
+    #[tokio::test]
+    async fn without_lanes_checkouts_are_served_in_arrival_order() {
+        let permits = Permits::new(1, false);
+        let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let read = waiting(&permits, Lane::Other, &order, "read").await;
+        let ack = waiting(&permits, Lane::Dispatch, &order, "ack").await;
+        drop(held);
+        drop(read.await.unwrap().unwrap());
+        ack.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["read", "ack"]);
+    }
+
+    #[tokio::test]
+    async fn an_other_checkout_is_passed_over_at_most_max_passes_times_in_a_row() {
+        let permits = Permits::new(1, true);
+        let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let read = passing(&permits, Lane::Other, &order, "read").await;
+        let mut acks = Vec::new();
+        for _ in 0..=MAX_PASSES {
+            acks.push(passing(&permits, Lane::Dispatch, &order, "ack").await);
+        }
+        drop(held);
+        // Each served checkout gives its slot back at once (the tasks return it).
+        read.await.unwrap().unwrap();
+        for ack in acks {
+            ack.await.unwrap().unwrap();
+        }
+        let got = order.lock().unwrap().clone();
+        let at = got.iter().position(|n| *n == "read").unwrap();
+        assert_eq!(at, MAX_PASSES as usize, "{got:?}");
+        assert_eq!(got.len(), MAX_PASSES as usize + 2);
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_waiter_passes_the_slot_on_and_none_is_lost() {
+        let permits = Permits::new(2, true);
+        let a = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let b = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let gave_up = permits.acquire(Duration::from_millis(20)).await;
+        assert!(matches!(gave_up, Err(sqlx::Error::PoolTimedOut)));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let next = waiting(&permits, Lane::Other, &order, "next").await;
+        drop(a);
+        let next = next.await.unwrap().unwrap();
+        drop(b);
+        drop(next);
+        // Both slots are free again: two checkouts succeed at once, a third waits.
+        let _x = permits.acquire(Duration::from_millis(10)).await.unwrap();
+        let _y = permits.acquire(Duration::from_millis(10)).await.unwrap();
+        assert!(matches!(
+            permits.acquire(Duration::from_millis(10)).await,
+            Err(sqlx::Error::PoolTimedOut)
+        ));
+    }
+
+    #[tokio::test]
+    async fn closing_fails_waiting_and_new_checkouts() {
+        let permits = Permits::new(1, true);
+        let _held = permits.acquire(Duration::from_secs(1)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiter = waiting(&permits, Lane::Dispatch, &order, "w").await;
+        permits.close();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(sqlx::Error::PoolClosed)
+        ));
+        assert!(matches!(
+            permits.acquire(Duration::from_secs(1)).await,
+            Err(sqlx::Error::PoolClosed)
+        ));
+        assert!(permits.is_closed());
+    }
+}
