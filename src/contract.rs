@@ -66,8 +66,13 @@ impl Provider for PostgresProvider {
     }
 
     async fn read(&self, instance: &str) -> Result<Vec<Event>, ProviderError> {
+        // The worker's read before an activity is on its path: the dispatch lane.
+        let descriptor = self.inner.descriptor_reads.take(instance);
         if let Some(history) = self.inner.handover_reads.take(instance) {
             return Ok(history);
+        }
+        if descriptor {
+            return in_dispatch_lane(self.read_latest_history(instance)).await;
         }
         self.read_latest_history(instance).await
     }
@@ -103,7 +108,13 @@ impl Provider for PostgresProvider {
         session: Option<&SessionFetchConfig>,
         tag_filter: &TagFilter,
     ) -> Result<Option<(WorkItem, String, u32)>, ProviderError> {
-        in_dispatch_lane(self.fetch_work(lock_timeout, poll_timeout, session, tag_filter)).await
+        let fetched =
+            in_dispatch_lane(self.fetch_work(lock_timeout, poll_timeout, session, tag_filter))
+                .await;
+        if let Ok(Some((WorkItem::ActivityExecute { instance, .. }, _, _))) = &fetched {
+            self.inner.descriptor_reads.expect(instance);
+        }
+        fetched
     }
 
     async fn ack_work_item(

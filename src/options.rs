@@ -103,7 +103,8 @@ pub struct ProviderOptions {
     /// error.
     pub acquire_timeout: Duration,
     /// When every connection is busy, serve the runtime's dispatch calls (fetch, ack,
-    /// renew, abandon) before other calls (status reads, client enqueues, admin), so a
+    /// renew, abandon, and the worker's history read before each activity it fetched)
+    /// before other calls (status reads, client enqueues, admin), so a
     /// crowd of clients polling `wait_for_orchestration` does not queue in front of the
     /// turns that would complete their orchestrations, and a lease renewal is not late
     /// behind them. A waiting call of the other lane is passed over by at most 8

@@ -1,6 +1,7 @@
 //! The connection permits of the provider's pool ([`crate::pool`]), handed out in two
-//! lanes: calls of the runtime's dispatchers (fetch, ack, renew, abandon: the turns and
-//! activities in progress) before everything else (status reads, client enqueues, admin).
+//! lanes: calls of the runtime's dispatchers (fetch, ack, renew, abandon, and the
+//! worker's history read before each activity: the turns and activities in progress)
+//! before everything else (status reads, client enqueues, admin).
 //!
 //! Why: one provider usually serves both the runtime and the application's clients. When
 //! every connection is busy, a first-come queue makes a dispatcher's claim or ack wait
@@ -16,10 +17,10 @@
 //! calls that must go first.) With `ProviderOptions::dispatch_lane` off, every call is
 //! served in arrival order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -182,6 +183,62 @@ impl State {
     }
 }
 
+/// Instances with an activity this provider's worker fetch handed out whose descriptor
+/// read has not come yet. duroxide 0.1.32's worker calls `read(instance)` between the
+/// fetch and the activity (for the orchestration's name and version), so that read is
+/// on the worker's path as much as the fetch and the ack: it goes in the dispatch lane
+/// too. Only a hint for the queue order; what the read returns does not change.
+pub(crate) struct DescriptorReads {
+    expected: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// Expectations older than this are dropped (the runtime did not read, e.g. another
+/// duroxide version).
+const DESCRIPTOR_READ_WINDOW: Duration = Duration::from_secs(5);
+/// Beyond this many instances, expired expectations are dropped before a new one is kept.
+const MAX_EXPECTED: usize = 4096;
+
+impl DescriptorReads {
+    pub(crate) fn new() -> Self {
+        Self {
+            expected: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (u32, Instant)>> {
+        self.expected.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A worker fetch handed out an activity of `instance`.
+    pub(crate) fn expect(&self, instance: &str) {
+        let now = Instant::now();
+        let mut expected = self.lock();
+        if expected.len() >= MAX_EXPECTED {
+            expected.retain(|_, (_, at)| now.duration_since(*at) < DESCRIPTOR_READ_WINDOW);
+            if expected.len() >= MAX_EXPECTED {
+                return;
+            }
+        }
+        let e = expected.entry(instance.to_string()).or_insert((0, now));
+        e.0 += 1;
+        e.1 = now;
+    }
+
+    /// Whether a `read(instance)` now is an expected descriptor read (consumes it).
+    pub(crate) fn take(&self, instance: &str) -> bool {
+        let mut expected = self.lock();
+        let Some((count, at)) = expected.get_mut(instance) else {
+            return false;
+        };
+        let live = at.elapsed() < DESCRIPTOR_READ_WINDOW;
+        *count -= 1;
+        if *count == 0 || !live {
+            expected.remove(instance);
+        }
+        live
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +373,17 @@ mod tests {
             Err(sqlx::Error::PoolClosed)
         ));
         assert!(permits.is_closed());
+    }
+
+    #[test]
+    fn a_descriptor_read_is_expected_once_per_fetched_activity() {
+        let reads = DescriptorReads::new();
+        assert!(!reads.take("i"), "nothing fetched: a status read");
+        reads.expect("i");
+        reads.expect("i");
+        assert!(reads.take("i"));
+        assert!(reads.take("i"));
+        assert!(!reads.take("i"), "two activities, two descriptor reads");
+        assert!(!reads.take("other"));
     }
 }

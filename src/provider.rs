@@ -56,6 +56,9 @@ pub(crate) struct Inner {
     pub(crate) handover: bool,
     /// Histories committed by acks that handed activities over (`handover_reads.rs`).
     pub(crate) handover_reads: crate::handover_reads::HandoverReads,
+    /// Descriptor reads to come of activities this provider's worker fetches handed out
+    /// (`permits.rs`: they check connections out in the dispatch lane).
+    pub(crate) descriptor_reads: crate::permits::DescriptorReads,
     /// Fan-in grace of worker acks, in milliseconds (`ProviderOptions::fan_in_grace`).
     pub(crate) fan_in_grace_ms: i64,
     /// The duroxide-pg schema being adopted, quoted (client reads that find nothing here
@@ -298,6 +301,7 @@ impl PostgresProvider {
             handover_reads: crate::handover_reads::HandoverReads::new(
                 options.handover_history_window,
             ),
+            descriptor_reads: crate::permits::DescriptorReads::new(),
             fan_in_grace_ms: i64::try_from(options.fan_in_grace.as_millis()).unwrap_or(i64::MAX),
             adopting_q: resolved.adopting.as_deref().map(quote_ident),
         });
