@@ -10,10 +10,14 @@
 //! a short window (`ProviderOptions::handover_history_window`, default 200 ms) returns
 //! it instead of asking the database.
 //!
+//! A worker fetch of this provider that claims an activity itself (no hand-over) reads
+//! the instance's history in the same call when it is short (`src/worker.rs`), and keeps
+//! it the same way for the read that follows.
+//!
 //! What that read returns is the instance's history as of the ack's commit, which
 //! happened before the read was called: it misses a turn another process acked in
 //! between (a turn needs a lease of its own, taken after this ack; the worker reads
-//! within microseconds of the hand-over). This process's own later acks, history
+//! within microseconds of the hand-over), or as of the worker claim. This process's own later acks, history
 //! appends and deletes drop the entry. A window of zero turns this off.
 
 use std::collections::HashMap;
@@ -87,6 +91,11 @@ impl HandoverReads {
                 until: now + self.window,
             },
         );
+    }
+
+    /// Whether histories are kept at all (a window above zero).
+    pub(crate) fn enabled(&self) -> bool {
+        !self.window.is_zero()
     }
 
     /// The kept history of `instance`, when a read is still owed and the window is open.

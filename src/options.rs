@@ -178,9 +178,11 @@ pub struct ProviderOptions {
     /// How long the history an orchestration ack committed answers the
     /// `read(instance)` that duroxide 0.1.32's worker makes before each activity the ack
     /// handed over (one read per activity; the worker reads it for the orchestration's
-    /// name and version). Such a read costs no round trip; it returns the history as of
-    /// that ack, so it misses only a turn another process acked after it (see README
-    /// "In-process hand-over"). `Duration::ZERO` = every read asks the database. Default
+    /// name and version), and the history a worker fetch read with the activity it
+    /// claimed (histories of at most 100 events) answers that read for it. Such a read
+    /// costs no round trip; it returns the history as of that ack or claim, so it misses
+    /// only a turn another process acked after it (see README "In-process hand-over").
+    /// `Duration::ZERO` = every read asks the database, and fetches read no history. Default
     /// 200 ms, at most [`MAX_HANDOVER_HISTORY_WINDOW`]. Env
     /// `DUROXIDE_PG_HANDOVER_HISTORY_WINDOW_MS`.
     pub handover_history_window: Duration,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use duroxide::providers::{ProviderError, SessionFetchConfig, TagFilter, WorkItem};
 
-use crate::codec::{millis, to_i64, work_item_kind};
+use crate::codec::{decode_history, millis, to_i64, work_item_kind};
 use crate::errors::{db_error, decode_error};
 use crate::handover::{ClaimSpec, Handed, TurnOffer};
 use crate::notify::{Interest, Queue};
@@ -32,14 +32,20 @@ const FETCH: &str = "\
 SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
        c.o_instance_id AS instance_id, c.o_execution_id AS execution_id,
        c.o_activity_id AS activity_id, c.o_session_id AS session_id, c.o_tag AS tag,
-       c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms
-FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
+       c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms, c.o_history AS history
+FROM {s}.claim_worker_item_with_history(p_lock_token => $1, p_lock_timeout_ms => $2,
     p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
-    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8) c";
+    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8,
+    p_history_max => $9) c";
+
+/// The longest history a worker fetch brings along for duroxide's read before the
+/// activity (`claim_worker_item_with_history`); a longer one is read when asked, through
+/// the history cache.
+const FETCH_HISTORY_MAX: i32 = 100;
 
 /// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
 pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
-    name: "claim_worker_item",
+    name: "claim_worker_item_with_history",
     args: &[
         "p_lock_token",
         "p_lock_timeout_ms",
@@ -50,10 +56,11 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
         "p_tags",
         "p_next_wake",
         "p_resend",
+        "p_history_max",
     ],
     columns: Some(
         "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
-         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms",
+         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms, o_history",
     ),
 };
 
@@ -267,6 +274,7 @@ struct LeaseRow {
     tag: Option<String>,
     now_ms: i64,
     next_wake_ms: Option<i64>,
+    history: Option<Vec<String>>,
 }
 
 /// Activity name of a worker row whose JSON does not decode. No worker registers it, so
@@ -358,6 +366,11 @@ impl PostgresProvider {
                 .bind(tag_mode)
                 .bind(tags)
                 .bind(sent.swap(true, Ordering::Relaxed))
+                .bind(if self.inner.handover_reads.enabled() {
+                    FETCH_HISTORY_MAX
+                } else {
+                    0
+                })
         )
         .map_err(|e| db_error(FETCH_OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {
@@ -365,6 +378,12 @@ impl PostgresProvider {
                 wake_in: wake_in(row.now_ms, row.next_wake_ms),
             });
         };
+        // The instance's history as of this claim answers duroxide's read before the
+        // activity (handover_reads.rs). A row that does not decode is left to that read,
+        // which reports it.
+        if let Some(Ok(history)) = row.history.as_deref().map(decode_history) {
+            self.inner.handover_reads.keep(&instance, None, history, 1);
+        }
         Ok(Attempt::Claimed(leased_item(
             Leased {
                 json,

@@ -273,3 +273,88 @@ fn a_window_above_the_limit_is_rejected() {
     let e = o.validate().unwrap_err();
     assert!(e.to_string().contains("handover_history_window"), "{e}");
 }
+
+/// An activity a worker fetch claims itself (no hand-over) brings its instance's history
+/// along when it is short: duroxide's read before the activity costs no round trip and
+/// returns what the database holds; the next read asks the database. A history longer
+/// than the fetch brings, or the window at zero, leaves the read to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_activity_reads_the_history_its_claim_read() {
+    let path = FetchPath::Hybrid;
+    let (direct, guard) = new_provider(path).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let (proxy_off, off) = common::proxied_provider(guard.schema(), path, |o| {
+        o.handover_history_window = Duration::ZERO;
+    })
+    .await;
+
+    // Short: the first turn, acked by another process (nothing handed to `p`).
+    let i = "hr-fetched";
+    direct
+        .enqueue_for_orchestrator(start_item(i), None)
+        .await
+        .unwrap();
+    let (_, token, _) = direct
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .expect("the start");
+    common::ack_events(
+        &direct,
+        &token,
+        vec![started_event(i), scheduled(i, 2), scheduled(i, 3)],
+        vec![activity_item(i, 2), activity_item(i, 3)],
+    )
+    .await;
+    let db = direct.read(i).await.unwrap();
+    assert_eq!(db.len(), 3);
+    let (item, w2, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("an activity");
+    assert!(matches!(item, WorkItem::ActivityExecute { .. }));
+    let (h, trips) = read_counted(&proxy, &p, i).await;
+    assert_eq!(trips, 0, "the fetched activity's read asked the database");
+    assert_eq!(json(&h), json(&db), "what the database holds");
+    let (h, trips) = read_counted(&proxy, &p, i).await;
+    assert!(trips >= 1, "a second read must ask the database");
+    assert_eq!(json(&h), json(&db));
+
+    // The window at zero: the fetch brings nothing, the read asks the database.
+    let (_, w3, _) = off
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("the other activity");
+    let (h, trips) = read_counted(&proxy_off, &off, i).await;
+    assert!(trips >= 1, "window 0: the read asks the database");
+    assert_eq!(json(&h), json(&db));
+    p.ack_work_item(&w2, Some(completion(i, 2))).await.unwrap();
+    off.ack_work_item(&w3, Some(completion(i, 3)))
+        .await
+        .unwrap();
+
+    // Long: more events than a fetch brings along.
+    let long = "hr-long";
+    let mut events = vec![started_event(long)];
+    events.extend((2..=150).map(|id| scheduled(long, id)));
+    direct.append_with_execution(long, 1, events).await.unwrap();
+    direct
+        .enqueue_for_worker(activity_item(long, 150))
+        .await
+        .unwrap();
+    let (_, w, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("the long instance's activity");
+    let (h, trips) = read_counted(&proxy, &p, long).await;
+    assert!(trips >= 1, "a long history is read when asked");
+    assert_eq!(h.len(), 150);
+    p.ack_work_item(&w, Some(completion(long, 150)))
+        .await
+        .unwrap();
+    p.close().await;
+    off.close().await;
+}
