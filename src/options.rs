@@ -179,7 +179,7 @@ pub struct ProviderOptions {
     /// `read(instance)` that duroxide 0.1.32's worker makes before each activity the ack
     /// handed over (one read per activity; the worker reads it for the orchestration's
     /// name and version), and the history a worker fetch read with the activity it
-    /// claimed (histories of at most 100 events) answers that read for it. Such a read
+    /// claimed (histories of at most 100 events and 8 KB) answers that read for it. Such a read
     /// costs no round trip; it returns the history as of that ack or claim, so it misses
     /// only a turn another process acked after it (see README "In-process hand-over").
     /// `Duration::ZERO` = every read asks the database, and fetches read no history. Default

@@ -36,12 +36,14 @@ SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
 FROM {s}.claim_worker_item_with_history(p_lock_token => $1, p_lock_timeout_ms => $2,
     p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
     p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8,
-    p_history_max => $9) c";
+    p_history_max_events => $9, p_history_max_bytes => $10) c";
 
-/// The longest history a worker fetch brings along for duroxide's read before the
-/// activity (`claim_worker_item_with_history`); a longer one is read when asked, through
-/// the history cache.
-const FETCH_HISTORY_MAX: i32 = 100;
+/// The largest history a worker fetch brings along for duroxide's read before the
+/// activity (`claim_worker_item_with_history`): a longer one is read when asked, through
+/// the history cache, which reads only what is new. Bytes are bounded so that a growing
+/// history does not travel whole with every activity.
+const FETCH_HISTORY_MAX_EVENTS: i32 = 100;
+const FETCH_HISTORY_MAX_BYTES: i32 = 8 * 1024;
 
 /// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
 pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
@@ -56,7 +58,8 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
         "p_tags",
         "p_next_wake",
         "p_resend",
-        "p_history_max",
+        "p_history_max_events",
+        "p_history_max_bytes",
     ],
     columns: Some(
         "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
@@ -367,10 +370,11 @@ impl PostgresProvider {
                 .bind(tags)
                 .bind(sent.swap(true, Ordering::Relaxed))
                 .bind(if self.inner.handover_reads.enabled() {
-                    FETCH_HISTORY_MAX
+                    FETCH_HISTORY_MAX_EVENTS
                 } else {
                     0
                 })
+                .bind(FETCH_HISTORY_MAX_BYTES)
         )
         .map_err(|e| db_error(FETCH_OP, None, e))?;
         let (Some(json), Some(instance)) = (row.work_item, row.instance_id) else {

@@ -276,8 +276,9 @@ fn a_window_above_the_limit_is_rejected() {
 
 /// An activity a worker fetch claims itself (no hand-over) brings its instance's history
 /// along when it is short: duroxide's read before the activity costs no round trip and
-/// returns what the database holds; the next read asks the database. A history longer
-/// than the fetch brings, or the window at zero, leaves the read to the database.
+/// returns what the database holds; the next read asks the database. A history with more
+/// events or bytes than the fetch brings, or the window at zero, leaves the read to the
+/// database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetched_activity_reads_the_history_its_claim_read() {
     let path = FetchPath::Hybrid;
@@ -353,6 +354,42 @@ async fn a_fetched_activity_reads_the_history_its_claim_read() {
     assert!(trips >= 1, "a long history is read when asked");
     assert_eq!(h.len(), 150);
     p.ack_work_item(&w, Some(completion(long, 150)))
+        .await
+        .unwrap();
+
+    // Heavy: few events, but more bytes than a fetch brings along.
+    let heavy = "hr-heavy";
+    let big = |id: u64| {
+        Event::with_event_id(
+            id,
+            heavy,
+            1,
+            None,
+            EventKind::ActivityScheduled {
+                name: "A".to_string(),
+                input: "x".repeat(5_000),
+                session_id: None,
+                tag: None,
+            },
+        )
+    };
+    direct
+        .append_with_execution(heavy, 1, vec![started_event(heavy), big(2), big(3)])
+        .await
+        .unwrap();
+    direct
+        .enqueue_for_worker(activity_item(heavy, 3))
+        .await
+        .unwrap();
+    let (_, w, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("the heavy instance's activity");
+    let (h, trips) = read_counted(&proxy, &p, heavy).await;
+    assert!(trips >= 1, "a heavy history is read when asked");
+    assert_eq!(h.len(), 3);
+    p.ack_work_item(&w, Some(completion(heavy, 3)))
         .await
         .unwrap();
     p.close().await;
