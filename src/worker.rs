@@ -28,26 +28,45 @@ use crate::turn::TurnData;
 /// leased comes back, if that attempt committed.
 /// Always one row: the leased item, or NULLs and the next wake-up time (see
 /// `sp_fetch_and_lock`).
+/// The worker claim, and for a claimed activity its instance's history when that is
+/// short (at most $9 events and $10 bytes of the latest execution, the one `read` picks;
+/// NULL otherwise, or with $9 = 0): duroxide 0.1.32's worker reads that history before
+/// every activity, for the orchestration's name and version, and the provider answers
+/// that read with this one (`handover_reads.rs`) instead of a round trip of its own. A
+/// longer history is read when asked, incrementally through the history cache. (In this
+/// statement, not in a PL/pgSQL wrapper of the claim: such a call cost more server time
+/// than the read it saved.) The history is read with the statement's snapshot, taken
+/// before the claim's: the caller keeps it only if it holds the activity's scheduling
+/// event.
 const FETCH: &str = "\
 SELECT c.o_work_item AS work_item, c.o_attempt_count AS attempt_count,
        c.o_instance_id AS instance_id, c.o_execution_id AS execution_id,
        c.o_activity_id AS activity_id, c.o_session_id AS session_id, c.o_tag AS tag,
-       c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms, c.o_history AS history
-FROM {s}.claim_worker_item_with_history(p_lock_token => $1, p_lock_timeout_ms => $2,
+       c.o_now_ms AS now_ms, c.o_next_wake_ms AS next_wake_ms,
+       CASE WHEN $9 > 0 AND c.o_work_item IS NOT NULL THEN (
+           SELECT CASE WHEN count(*) <= $9 AND coalesce(sum(octet_length(r.event_data)), 0) <= $10
+                       THEN array_agg(r.event_data ORDER BY r.event_id) END
+           FROM (SELECT h.event_id, h.event_data
+                 FROM {s}.history h
+                 WHERE h.instance_id = c.o_instance_id
+                   AND h.execution_id = (SELECT coalesce(max(e.execution_id), 1)
+                                         FROM {s}.executions e
+                                         WHERE e.instance_id = c.o_instance_id)
+                 ORDER BY h.event_id
+                 LIMIT $9 + 1) r
+       ) END AS history
+FROM {s}.claim_worker_item(p_lock_token => $1, p_lock_timeout_ms => $2,
     p_has_session => $3, p_owner_id => $4, p_session_lock_timeout_ms => $5,
-    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8,
-    p_history_max_events => $9, p_history_max_bytes => $10) c";
+    p_tag_mode => $6, p_tags => $7, p_next_wake => TRUE, p_resend => $8) c";
 
-/// The largest history a worker fetch brings along for duroxide's read before the
-/// activity (`claim_worker_item_with_history`): a longer one is read when asked, through
-/// the history cache, which reads only what is new. Bytes are bounded so that a growing
-/// history does not travel whole with every activity.
+/// The largest history a worker fetch brings along (see [`FETCH`]). Bytes are bounded so
+/// that a growing history does not travel whole with every activity.
 const FETCH_HISTORY_MAX_EVENTS: i32 = 100;
 const FETCH_HISTORY_MAX_BYTES: i32 = 8 * 1024;
 
 /// Signature of the worker claim, for `tests/sql_boundary.rs` (called inside [`FETCH`]).
 pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
-    name: "claim_worker_item_with_history",
+    name: "claim_worker_item",
     args: &[
         "p_lock_token",
         "p_lock_timeout_ms",
@@ -58,12 +77,10 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
         "p_tags",
         "p_next_wake",
         "p_resend",
-        "p_history_max_events",
-        "p_history_max_bytes",
     ],
     columns: Some(
         "o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id, \
-         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms, o_history",
+         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms",
     ),
 };
 
@@ -382,11 +399,21 @@ impl PostgresProvider {
                 wake_in: wake_in(row.now_ms, row.next_wake_ms),
             });
         };
-        // The instance's history as of this claim answers duroxide's read before the
-        // activity (handover_reads.rs). A row that does not decode is left to that read,
-        // which reports it.
-        if let Some(Ok(history)) = row.history.as_deref().map(decode_history) {
-            self.inner.handover_reads.keep(&instance, None, history, 1);
+        // The instance's history answers duroxide's read before the activity
+        // (handover_reads.rs) when it holds the activity's scheduling event: read with a
+        // snapshot from just before the claim, it could predate the turn that scheduled
+        // the activity. A row that does not decode is left to that read, which reports it.
+        if let (Some(Ok(history)), Some(execution), Some(activity)) = (
+            row.history.as_deref().map(decode_history),
+            row.execution_id.and_then(|e| u64::try_from(e).ok()),
+            row.activity_id.and_then(|a| u64::try_from(a).ok()),
+        ) {
+            if history
+                .iter()
+                .any(|e| e.event_id() == activity && e.execution_id == execution)
+            {
+                self.inner.handover_reads.keep(&instance, None, history, 1);
+            }
         }
         Ok(Attempt::Claimed(leased_item(
             Leased {

@@ -277,8 +277,8 @@ fn a_window_above_the_limit_is_rejected() {
 /// An activity a worker fetch claims itself (no hand-over) brings its instance's history
 /// along when it is short: duroxide's read before the activity costs no round trip and
 /// returns what the database holds; the next read asks the database. A history with more
-/// events or bytes than the fetch brings, or the window at zero, leaves the read to the
-/// database.
+/// events or bytes than the fetch brings, one without the activity's scheduling event, or
+/// the window at zero, leaves the read to the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetched_activity_reads_the_history_its_claim_read() {
     let path = FetchPath::Hybrid;
@@ -390,6 +390,32 @@ async fn a_fetched_activity_reads_the_history_its_claim_read() {
     assert!(trips >= 1, "a heavy history is read when asked");
     assert_eq!(h.len(), 3);
     p.ack_work_item(&w, Some(completion(heavy, 3)))
+        .await
+        .unwrap();
+
+    // A history without the activity's scheduling event (read before the turn that
+    // scheduled it committed, as far as the fetch can tell) is not kept.
+    let early = "hr-early";
+    direct
+        .append_with_execution(early, 1, vec![started_event(early), scheduled(early, 2)])
+        .await
+        .unwrap();
+    direct
+        .enqueue_for_worker(activity_item(early, 7))
+        .await
+        .unwrap();
+    let (_, w, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("the early instance's activity");
+    let (h, trips) = read_counted(&proxy, &p, early).await;
+    assert!(
+        trips >= 1,
+        "a history without the scheduling event is not kept"
+    );
+    assert_eq!(h.len(), 2);
+    p.ack_work_item(&w, Some(completion(early, 7)))
         .await
         .unwrap();
     p.close().await;

@@ -1,4 +1,4 @@
--- revision: 22
+-- revision: 20
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -172,80 +172,6 @@ BEGIN
               w.session_id, w.tag
     INTO o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id,
          o_session_id, o_tag;
-    RETURN NEXT;
-END;
-$fn$;
-
--- The worker fetch: claim_worker_item, then, for a claimed activity, its instance's
--- history when that is short (the latest execution, the one read() picks in
--- src/history.rs, when it has at most p_history_max_events events of at most
--- p_history_max_bytes bytes in all; NULL otherwise, or with p_history_max_events 0).
--- duroxide 0.1.32's worker reads the instance's history before every activity, for the
--- orchestration's name and version; the provider answers that read with this one
--- (src/handover_reads.rs, within ProviderOptions::handover_history_window) instead of a
--- round trip of its own. A longer history is left to that read, which the history cache
--- makes incremental: bytes per activity stay bounded either way. Read after the claim,
--- in a statement of its own, so it includes the turn that scheduled the activity.
--- Revision 21 added it; revision 22 added the byte bound (the one-bound signature of
--- revision 21 is dropped: nothing released calls it).
-DROP FUNCTION IF EXISTS claim_worker_item_with_history(
-    TEXT, BIGINT, BOOLEAN, TEXT, BIGINT, INT, TEXT[], BOOLEAN, BOOLEAN, INT);
-CREATE OR REPLACE FUNCTION claim_worker_item_with_history(
-    p_lock_token               TEXT,
-    p_lock_timeout_ms          BIGINT,
-    p_has_session              BOOLEAN,
-    p_owner_id                 TEXT,
-    p_session_lock_timeout_ms  BIGINT,
-    p_tag_mode                 INT,
-    p_tags                     TEXT[],
-    p_next_wake                BOOLEAN,
-    p_resend                   BOOLEAN,
-    p_history_max_events       INT,
-    p_history_max_bytes        INT
-)
-RETURNS TABLE (
-    o_work_item     TEXT,
-    o_attempt_count INT,
-    o_instance_id   TEXT,
-    o_execution_id  BIGINT,
-    o_activity_id   BIGINT,
-    o_session_id    TEXT,
-    o_tag           TEXT,
-    o_now_ms        BIGINT,
-    o_candidate     BOOLEAN,
-    o_next_wake_ms  BIGINT,
-    o_history       TEXT[]
-)
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-SET plan_cache_mode = force_generic_plan
-AS $fn$
-DECLARE
-    v_execution BIGINT;
-    v_bytes     BIGINT;
-BEGIN
-    SELECT c.o_work_item, c.o_attempt_count, c.o_instance_id, c.o_execution_id,
-           c.o_activity_id, c.o_session_id, c.o_tag, c.o_now_ms, c.o_candidate,
-           c.o_next_wake_ms
-    INTO o_work_item, o_attempt_count, o_instance_id, o_execution_id, o_activity_id,
-         o_session_id, o_tag, o_now_ms, o_candidate, o_next_wake_ms
-    FROM claim_worker_item(p_lock_token, p_lock_timeout_ms, p_has_session, p_owner_id,
-                           p_session_lock_timeout_ms, p_tag_mode, p_tags, p_next_wake,
-                           p_resend) c;
-    IF o_work_item IS NOT NULL AND p_history_max_events > 0 THEN
-        SELECT coalesce(max(e.execution_id), 1) INTO v_execution
-        FROM executions e WHERE e.instance_id = o_instance_id;
-        SELECT array_agg(r.event_data ORDER BY r.event_id), sum(octet_length(r.event_data))
-        INTO o_history, v_bytes
-        FROM (SELECT h.event_id, h.event_data
-              FROM history h
-              WHERE h.instance_id = o_instance_id AND h.execution_id = v_execution
-              ORDER BY h.event_id
-              LIMIT p_history_max_events + 1) r;
-        IF cardinality(o_history) > p_history_max_events OR v_bytes > p_history_max_bytes THEN
-            o_history := NULL;
-        END IF;
-    END IF;
     RETURN NEXT;
 END;
 $fn$;
