@@ -243,27 +243,8 @@ impl DescriptorReads {
 mod tests {
     use super::*;
 
-    /// Starts a checkout in `lane` as its own task, after the ones started before it.
-    async fn waiting(
-        permits: &Arc<Permits>,
-        lane: Lane,
-        order: &Arc<Mutex<Vec<&'static str>>>,
-        name: &'static str,
-    ) -> tokio::task::JoinHandle<Result<Permit, sqlx::Error>> {
-        let (p, o) = (permits.clone(), order.clone());
-        let handle = tokio::spawn(LANE.scope(lane, async move {
-            let permit = p.acquire(Duration::from_secs(5)).await;
-            o.lock().unwrap().push(name);
-            permit
-        }));
-        // Let it reach the queue.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        handle
-    }
-
-    /// Like [`waiting`], the task giving its slot back as soon as it has it.
+    /// Starts a checkout in `lane` as its own task, after the ones started before it; the
+    /// task notes its name in `order` when served and gives its slot back at once.
     async fn passing(
         permits: &Arc<Permits>,
         lane: Lane,
@@ -277,6 +258,7 @@ mod tests {
             drop(permit);
             Ok(())
         }));
+        // Let it reach the queue.
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
@@ -288,15 +270,13 @@ mod tests {
         let permits = Permits::new(1, true);
         let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let read1 = waiting(&permits, Lane::Other, &order, "read1").await;
-        let read2 = waiting(&permits, Lane::Other, &order, "read2").await;
-        let ack = waiting(&permits, Lane::Dispatch, &order, "ack").await;
+        let read1 = passing(&permits, Lane::Other, &order, "read1").await;
+        let read2 = passing(&permits, Lane::Other, &order, "read2").await;
+        let ack = passing(&permits, Lane::Dispatch, &order, "ack").await;
         drop(held);
-        let ack = ack.await.unwrap().unwrap();
-        drop(ack);
-        let r1 = read1.await.unwrap().unwrap();
-        drop(r1);
-        read2.await.unwrap().unwrap();
+        for task in [ack, read1, read2] {
+            task.await.unwrap().unwrap();
+        }
         assert_eq!(*order.lock().unwrap(), vec!["ack", "read1", "read2"]);
     }
 
@@ -305,10 +285,10 @@ mod tests {
         let permits = Permits::new(1, false);
         let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let read = waiting(&permits, Lane::Other, &order, "read").await;
-        let ack = waiting(&permits, Lane::Dispatch, &order, "ack").await;
+        let read = passing(&permits, Lane::Other, &order, "read").await;
+        let ack = passing(&permits, Lane::Dispatch, &order, "ack").await;
         drop(held);
-        drop(read.await.unwrap().unwrap());
+        read.await.unwrap().unwrap();
         ack.await.unwrap().unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["read", "ack"]);
     }
@@ -324,7 +304,6 @@ mod tests {
             acks.push(passing(&permits, Lane::Dispatch, &order, "ack").await);
         }
         drop(held);
-        // Each served checkout gives its slot back at once (the tasks return it).
         read.await.unwrap().unwrap();
         for ack in acks {
             ack.await.unwrap().unwrap();
@@ -343,11 +322,10 @@ mod tests {
         let gave_up = permits.acquire(Duration::from_millis(20)).await;
         assert!(matches!(gave_up, Err(sqlx::Error::PoolTimedOut)));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let next = waiting(&permits, Lane::Other, &order, "next").await;
+        let next = passing(&permits, Lane::Other, &order, "next").await;
         drop(a);
-        let next = next.await.unwrap().unwrap();
+        next.await.unwrap().unwrap();
         drop(b);
-        drop(next);
         // Both slots are free again: two checkouts succeed at once, a third waits.
         let _x = permits.acquire(Duration::from_millis(10)).await.unwrap();
         let _y = permits.acquire(Duration::from_millis(10)).await.unwrap();
@@ -362,7 +340,7 @@ mod tests {
         let permits = Permits::new(1, true);
         let _held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let waiter = waiting(&permits, Lane::Dispatch, &order, "w").await;
+        let waiter = passing(&permits, Lane::Dispatch, &order, "w").await;
         permits.close();
         assert!(matches!(
             waiter.await.unwrap(),

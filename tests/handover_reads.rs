@@ -274,6 +274,37 @@ fn a_window_above_the_limit_is_rejected() {
     assert!(e.to_string().contains("handover_history_window"), "{e}");
 }
 
+/// `events` appended to `instance` and its activity `activity` queued through `direct`,
+/// then fetched (and acked) by `p`: the history `p.read` returned between the two, and
+/// its round trips.
+async fn fetch_then_read(
+    direct: &PostgresProvider,
+    proxy: &Proxy,
+    p: &PostgresProvider,
+    instance: &str,
+    events: Vec<Event>,
+    activity: u64,
+) -> (Vec<Event>, u64) {
+    direct
+        .append_with_execution(instance, 1, events)
+        .await
+        .unwrap();
+    direct
+        .enqueue_for_worker(activity_item(instance, activity))
+        .await
+        .unwrap();
+    let (_, w, _) = p
+        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
+        .await
+        .unwrap()
+        .expect("the queued activity");
+    let read = read_counted(proxy, p, instance).await;
+    p.ack_work_item(&w, Some(completion(instance, activity)))
+        .await
+        .unwrap();
+    read
+}
+
 /// An activity a worker fetch claims itself (no hand-over) brings its instance's history
 /// along when it is short: duroxide's read before the activity costs no round trip and
 /// returns what the database holds; the next read asks the database. A history with more
@@ -340,22 +371,9 @@ async fn a_fetched_activity_reads_the_history_its_claim_read() {
     let long = "hr-long";
     let mut events = vec![started_event(long)];
     events.extend((2..=150).map(|id| scheduled(long, id)));
-    direct.append_with_execution(long, 1, events).await.unwrap();
-    direct
-        .enqueue_for_worker(activity_item(long, 150))
-        .await
-        .unwrap();
-    let (_, w, _) = p
-        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
-        .await
-        .unwrap()
-        .expect("the long instance's activity");
-    let (h, trips) = read_counted(&proxy, &p, long).await;
+    let (h, trips) = fetch_then_read(&direct, &proxy, &p, long, events, 150).await;
     assert!(trips >= 1, "a long history is read when asked");
     assert_eq!(h.len(), 150);
-    p.ack_work_item(&w, Some(completion(long, 150)))
-        .await
-        .unwrap();
 
     // Heavy: few events, but more bytes than a fetch brings along.
     let heavy = "hr-heavy";
@@ -373,51 +391,21 @@ async fn a_fetched_activity_reads_the_history_its_claim_read() {
             },
         )
     };
-    direct
-        .append_with_execution(heavy, 1, vec![started_event(heavy), big(2), big(3)])
-        .await
-        .unwrap();
-    direct
-        .enqueue_for_worker(activity_item(heavy, 3))
-        .await
-        .unwrap();
-    let (_, w, _) = p
-        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
-        .await
-        .unwrap()
-        .expect("the heavy instance's activity");
-    let (h, trips) = read_counted(&proxy, &p, heavy).await;
+    let events = vec![started_event(heavy), big(2), big(3)];
+    let (h, trips) = fetch_then_read(&direct, &proxy, &p, heavy, events, 3).await;
     assert!(trips >= 1, "a heavy history is read when asked");
     assert_eq!(h.len(), 3);
-    p.ack_work_item(&w, Some(completion(heavy, 3)))
-        .await
-        .unwrap();
 
     // A history without the activity's scheduling event (read before the turn that
     // scheduled it committed, as far as the fetch can tell) is not kept.
     let early = "hr-early";
-    direct
-        .append_with_execution(early, 1, vec![started_event(early), scheduled(early, 2)])
-        .await
-        .unwrap();
-    direct
-        .enqueue_for_worker(activity_item(early, 7))
-        .await
-        .unwrap();
-    let (_, w, _) = p
-        .fetch_work_item(LOCK, NOW, None, &TagFilter::DefaultOnly)
-        .await
-        .unwrap()
-        .expect("the early instance's activity");
-    let (h, trips) = read_counted(&proxy, &p, early).await;
+    let events = vec![started_event(early), scheduled(early, 2)];
+    let (h, trips) = fetch_then_read(&direct, &proxy, &p, early, events, 7).await;
     assert!(
         trips >= 1,
         "a history without the scheduling event is not kept"
     );
     assert_eq!(h.len(), 2);
-    p.ack_work_item(&w, Some(completion(early, 7)))
-        .await
-        .unwrap();
     p.close().await;
     off.close().await;
 }
