@@ -37,10 +37,11 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::credentials::Credentials;
-use crate::permits::{Permit, Permits};
 use futures::future::BoxFuture;
 use sqlx::{Connection, Executor, PgConnection};
+
+use crate::credentials::Credentials;
+use crate::permits::{Permit, Permits};
 
 pub(crate) struct ConnPool {
     inner: Arc<PoolInner>,
