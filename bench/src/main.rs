@@ -86,7 +86,8 @@ struct Cli {
     #[arg(long, value_enum, value_delimiter = ',')]
     provider: Vec<ProviderKind>,
     /// Simulated round-trip times in ms, comma-separated. Each is applied by a loopback
-    /// proxy delaying each direction by half. Default: 0,10,50 for latency, 0 otherwise.
+    /// proxy delaying each direction by half. Default: 0,10,50 for latency, 0 otherwise
+    /// (provider-throughput runs at the first one only).
     #[arg(long, value_delimiter = ',')]
     rtt_ms: Vec<u64>,
     /// Runs per measurement (results are medians with min–max).

@@ -95,6 +95,9 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
     let duration_secs = opts
         .duration_secs
         .unwrap_or(if opts.quick { 4 } else { 10 });
+    // One simulated round trip (the first of --rtt-ms; 0 by default): the proxy is in
+    // the path anyway, to count round trips.
+    let rtt = opts.rtts(&[0])[0];
     let mut out = Vec::new();
     for &(oc, wc) in &configs {
         let case = format!("{oc}:{wc}");
@@ -102,7 +105,7 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
         for run in 0..opts.runs {
             // Providers interleaved within each run: drift on a shared machine hits all.
             for &kind in &opts.providers {
-                let session = env.session("ptp", kind, 0, true, false).await?;
+                let session = env.session("ptp", kind, rtt, true, false).await?;
                 let counting = Arc::new(Counting::new(session.dyn_provider()));
                 let calls = counting.calls.clone();
                 let by_method = counting.by_method.clone();
@@ -142,7 +145,7 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                 let (server_calls, exec_ms) = server_row?;
                 let n = r.completed.max(1) as f64;
                 eprintln!(
-                    "  provider-throughput {case} {kind} run {}: {:.1} orch/s ({} completed, {} failed), per orch: {:.1} calls, {:.1} stmts, {:.2} ms server",
+                    "  provider-throughput {case} rtt={rtt}ms {kind} run {}: {:.1} orch/s ({} completed, {} failed), per orch: {:.1} calls, {:.1} stmts, {:.2} ms server",
                     run + 1,
                     r.orch_throughput,
                     r.completed,
@@ -196,7 +199,7 @@ async fn measure(env: &Env, opts: &Opts, server: &str) -> Result<Vec<Record>, Bo
                 "tasks_per_instance": FAN_OUT, "activity_delay_ms": 0, "server": server,
             });
             let rec = |metric: &str, unit: &str, v: Vec<f64>| {
-                Record::new(SCENARIO, &provider, &case, 0, metric, unit, v)
+                Record::new(SCENARIO, &provider, &case, rtt, metric, unit, v)
             };
             out.push(rec("orch_per_s", "orch/s", runs.orch).with_extra(extra));
             out.push(rec("provider_calls_per_orch", "calls", runs.calls));
