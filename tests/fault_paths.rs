@@ -173,33 +173,157 @@ async fn lost_reply_to_an_enqueue_that_handed_a_turn_over_gives_the_turn_back() 
     let _ = direct;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_reply_to_a_claim_is_not_sent_again_unless_it_can_return_its_item() {
-    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
-    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+/// A turn claim whose reply is lost is sent again with the same token and returns the
+/// claim its first attempt committed: the same instance, one lease, one attempt counted,
+/// and an ack with the returned token completes the turn. (Before, the call failed and
+/// the instance stayed leased until the lease ran out.)
+async fn a_lost_turn_claim_reply_is_answered_by_its_resend(path: FetchPath) {
+    let (direct, guard) = new_provider(path).await;
+    let (proxy, p) = proxied(guard.schema(), |o| o.fetch_path = Some(path)).await;
     direct
         .enqueue_for_orchestrator(start_item("claim-o"), None)
         .await
         .unwrap();
     direct
-        .enqueue_for_worker(activity_item("claim-w", 1))
+        .enqueue_for_orchestrator(start_item("claim-other"), None)
         .await
         .unwrap();
 
     proxy.faults().swallow_next_reply_with_08p01();
-    let r = p.fetch_orchestration_item(LOCK, Duration::ZERO, None).await;
-    assert!(!proxy.faults().armed(), "the fault fired: {r:?}");
-    let e = r.expect_err("a claim whose outcome is unknown must not look like an empty queue");
-    assert!(e.is_retryable(), "{e}");
-    // The claim ran once: one lease, one attempt.
+    let (item, lock_token, attempts) = p
+        .fetch_orchestration_item(LOCK, Duration::ZERO, None)
+        .await
+        .expect("the resent claim answers")
+        .expect("the claim the first attempt made");
+    assert!(!proxy.faults().armed(), "the fault fired ({path:?})");
+    assert_eq!(attempts, 1, "one attempt counted ({path:?})");
+    assert_eq!(item.messages.len(), 1, "{path:?}");
+    assert_eq!(item.history_error, None, "{path:?}");
     assert_eq!(
         scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await,
-        1
+        1,
+        "one lease, not a second instance claimed by the resend ({path:?})"
+    );
+    let leased: String = sqlx::query_scalar(&format!(
+        "SELECT instance_id FROM {}.instance_locks WHERE lock_token = $1",
+        quote_ident(p.schema())
+    ))
+    .bind(&lock_token)
+    .fetch_one(p.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        leased, item.instance,
+        "the returned token is the live lease's"
     );
     assert_eq!(
-        scalar(&p, "SELECT max(attempt_count)::BIGINT FROM {s}.orchestrator_queue WHERE instance_id = 'claim-o'").await,
+        scalar(
+            &p,
+            "SELECT max(attempt_count)::BIGINT FROM {s}.orchestrator_queue WHERE lock_token IS NOT NULL"
+        )
+        .await,
         1
     );
+    p.abandon_orchestration_item(&lock_token, None, false)
+        .await
+        .expect("the returned lease is the live one");
+    assert_eq!(
+        scalar(&p, "SELECT count(*) FROM {s}.instance_locks").await,
+        0,
+        "the abandon ended it"
+    );
+    p.close().await;
+    let _ = direct;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_turn_claim_reply_is_answered_by_its_resend_hybrid() {
+    a_lost_turn_claim_reply_is_answered_by_its_resend(FetchPath::Hybrid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_turn_claim_reply_is_answered_by_its_resend_procedure() {
+    a_lost_turn_claim_reply_is_answered_by_its_resend(FetchPath::Procedure).await;
+}
+
+/// The resend rule in SQL: a resend finds the first attempt's lease only while it is
+/// live; after it expired, the resend claims as usual under a token of its own, so the
+/// expired lease's token (and the batch it tagged) is never taken for the new claim's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_turn_claim_never_reuses_an_expired_leases_token() {
+    let (p, _guard) = new_provider(FetchPath::Hybrid).await;
+    p.enqueue_for_orchestrator(start_item("exp-o"), None)
+        .await
+        .unwrap();
+    let s = quote_ident(p.schema());
+    let claim = |resend: bool| {
+        format!(
+            "SELECT o_instance_id, o_lock_token, o_attempt_count FROM {s}.sp_fetch_and_lock(\
+             p_lock_timeout_ms => 30000, p_filter_enabled => FALSE, p_min_major => 0, \
+             p_min_minor => 0, p_min_patch => 0, p_max_major => 0, p_max_minor => 0, \
+             p_max_patch => 0, p_lock_token => 'lock_first', p_resend => {resend})"
+        )
+    };
+    type Row = (Option<String>, Option<String>, Option<i32>);
+    let first: Row = sqlx::query_as(&claim(false))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        (Some("exp-o".into()), Some("lock_first".into()), Some(1)),
+        "the first attempt leases under the caller's token"
+    );
+    let again: Row = sqlx::query_as(&claim(true))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(again, first, "a resend while the lease lives returns it");
+
+    // The lease runs out (and the claim state says so).
+    for table in ["instance_locks", "pending_instances"] {
+        sqlx::query(&format!(
+            "UPDATE {s}.{table} SET locked_until_ms = 0{}",
+            if table == "pending_instances" {
+                ", claimable_at_ms = 0"
+            } else {
+                ""
+            }
+        ))
+        .execute(p.pool())
+        .await
+        .unwrap();
+    }
+    let (instance, token, attempts): Row = sqlx::query_as(&claim(true))
+        .fetch_one(p.pool())
+        .await
+        .unwrap();
+    assert_eq!(instance.as_deref(), Some("exp-o"), "claimed again as usual");
+    assert_ne!(
+        token.as_deref(),
+        Some("lock_first"),
+        "under a token of its own"
+    );
+    assert_eq!(attempts, Some(2), "a second attempt");
+    assert_eq!(
+        scalar(
+            &p,
+            "SELECT count(*) FROM {s}.orchestrator_queue WHERE lock_token = 'lock_first'"
+        )
+        .await,
+        0,
+        "the batch is tagged with the new token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_a_worker_claim_returns_its_item() {
+    let (direct, guard) = new_provider(FetchPath::Hybrid).await;
+    let (proxy, p) = proxied(guard.schema(), |_| {}).await;
+    direct
+        .enqueue_for_worker(activity_item("claim-w", 1))
+        .await
+        .unwrap();
 
     // The worker claim carries its token from the caller: its resend gets the item the
     // lost reply carried (same lease, one attempt), not a second one.

@@ -1,4 +1,4 @@
--- revision: 5
+-- revision: 6
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
@@ -363,12 +363,25 @@ $fn$;
 -- claimable time (NULL = never). Callers sleep on the database clock (o_now_ms), so
 -- their own clocks never matter. p_max_candidates bounds the instances one call
 -- examines.
+--
+-- p_lock_token: the lease's token, chosen by the caller (NULL: made here), so that a
+-- resend of a call whose reply was lost (p_resend, same token) can be answered: when
+-- the first attempt committed and its lease is still live, the resend returns that
+-- claim (same instance, batch and attempt count) instead of claiming another instance
+-- and leaving the first leased until it expires. Otherwise the resend claims as usual,
+-- under a token made here (rows the first attempt may have left with the caller's token,
+-- an expired lease and its tagged batch, must never be taken for the new claim's).
+-- Revision 6 added both arguments; the signature without them is dropped (earlier
+-- callers, positional or named, resolve to this one through the defaults).
+DROP FUNCTION IF EXISTS sp_fetch_and_lock(BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT, INT);
 CREATE OR REPLACE FUNCTION sp_fetch_and_lock(
     p_lock_timeout_ms  BIGINT,
     p_filter_enabled   BOOLEAN,
     p_min_major INT, p_min_minor INT, p_min_patch INT,
     p_max_major INT, p_max_minor INT, p_max_patch INT,
-    p_max_candidates   INT DEFAULT 64
+    p_max_candidates   INT DEFAULT 64,
+    p_lock_token       TEXT DEFAULT NULL,
+    p_resend           BOOLEAN DEFAULT FALSE
 )
 RETURNS TABLE (
     o_instance_id    TEXT,
@@ -391,10 +404,29 @@ DECLARE
     v_step       RECORD;
     v_lock_space INT;
 BEGIN
+    o_now_ms := now_ms();
+    IF p_resend AND p_lock_token IS NOT NULL THEN
+        SELECT l.instance_id INTO v_instance
+        FROM instance_locks l
+        WHERE l.lock_token = p_lock_token AND l.locked_until_ms > o_now_ms;
+        IF FOUND THEN
+            o_instance_id := v_instance;
+            o_lock_token := p_lock_token;
+            -- As claim_instance's step 5 found them.
+            o_execution_id := coalesce(
+                (SELECT i.current_execution_id FROM instances i WHERE i.instance_id = v_instance),
+                (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = v_instance),
+                1);
+            o_attempt_count := (SELECT max(q.attempt_count) FROM orchestrator_queue q
+                                WHERE q.lock_token = p_lock_token);
+            o_skipped := 0;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
     -- Nothing claimable by anyone (every instance leased, waiting or idle: most empty
     -- claims of a busy fleet): one index probe answers, instead of the pick and the
     -- contention check, which would both find nothing.
-    o_now_ms := now_ms();
     IF NOT EXISTS (SELECT 1 FROM pending_instances p
                    WHERE p.runnable AND p.claimable_at_ms <= o_now_ms) THEN
         o_skipped := 0;
@@ -416,7 +448,10 @@ BEGIN
         -- this call never waits for it. A subtransaction per claim cost more than that.
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(v_lock_space, hashtext(v_instance));
 
-        v_token := 'lock_' || gen_random_uuid()::TEXT;
+        -- (A candidate that is not claimed leaves no row with the token: see step 5.)
+        v_token := CASE WHEN p_resend OR p_lock_token IS NULL
+                        THEN 'lock_' || gen_random_uuid()::TEXT
+                        ELSE p_lock_token END;
         SELECT * INTO v_step
         FROM claim_instance(v_instance, v_token, p_lock_timeout_ms, p_filter_enabled,
                             p_min_major, p_min_minor, p_min_patch,

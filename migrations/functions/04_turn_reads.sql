@@ -1,4 +1,4 @@
--- revision: 4
+-- revision: 5
 -- The four reads of an orchestration fetch, defined ONCE and used by both fetch paths:
 -- the hybrid path calls them from Rust concurrently on separate connections, the
 -- full-procedure path calls them inside fetch_orchestration_turn (this release) or
@@ -276,7 +276,12 @@ $fn$;
 -- passes its cache entries as parallel arrays (instance, execution, last event id,
 -- guard); when the claimed instance's current execution is among them, its history is
 -- read with read_history_since (only the new events, or everything if the guard fails).
--- fetch_orchestration_full stays as it was for releases that call it.
+-- fetch_orchestration_full stays as it was for releases that call it. p_lock_token and
+-- p_resend are sp_fetch_and_lock's (a resend after a lost reply returns the claim its
+-- first attempt made, with the turn read again); revision 5 added them and dropped the
+-- signature without them.
+DROP FUNCTION IF EXISTS fetch_orchestration_turn(BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT,
+    TEXT[], BIGINT[], BIGINT[], BIGINT[], INT);
 CREATE OR REPLACE FUNCTION fetch_orchestration_turn(
     p_lock_timeout_ms  BIGINT,
     p_filter_enabled   BOOLEAN,
@@ -286,7 +291,9 @@ CREATE OR REPLACE FUNCTION fetch_orchestration_turn(
     p_history_execution_ids   BIGINT[],
     p_history_after_event_ids BIGINT[],
     p_history_guards          BIGINT[],
-    p_max_candidates   INT DEFAULT 64
+    p_max_candidates   INT DEFAULT 64,
+    p_lock_token       TEXT DEFAULT NULL,
+    p_resend           BOOLEAN DEFAULT FALSE
 )
 RETURNS TABLE (
     o_instance_id            TEXT,
@@ -324,7 +331,7 @@ BEGIN
     FROM sp_fetch_and_lock(p_lock_timeout_ms, p_filter_enabled,
                            p_min_major, p_min_minor, p_min_patch,
                            p_max_major, p_max_minor, p_max_patch,
-                           p_max_candidates) c;
+                           p_max_candidates, p_lock_token, p_resend) c;
 
     o_instance_id := v_claim.o_instance_id;
     o_lock_token := v_claim.o_lock_token;

@@ -1,30 +1,43 @@
 //! The claim: one call of `sp_fetch_and_lock` (protocol: migrations/functions/03_claim.sql),
 //! and the release of a claim whose reads failed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use duroxide::providers::ProviderError;
 
 use super::{Claim, ClaimArgs, OP};
 use crate::errors::db_error;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
-use crate::sql_fn::SqlFunction;
+use crate::sql_fn::{Args, SqlFunction};
 
-/// Arguments of the claim, shared by `sp_fetch_and_lock` and `fetch_orchestration_full`
-/// (bound by `ClaimArgs::bind`). `p_max_candidates` keeps its default.
-pub(crate) const CLAIM_ARGS: &[&str] = &[
-    "p_lock_timeout_ms",
-    "p_filter_enabled",
-    "p_min_major",
-    "p_min_minor",
-    "p_min_patch",
-    "p_max_major",
-    "p_max_minor",
-    "p_max_patch",
-];
+/// The argument names of a function that starts with the claim's arguments (as
+/// `sp_fetch_and_lock`, `fetch_orchestration_turn` and `fetch_orchestration_full` do, in
+/// this order; bound by `ClaimArgs::bind_to`), followed by `extra`.
+macro_rules! claim_args {
+    ($($extra:literal),* $(,)?) => {
+        &[
+            "p_lock_timeout_ms",
+            "p_filter_enabled",
+            "p_min_major",
+            "p_min_minor",
+            "p_min_patch",
+            "p_max_major",
+            "p_max_minor",
+            "p_max_patch",
+            $($extra),*
+        ]
+    };
+}
+pub(crate) use claim_args;
+
+/// Instances one claim examines at most (the functions' default, bound because the
+/// token arguments follow it).
+pub(crate) const MAX_CANDIDATES: i32 = 64;
 
 pub(crate) static SP_FETCH_AND_LOCK: SqlFunction = SqlFunction {
     name: "sp_fetch_and_lock",
-    args: CLAIM_ARGS,
+    args: claim_args!("p_max_candidates", "p_lock_token", "p_resend"),
     columns: Some(
         "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, o_skipped",
     ),
@@ -45,10 +58,21 @@ struct ClaimRow {
 impl PostgresProvider {
     pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
         let sql = self.call_sql(&SP_FETCH_AND_LOCK);
+        // One token per call, reused by resends: a resend after a lost reply gets the claim
+        // its first attempt made, if that committed (else it claims as usual).
+        let token = new_lock_token();
+        let sent = AtomicBool::new(false);
+        let args = || {
+            a.bind_to(Args::new(&SP_FETCH_AND_LOCK))
+                .bind("p_max_candidates", MAX_CANDIDATES)
+                .bind("p_lock_token", &token)
+                .bind("p_resend", sent.swap(true, Ordering::Relaxed))
+                .finish(OP)
+        };
         let row = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
-            sqlx::query_as_with::<_, ClaimRow, _>(&sql, a.bind(&SP_FETCH_AND_LOCK)?)
+            sqlx::query_as_with::<_, ClaimRow, _>(&sql, args()?)
         )
         .map_err(|e| db_error(OP, None, e))?;
         super::record_skipped(row.o_skipped);
@@ -79,4 +103,10 @@ impl PostgresProvider {
             );
         }
     }
+}
+
+/// A turn lease's token, made by the caller so that a resent claim can ask for the lease
+/// its lost reply carried.
+pub(crate) fn new_lock_token() -> String {
+    format!("lock_{}", uuid::Uuid::new_v4())
 }

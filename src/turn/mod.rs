@@ -39,8 +39,6 @@ use duroxide::providers::{
 };
 use duroxide::{Event, EventKind};
 
-use sqlx::postgres::PgArguments;
-
 use crate::codec::{decode_history, decode_messages_strict};
 use crate::handover::{ClaimSpec, Handed};
 use crate::history_cache::{Held, HistoryCache};
@@ -48,7 +46,7 @@ use crate::notify::{Interest, Queue};
 use crate::options::FetchPath;
 use crate::poll::Attempt;
 use crate::provider::{PostgresProvider, TRACING_TARGET};
-use crate::sql_fn::{Args, SqlFunction};
+use crate::sql_fn::Args;
 
 pub(crate) const OP: &str = "fetch_orchestration_item";
 
@@ -86,12 +84,9 @@ impl ClaimArgs {
 }
 
 impl ClaimArgs {
-    /// The claim's arguments, shared by `sp_fetch_and_lock` and `fetch_orchestration_turn`
-    /// (both declare them first, with the same names, in the same order).
-    fn bind(&self, function: &'static SqlFunction) -> Result<PgArguments, ProviderError> {
-        self.bind_to(Args::new(function)).finish(OP)
-    }
-
+    /// Binds the claim's arguments, which `sp_fetch_and_lock` and
+    /// `fetch_orchestration_turn` both declare first, with the same names, in the same
+    /// order.
     fn bind_to(&self, args: Args) -> Args {
         args.bind("p_lock_timeout_ms", self.lock_timeout_ms)
             .bind("p_filter_enabled", self.filter_enabled)

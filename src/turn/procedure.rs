@@ -2,8 +2,11 @@
 //! is told what the history cache holds (the claimed instance is not known in advance,
 //! so the call carries the cache's long entries; see `crate::history_cache`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use duroxide::providers::ProviderError;
 
+use super::claim::claim_args;
 use super::{Claim, ClaimArgs, HistoryRows, OP, TurnRows};
 use crate::errors::{db_error, decode_error};
 use crate::history_cache::Held;
@@ -15,7 +18,7 @@ use crate::sql_fn::{Args, SqlFunction};
 /// for processes of that release; this release calls [`FETCH_ORCHESTRATION_TURN`].
 pub(crate) static FETCH_ORCHESTRATION_FULL: SqlFunction = SqlFunction {
     name: "fetch_orchestration_full",
-    args: super::claim::CLAIM_ARGS,
+    args: claim_args!(),
     columns: Some(
         "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, \
          o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, o_messages, \
@@ -25,20 +28,15 @@ pub(crate) static FETCH_ORCHESTRATION_FULL: SqlFunction = SqlFunction {
 
 pub(crate) static FETCH_ORCHESTRATION_TURN: SqlFunction = SqlFunction {
     name: "fetch_orchestration_turn",
-    args: &[
-        "p_lock_timeout_ms",
-        "p_filter_enabled",
-        "p_min_major",
-        "p_min_minor",
-        "p_min_patch",
-        "p_max_major",
-        "p_max_minor",
-        "p_max_patch",
+    args: claim_args!(
         "p_history_instance_ids",
         "p_history_execution_ids",
         "p_history_after_event_ids",
         "p_history_guards",
-    ],
+        "p_max_candidates",
+        "p_lock_token",
+        "p_resend",
+    ),
     columns: Some(
         "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, \
          o_skipped, o_has_instance, o_orchestration_name, o_orchestration_version, o_messages, \
@@ -136,16 +134,23 @@ impl PostgresProvider {
             guards.push(held.guard);
         }
         let sql = self.call_sql(&FETCH_ORCHESTRATION_TURN);
+        // As the hybrid claim: one token per call, a resend gets what the first attempt
+        // claimed (and reads the turn again).
+        let token = super::claim::new_lock_token();
+        let sent = AtomicBool::new(false);
         let args = || {
             a.bind_to(Args::new(&FETCH_ORCHESTRATION_TURN))
                 .bind("p_history_instance_ids", &ids)
                 .bind("p_history_execution_ids", &executions)
                 .bind("p_history_after_event_ids", &after)
                 .bind("p_history_guards", &guards)
+                .bind("p_max_candidates", super::claim::MAX_CANDIDATES)
+                .bind("p_lock_token", &token)
+                .bind("p_resend", sent.swap(true, Ordering::Relaxed))
                 .finish(OP)
         };
         let r = on_conn!(
-            self,
+            idempotent: self,
             fetch_one,
             sqlx::query_as_with::<_, TurnRow, _>(&sql, args()?)
         )
