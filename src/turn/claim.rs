@@ -33,7 +33,7 @@ pub(crate) use claim_args;
 
 /// Instances one claim examines at most (the functions' default, bound because the
 /// token arguments follow it).
-pub(crate) const MAX_CANDIDATES: i32 = 64;
+const MAX_CANDIDATES: i32 = 64;
 
 pub(crate) static SP_FETCH_AND_LOCK: SqlFunction = SqlFunction {
     name: "sp_fetch_and_lock",
@@ -58,15 +58,9 @@ struct ClaimRow {
 impl PostgresProvider {
     pub(crate) async fn claim(&self, a: &ClaimArgs) -> Result<Attempt<Claim>, ProviderError> {
         let sql = self.call_sql(&SP_FETCH_AND_LOCK);
-        // One token per call, reused by resends: a resend after a lost reply gets the claim
-        // its first attempt made, if that committed (else it claims as usual).
-        let token = new_lock_token();
-        let sent = AtomicBool::new(false);
+        let call = ClaimCall::new();
         let args = || {
-            a.bind_to(Args::new(&SP_FETCH_AND_LOCK))
-                .bind("p_max_candidates", MAX_CANDIDATES)
-                .bind("p_lock_token", &token)
-                .bind("p_resend", sent.swap(true, Ordering::Relaxed))
+            call.bind_tail(a.bind_to(Args::new(&SP_FETCH_AND_LOCK)))
                 .finish(OP)
         };
         let row = on_conn!(
@@ -105,8 +99,27 @@ impl PostgresProvider {
     }
 }
 
-/// A turn lease's token, made by the caller so that a resent claim can ask for the lease
-/// its lost reply carried.
-pub(crate) fn new_lock_token() -> String {
-    format!("lock_{}", uuid::Uuid::new_v4())
+/// One claim call and its resends: the lease token is made here, once, so that a resend
+/// after a lost reply gets the claim its first attempt made if that committed (else it
+/// claims as usual).
+pub(crate) struct ClaimCall {
+    token: String,
+    sent: AtomicBool,
+}
+
+impl ClaimCall {
+    pub(crate) fn new() -> Self {
+        Self {
+            token: format!("lock_{}", uuid::Uuid::new_v4()),
+            sent: AtomicBool::new(false),
+        }
+    }
+
+    /// Binds the arguments that end both claiming functions (`p_max_candidates`,
+    /// `p_lock_token`, `p_resend`); every bind after the first is for a resend.
+    pub(crate) fn bind_tail(&self, args: Args) -> Args {
+        args.bind("p_max_candidates", MAX_CANDIDATES)
+            .bind("p_lock_token", self.token.as_str())
+            .bind("p_resend", self.sent.swap(true, Ordering::Relaxed))
+    }
 }

@@ -2,11 +2,9 @@
 //! is told what the history cache holds (the claimed instance is not known in advance,
 //! so the call carries the cache's long entries; see `crate::history_cache`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use duroxide::providers::ProviderError;
 
-use super::claim::claim_args;
+use super::claim::{ClaimCall, claim_args};
 use super::{Claim, ClaimArgs, HistoryRows, OP, TurnRows};
 use crate::errors::{db_error, decode_error};
 use crate::history_cache::Held;
@@ -134,20 +132,16 @@ impl PostgresProvider {
             guards.push(held.guard);
         }
         let sql = self.call_sql(&FETCH_ORCHESTRATION_TURN);
-        // As the hybrid claim: one token per call, a resend gets what the first attempt
-        // claimed (and reads the turn again).
-        let token = super::claim::new_lock_token();
-        let sent = AtomicBool::new(false);
+        // A resend gets what the first attempt claimed, with the turn read again.
+        let call = ClaimCall::new();
         let args = || {
-            a.bind_to(Args::new(&FETCH_ORCHESTRATION_TURN))
+            let args = a
+                .bind_to(Args::new(&FETCH_ORCHESTRATION_TURN))
                 .bind("p_history_instance_ids", &ids)
                 .bind("p_history_execution_ids", &executions)
                 .bind("p_history_after_event_ids", &after)
-                .bind("p_history_guards", &guards)
-                .bind("p_max_candidates", super::claim::MAX_CANDIDATES)
-                .bind("p_lock_token", &token)
-                .bind("p_resend", sent.swap(true, Ordering::Relaxed))
-                .finish(OP)
+                .bind("p_history_guards", &guards);
+            call.bind_tail(args).finish(OP)
         };
         let r = on_conn!(
             idempotent: self,
