@@ -226,25 +226,10 @@ pub(crate) struct TurnOffer {
 impl TurnOffer {
     /// Binds the offer's arguments, or the values that claim nothing when there is none.
     pub(crate) fn bind(offer: Option<&Self>, args: Args) -> Args {
-        let (filter_enabled, min, max, lock_ms) = match offer {
-            Some(o) => (
-                o.args.filter_enabled,
-                o.args.min,
-                o.args.max,
-                o.args.lock_timeout_ms,
-            ),
-            None => (false, (0, 0, 0), (0, 0, 0), 0),
-        };
+        let claim = offer.map_or(&ClaimArgs::NONE, |o| o.args.as_ref());
         let held = offer.and_then(|o| o.held.as_ref());
-        args.bind("p_turn_lock_token", offer.map(|o| o.token.as_str()))
-            .bind("p_lock_timeout_ms", lock_ms)
-            .bind("p_filter_enabled", filter_enabled)
-            .bind("p_min_major", min.0)
-            .bind("p_min_minor", min.1)
-            .bind("p_min_patch", min.2)
-            .bind("p_max_major", max.0)
-            .bind("p_max_minor", max.1)
-            .bind("p_max_patch", max.2)
+        claim
+            .bind_to(args.bind("p_turn_lock_token", offer.map(|o| o.token.as_str())))
             .bind("p_read_turn", offer.is_some_and(|o| o.read_turn))
             .bind("p_history_execution_id", held.map(|h| h.execution_id))
             .bind("p_history_after_event_id", held.map(|h| h.last_event_id))

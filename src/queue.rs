@@ -11,7 +11,7 @@ use crate::handover::TurnOffer;
 use crate::options::FetchPath;
 use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
-use crate::turn::TurnData;
+use crate::turn::{TurnData, claim_args};
 
 /// The client enqueue (`enqueue_orchestrator_item`, migrations/functions/
 /// 10_client_enqueue.sql). Visibility is the database clock plus the delay (0 = visible
@@ -36,25 +36,19 @@ pub(crate) static ENQUEUE_ORCHESTRATOR_ITEM: SqlFunction = SqlFunction {
 /// above, then the claim of the instance's turn for that fetch (handover.rs).
 pub(crate) static ENQUEUE_ORCHESTRATOR_HANDOVER: SqlFunction = SqlFunction {
     name: "enqueue_orchestrator_handover",
-    args: &[
-        "p_instance_id",
-        "p_kind",
-        "p_work_item",
-        "p_enqueue_id",
-        "p_turn_lock_token",
-        "p_lock_timeout_ms",
-        "p_filter_enabled",
-        "p_min_major",
-        "p_min_minor",
-        "p_min_patch",
-        "p_max_major",
-        "p_max_minor",
-        "p_max_patch",
+    args: claim_args!(
+        [
+            "p_instance_id",
+            "p_kind",
+            "p_work_item",
+            "p_enqueue_id",
+            "p_turn_lock_token",
+        ],
         "p_read_turn",
         "p_history_execution_id",
         "p_history_after_event_id",
         "p_history_guard",
-    ],
+    ),
     columns: Some(
         "o_queued, o_execution_id, o_attempt_count, o_has_instance, o_orchestration_name, \
          o_orchestration_version, o_messages, o_history_incremental, o_history, \

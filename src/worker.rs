@@ -15,7 +15,7 @@ use crate::options::FetchPath;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::{PostgresProvider, TRACING_TARGET};
 use crate::sql_fn::{Args, SqlFunction};
-use crate::turn::TurnData;
+use crate::turn::{TurnData, claim_args};
 
 /// The worker claim (`claim_worker_item`, migrations/functions/09_handover.sql: an item
 /// whose lease expired, else the oldest visible, unleased item the tag filter and the
@@ -92,27 +92,21 @@ pub(crate) static CLAIM_WORKER_ITEM: SqlFunction = SqlFunction {
 /// claims the instance's turn for it.
 pub(crate) static ACK_WORK_ITEM: SqlFunction = SqlFunction {
     name: "ack_work_item_handover",
-    args: &[
-        "p_lock_token",
-        "p_instance_id",
-        "p_kind",
-        "p_work_item",
-        "p_call_id",
-        "p_turn_lock_token",
-        "p_lock_timeout_ms",
-        "p_filter_enabled",
-        "p_min_major",
-        "p_min_minor",
-        "p_min_patch",
-        "p_max_major",
-        "p_max_minor",
-        "p_max_patch",
+    args: claim_args!(
+        [
+            "p_lock_token",
+            "p_instance_id",
+            "p_kind",
+            "p_work_item",
+            "p_call_id",
+            "p_turn_lock_token",
+        ],
         "p_read_turn",
         "p_history_execution_id",
         "p_history_after_event_id",
         "p_history_guard",
         "p_fan_in_grace_ms",
-    ],
+    ),
     columns: Some(
         "o_acked, o_acked_before, o_execution_id, o_attempt_count, o_has_instance, \
          o_orchestration_name, o_orchestration_version, o_messages, o_history_incremental, \

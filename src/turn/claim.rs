@@ -11,12 +11,17 @@ use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
 use crate::sql_fn::{Args, SqlFunction};
 
-/// The argument names of a function that starts with the claim's arguments (as
-/// `sp_fetch_and_lock`, `fetch_orchestration_turn` and `fetch_orchestration_full` do, in
-/// this order; bound by `ClaimArgs::bind_to`), followed by `extra`.
+/// The argument names of a function that takes the claim's arguments (bound by
+/// `ClaimArgs::bind_to`, in this order): first in `sp_fetch_and_lock`,
+/// `fetch_orchestration_turn` and `fetch_orchestration_full`, followed by `extra`; after
+/// `[before]` in the hand-over functions (`TurnOffer::bind`).
 macro_rules! claim_args {
     ($($extra:literal),* $(,)?) => {
+        $crate::turn::claim_args!([] $(, $extra)*)
+    };
+    ([$($before:literal),* $(,)?] $(, $extra:literal)* $(,)?) => {
         &[
+            $($before,)*
             "p_lock_timeout_ms",
             "p_filter_enabled",
             "p_min_major",

@@ -22,7 +22,7 @@ mod lease;
 mod procedure;
 mod reads;
 
-pub(crate) use claim::SP_FETCH_AND_LOCK;
+pub(crate) use claim::{SP_FETCH_AND_LOCK, claim_args};
 pub(crate) use lease::{ABANDON_TURN, RENEW_TURN};
 pub(crate) use procedure::{FETCH_ORCHESTRATION_FULL, FETCH_ORCHESTRATION_TURN, TurnData};
 pub(crate) use reads::{
@@ -84,10 +84,17 @@ impl ClaimArgs {
 }
 
 impl ClaimArgs {
-    /// Binds the claim's arguments, which `sp_fetch_and_lock` and
-    /// `fetch_orchestration_turn` both declare first, with the same names, in the same
-    /// order.
-    fn bind_to(&self, args: Args) -> Args {
+    /// What a call that claims nothing sends (a hand-over function without a waiter).
+    pub(crate) const NONE: Self = Self {
+        lock_timeout_ms: 0,
+        filter_enabled: false,
+        min: (0, 0, 0),
+        max: (0, 0, 0),
+    };
+
+    /// Binds the claim's arguments, declared with the same names in the same order by
+    /// every function listed with `claim_args!`.
+    pub(crate) fn bind_to(&self, args: Args) -> Args {
         args.bind("p_lock_timeout_ms", self.lock_timeout_ms)
             .bind("p_filter_enabled", self.filter_enabled)
             .bind("p_min_major", self.min.0)
