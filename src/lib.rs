@@ -105,6 +105,7 @@ mod history_cache;
 pub mod incumbent;
 pub mod inspect;
 mod kv;
+mod limit;
 mod notify;
 pub mod options;
 mod permits;

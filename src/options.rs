@@ -111,6 +111,13 @@ pub struct ProviderOptions {
     /// dispatch calls in a row. Default on; `false` = one first-come queue. Env
     /// `DUROXIDE_PG_DISPATCH_LANE`.
     pub dispatch_lane: bool,
+    /// Let fewer than `max_connections` run statements at once while statements take
+    /// well over their usual best (they queue for the server's CPUs or locks), and all
+    /// of them when calls run near their best (a database far away, where a call's time
+    /// is on the wire). Never below 3 (or `max_connections` if smaller). Default on;
+    /// `false` = every connection may run at once. Env `DUROXIDE_PG_ADAPTIVE_LIMIT`.
+    /// See README "Connections".
+    pub adaptive_limit: bool,
     /// Server-side `statement_timeout` for the provider's connections (`None` = server
     /// default).
     pub statement_timeout: Option<Duration>,
@@ -263,6 +270,7 @@ impl Default for ProviderOptions {
             min_connections: 0,
             acquire_timeout: Duration::from_secs(30),
             dispatch_lane: true,
+            adaptive_limit: true,
             statement_timeout: None,
             lock_timeout: None,
             auto_migrate: true,
@@ -293,6 +301,7 @@ impl fmt::Debug for ProviderOptions {
             .field("min_connections", &self.min_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("dispatch_lane", &self.dispatch_lane)
+            .field("adaptive_limit", &self.adaptive_limit)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
             .field("auto_migrate", &self.auto_migrate)
@@ -346,6 +355,9 @@ pub mod env {
     /// `true` / `false`: dispatch calls first when the pool is busy
     /// (`ProviderOptions::dispatch_lane`).
     pub const DISPATCH_LANE: &str = "DUROXIDE_PG_DISPATCH_LANE";
+    /// `true` / `false`: fewer connections at once while statements queue in the server
+    /// (`ProviderOptions::adaptive_limit`).
+    pub const ADAPTIVE_LIMIT: &str = "DUROXIDE_PG_ADAPTIVE_LIMIT";
     /// `true` / `false`: in-process hand-over (`ProviderOptions::handover`).
     pub const HANDOVER: &str = "DUROXIDE_PG_HANDOVER";
     /// Fan-in grace in milliseconds (`ProviderOptions::fan_in_grace`, `0` = off).
@@ -424,6 +436,9 @@ impl ProviderOptions {
         }
         if let Some(v) = read_env(env::DISPATCH_LANE) {
             self.dispatch_lane = parse_bool(env::DISPATCH_LANE, &v)?;
+        }
+        if let Some(v) = read_env(env::ADAPTIVE_LIMIT) {
+            self.adaptive_limit = parse_bool(env::ADAPTIVE_LIMIT, &v)?;
         }
         if let Some(v) = read_env(env::HANDOVER) {
             self.handover = parse_bool(env::HANDOVER, &v)?;

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::limit::AdaptiveLimit;
+
 /// The lane a pool checkout waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lane {
@@ -53,12 +55,17 @@ pub(crate) const MAX_PASSES: u32 = 8;
 
 pub(crate) struct Permits {
     state: Mutex<State>,
-    /// `false`: one first-come queue (both lanes served in arrival order).
-    lanes: bool,
 }
 
 struct State {
-    free: usize,
+    /// The pool size.
+    size: usize,
+    /// `false`: one first-come queue (both lanes served in arrival order).
+    lanes: bool,
+    /// `Some`: at most its limit of the `size` slots are handed out at once
+    /// ([`crate::limit`]).
+    adaptive: Option<AdaptiveLimit>,
+    in_use: usize,
     closed: bool,
     dispatch: VecDeque<Waiter>,
     other: VecDeque<Waiter>,
@@ -84,16 +91,20 @@ impl Drop for Permit {
 }
 
 impl Permits {
-    pub(crate) fn new(n: usize, lanes: bool) -> Arc<Self> {
+    /// `n` slots; `adaptive`: fewer of them at once while statements queue in the
+    /// server ([`crate::limit`]).
+    pub(crate) fn new(n: usize, lanes: bool, adaptive: bool) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
-                free: n,
+                size: n,
+                lanes,
+                adaptive: adaptive.then(|| AdaptiveLimit::new(n)),
+                in_use: 0,
                 closed: false,
                 dispatch: VecDeque::new(),
                 other: VecDeque::new(),
                 passes: 0,
             }),
-            lanes,
         })
     }
 
@@ -106,18 +117,14 @@ impl Permits {
         self: &Arc<Self>,
         timeout: Duration,
     ) -> Result<Permit, sqlx::Error> {
-        let lane = if self.lanes {
-            current_lane()
-        } else {
-            Lane::Other
-        };
         let rx = {
             let mut s = self.lock();
+            let lane = if s.lanes { current_lane() } else { Lane::Other };
             if s.closed {
                 return Err(sqlx::Error::PoolClosed);
             }
-            if s.free > 0 {
-                s.free -= 1;
+            if s.in_use < s.limit_for(lane) {
+                s.in_use += 1;
                 return Ok(Permit {
                     permits: Some(self.clone()),
                 });
@@ -141,18 +148,56 @@ impl Permits {
 
     fn release(self: &Arc<Self>) {
         let mut s = self.lock();
-        while let Some(waiter) = s.next_waiter() {
+        s.in_use -= 1;
+        self.serve(&mut s);
+    }
+
+    /// Hands free slots (within the limit) to waiters.
+    fn serve(self: &Arc<Self>, s: &mut State) {
+        while s.in_use < s.limit() {
+            let other_ok = s.in_use < s.limit_for(Lane::Other);
+            let Some(waiter) = s.next_waiter(other_ok) else {
+                return;
+            };
+            s.in_use += 1;
             let permit = Permit {
                 permits: Some(self.clone()),
             };
-            match waiter.tx.send(permit) {
-                Ok(()) => return,
-                // That waiter gave up (timed out): the slot goes to the next one. (Disarmed
-                // first: its drop would release again under this lock.)
-                Err(mut unsent) => unsent.permits = None,
+            if let Err(mut unsent) = waiter.tx.send(permit) {
+                // That waiter gave up (timed out): the slot goes to the next one.
+                // (Disarmed first: its drop would release again under this lock.)
+                unsent.permits = None;
+                s.in_use -= 1;
             }
         }
-        s.free += 1;
+    }
+
+    /// A statement (`key`, a [`crate::pool::statement_key`]) ran in `took` on a
+    /// connection that had prepared it: input of the adaptive limit.
+    pub(crate) fn record(self: &Arc<Self>, key: u64, took: Duration) {
+        let mut s = self.lock();
+        let Some(adaptive) = s.adaptive.as_mut() else {
+            return;
+        };
+        let before = adaptive.limit();
+        let after = adaptive.record(key, took, Instant::now());
+        if after != before {
+            metrics::gauge!("duroxide_pg_pool_limit").set(after as f64);
+            tracing::debug!(
+                target: "duroxide::providers::postgres",
+                limit = after,
+                "connections running statements at once: {before} -> {after}"
+            );
+            if after > before {
+                self.serve(&mut s);
+            }
+        }
+    }
+
+    /// The number of slots handed out at most at once now.
+    #[cfg(test)]
+    pub(crate) fn limit(&self) -> usize {
+        self.lock().limit()
     }
 
     /// Refuses new checkouts; waiting ones fail with `PoolClosed`.
@@ -169,7 +214,30 @@ impl Permits {
 }
 
 impl State {
-    fn next_waiter(&mut self) -> Option<Waiter> {
+    fn limit(&self) -> usize {
+        self.adaptive
+            .as_ref()
+            .map_or(self.size, AdaptiveLimit::limit)
+    }
+
+    /// How many slots may be in use for a checkout of `lane` to be served. While the
+    /// adaptive limit holds the pool below its size, the other lane leaves the last slot
+    /// to the dispatch lane: a few slow status reads or admin calls then never hold every
+    /// slot a lease renewal could use.
+    fn limit_for(&self, lane: Lane) -> usize {
+        let limit = self.limit();
+        if lane == Lane::Other && self.lanes && limit < self.size {
+            limit - 1
+        } else {
+            limit
+        }
+    }
+
+    /// The next waiter to serve; `other_ok = false`: only the dispatch lane's.
+    fn next_waiter(&mut self, other_ok: bool) -> Option<Waiter> {
+        if !other_ok {
+            return self.dispatch.pop_front();
+        }
         if self.other.is_empty() || self.dispatch.is_empty() {
             self.passes = 0;
             return self.dispatch.pop_front().or_else(|| self.other.pop_front());
@@ -267,7 +335,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dispatch_checkout_is_served_before_earlier_other_ones() {
-        let permits = Permits::new(1, true);
+        let permits = Permits::new(1, true, false);
         let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let read1 = passing(&permits, Lane::Other, &order, "read1").await;
@@ -282,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_lanes_checkouts_are_served_in_arrival_order() {
-        let permits = Permits::new(1, false);
+        let permits = Permits::new(1, false, false);
         let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let read = passing(&permits, Lane::Other, &order, "read").await;
@@ -295,7 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_other_checkout_is_passed_over_at_most_max_passes_times_in_a_row() {
-        let permits = Permits::new(1, true);
+        let permits = Permits::new(1, true, false);
         let held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let read = passing(&permits, Lane::Other, &order, "read").await;
@@ -316,7 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_timed_out_waiter_passes_the_slot_on_and_none_is_lost() {
-        let permits = Permits::new(2, true);
+        let permits = Permits::new(2, true, false);
         let a = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let b = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let gave_up = permits.acquire(Duration::from_millis(20)).await;
@@ -337,7 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_fails_waiting_and_new_checkouts() {
-        let permits = Permits::new(1, true);
+        let permits = Permits::new(1, true, false);
         let _held = permits.acquire(Duration::from_secs(1)).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let waiter = passing(&permits, Lane::Dispatch, &order, "w").await;
@@ -351,6 +419,85 @@ mod tests {
             Err(sqlx::Error::PoolClosed)
         ));
         assert!(permits.is_closed());
+    }
+
+    /// Records statements that take 10× their best (an adaptive limit steps down to its
+    /// floor); returns the limit after them.
+    fn queueing(permits: &Arc<Permits>) -> usize {
+        permits.record(1, Duration::from_micros(100));
+        for _ in 0..500 {
+            permits.record(1, Duration::from_millis(1));
+        }
+        permits.limit()
+    }
+
+    #[tokio::test]
+    async fn an_adaptive_pool_runs_no_more_than_its_limit_and_serves_waiters_when_it_rises() {
+        let permits = Permits::new(6, true, true);
+        assert_eq!(queueing(&permits), crate::limit::FLOOR);
+        let held: Vec<Permit> = futures::future::try_join_all(
+            (0..crate::limit::FLOOR)
+                .map(|_| LANE.scope(Lane::Dispatch, permits.acquire(Duration::from_secs(1)))),
+        )
+        .await
+        .unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let fetch = passing(&permits, Lane::Dispatch, &order, "fetch").await;
+        assert!(
+            order.lock().unwrap().is_empty(),
+            "3 of 6 slots in use: the limit"
+        );
+        // Calls at their best again: the limit rises and the waiter gets a slot while
+        // the others are still held.
+        for _ in 0..500 {
+            permits.record(1, Duration::from_micros(100));
+        }
+        assert_eq!(permits.limit(), 6);
+        fetch.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["fetch"]);
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn below_the_pool_size_the_other_lane_leaves_the_last_slot_to_the_dispatch_lane() {
+        let permits = Permits::new(6, true, true);
+        assert_eq!(queueing(&permits), crate::limit::FLOOR);
+        let floor = crate::limit::FLOOR;
+        let reads: Vec<Permit> = futures::future::try_join_all(
+            (0..floor - 1).map(|_| permits.acquire(Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                permits.acquire(Duration::from_millis(20)).await,
+                Err(sqlx::Error::PoolTimedOut)
+            ),
+            "a status read does not take the last slot"
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let read = passing(&permits, Lane::Other, &order, "read").await;
+        let renew = passing(&permits, Lane::Dispatch, &order, "renew").await;
+        renew.await.unwrap().unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["renew"],
+            "the last slot: dispatch only"
+        );
+        drop(reads);
+        read.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["renew", "read"]);
+    }
+
+    #[tokio::test]
+    async fn without_the_adaptive_limit_every_slot_serves_either_lane() {
+        let permits = Permits::new(3, true, false);
+        assert_eq!(queueing(&permits), 3, "samples change nothing");
+        let all: Vec<Permit> =
+            futures::future::try_join_all((0..3).map(|_| permits.acquire(Duration::from_secs(1))))
+                .await
+                .unwrap();
+        assert_eq!(all.len(), 3);
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub(crate) struct PoolLimits {
     /// Serve the runtime's dispatch calls before other calls when every connection is
     /// busy ([`crate::permits`]).
     pub dispatch_lane: bool,
+    /// Fewer connections run statements at once while statements queue in the server
+    /// ([`crate::limit`]).
+    pub adaptive_limit: bool,
 }
 
 /// A checked-out connection. Call [`finish`](Conn::finish) with the query's result to
@@ -102,6 +105,10 @@ pub(crate) struct Conn {
     /// The statement this checkout runs, recorded as prepared when it gives the
     /// connection back.
     statement: Option<u64>,
+    /// When the connection was ready for the statement, and whether it had prepared it:
+    /// the call's duration is then a sample of the adaptive limit.
+    ready_at: Instant,
+    warm: bool,
     pool: Arc<PoolInner>,
     /// The connection's state is unknown (a failed ROLLBACK): closed, never reused.
     poisoned: bool,
@@ -114,7 +121,11 @@ impl ConnPool {
             inner: Arc::new(PoolInner {
                 connect,
                 idle: Mutex::new(Vec::new()),
-                permits: Permits::new(max_connections as usize, limits.dispatch_lane),
+                permits: Permits::new(
+                    max_connections as usize,
+                    limits.dispatch_lane,
+                    limits.adaptive_limit,
+                ),
                 acquire_timeout: limits.acquire_timeout,
                 idle_timeout: limits.idle_timeout,
                 max_lifetime: limits.max_lifetime,
@@ -181,11 +192,14 @@ impl ConnPool {
         };
         metrics::histogram!("duroxide_pg_pool_wait_seconds")
             .record(started.elapsed().as_secs_f64());
+        let warm = statement.is_some_and(|k| prepared.contains(&k));
         Ok(Conn {
             conn: Some(conn),
             opened,
             prepared,
             statement,
+            ready_at: Instant::now(),
+            warm,
             pool: self.inner.clone(),
             poisoned: false,
             _permit: permit,
@@ -380,6 +394,9 @@ impl Conn {
         // Every checkout runs exactly one statement: this counts the provider's round trips.
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("duroxide_pg_round_trips_total", "outcome" => outcome).increment(1);
+        if let (true, true, Some(key)) = (result.is_ok(), self.warm, self.statement) {
+            self.pool.permits.record(key, self.ready_at.elapsed());
+        }
         let too_old = self
             .pool
             .max_lifetime

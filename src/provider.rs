@@ -242,6 +242,7 @@ impl PostgresProvider {
                 max_lifetime: options.max_lifetime,
                 call_begin: behind_pooler.then(|| call_begin_sql(&options)),
                 dispatch_lane: options.dispatch_lane,
+                adaptive_limit: options.adaptive_limit,
             },
         );
         if options.min_connections > 0 {
