@@ -114,7 +114,8 @@ pub struct ProviderOptions {
     /// Let fewer than `max_connections` run statements at once while statements take
     /// well over their usual best (they queue for the server's CPUs or locks), and all
     /// of them when calls run near their best (a database far away, where a call's time
-    /// is on the wire). Never below 3 (or `max_connections` if smaller). Default on;
+    /// is on the wire). Never below 3 (or `max_connections` if smaller); calls running
+    /// over 1 s do not count against it. Default on;
     /// `false` = every connection may run at once. Env `DUROXIDE_PG_ADAPTIVE_LIMIT`.
     /// See README "Connections".
     pub adaptive_limit: bool,

@@ -53,6 +53,14 @@ fn current_lane() -> Lane {
 /// next free connection then goes to the oldest of the other lane.
 pub(crate) const MAX_PASSES: u32 = 8;
 
+/// A call holding its slot this long no longer counts against the adaptive limit: it is
+/// not a short statement queueing for the server's CPUs (a bulk admin call, a lock wait,
+/// a large read), and a few of them must not hold every slot the limit allows. Only
+/// the pool size bounds them, as without the limit.
+pub(crate) const LONG_CALL: Duration = Duration::from_secs(1);
+/// How often a waiting checkout looks again whether a call has become long.
+const RECHECK: Duration = Duration::from_millis(100);
+
 pub(crate) struct Permits {
     state: Mutex<State>,
 }
@@ -65,7 +73,9 @@ struct State {
     /// `Some`: at most its limit of the `size` slots are handed out at once
     /// ([`crate::limit`]).
     adaptive: Option<AdaptiveLimit>,
-    in_use: usize,
+    /// Slots handed out, by permit id: since when.
+    held: HashMap<u64, Instant>,
+    next_id: u64,
     closed: bool,
     dispatch: VecDeque<Waiter>,
     other: VecDeque<Waiter>,
@@ -80,12 +90,13 @@ struct Waiter {
 /// One connection slot; dropping it hands the slot to the next waiter.
 pub(crate) struct Permit {
     permits: Option<Arc<Permits>>,
+    id: u64,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(p) = self.permits.take() {
-            p.release();
+            p.release(self.id);
         }
     }
 }
@@ -99,7 +110,8 @@ impl Permits {
                 size: n,
                 lanes,
                 adaptive: adaptive.then(|| AdaptiveLimit::new(n)),
-                in_use: 0,
+                held: HashMap::new(),
+                next_id: 0,
                 closed: false,
                 dispatch: VecDeque::new(),
                 other: VecDeque::new(),
@@ -123,11 +135,8 @@ impl Permits {
             if s.closed {
                 return Err(sqlx::Error::PoolClosed);
             }
-            if s.in_use < s.limit_for(lane) {
-                s.in_use += 1;
-                return Ok(Permit {
-                    permits: Some(self.clone()),
-                });
+            if s.can_serve(lane, Instant::now()) {
+                return Ok(self.grant(&mut s));
             }
             let (tx, rx) = oneshot::channel();
             let waiter = Waiter { tx };
@@ -139,35 +148,58 @@ impl Permits {
         };
         // A slot sent just as the timeout fires is dropped with the receiver, and its
         // drop passes it on to the next waiter.
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        let deadline = Instant::now() + timeout;
+        let recheck = self.lock().adaptive.is_some();
+        let mut rx = rx;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(sqlx::Error::PoolTimedOut);
+            }
+            let wait = if recheck { left.min(RECHECK) } else { left };
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(Ok(permit)) => return Ok(permit),
+                Ok(Err(_)) => return Err(sqlx::Error::PoolClosed),
+                // Calls may have become long since the last release: serve whoever can
+                // go now.
+                Err(_) => self.serve(&mut self.lock()),
+            }
         }
     }
 
-    fn release(self: &Arc<Self>) {
+    fn grant(self: &Arc<Self>, s: &mut State) -> Permit {
+        let id = s.next_id;
+        s.next_id += 1;
+        s.held.insert(id, Instant::now());
+        Permit {
+            permits: Some(self.clone()),
+            id,
+        }
+    }
+
+    fn release(self: &Arc<Self>, id: u64) {
         let mut s = self.lock();
-        s.in_use -= 1;
+        s.held.remove(&id);
         self.serve(&mut s);
     }
 
     /// Hands free slots (within the limit) to waiters.
     fn serve(self: &Arc<Self>, s: &mut State) {
-        while s.in_use < s.limit() {
-            let other_ok = s.in_use < s.limit_for(Lane::Other);
+        loop {
+            let now = Instant::now();
+            let other_ok = s.can_serve(Lane::Other, now);
+            if !other_ok && !s.can_serve(Lane::Dispatch, now) {
+                return;
+            }
             let Some(waiter) = s.next_waiter(other_ok) else {
                 return;
             };
-            s.in_use += 1;
-            let permit = Permit {
-                permits: Some(self.clone()),
-            };
+            let permit = self.grant(s);
             if let Err(mut unsent) = waiter.tx.send(permit) {
                 // That waiter gave up (timed out): the slot goes to the next one.
                 // (Disarmed first: its drop would release again under this lock.)
                 unsent.permits = None;
-                s.in_use -= 1;
+                s.held.remove(&unsent.id);
             }
         }
     }
@@ -218,6 +250,24 @@ impl State {
         self.adaptive
             .as_ref()
             .map_or(self.size, AdaptiveLimit::limit)
+    }
+
+    /// Whether a checkout of `lane` may have a slot now: a connection is free, and the
+    /// calls running shorter than [`LONG_CALL`] are under the lane's limit.
+    fn can_serve(&self, lane: Lane, now: Instant) -> bool {
+        if self.held.len() >= self.size {
+            return false;
+        }
+        let limit = self.limit_for(lane);
+        if limit >= self.size {
+            return true;
+        }
+        let short = self
+            .held
+            .values()
+            .filter(|since| now.duration_since(**since) < LONG_CALL)
+            .count();
+        short < limit
     }
 
     /// How many slots may be in use for a checkout of `lane` to be served. While the
@@ -487,6 +537,35 @@ mod tests {
         drop(reads);
         read.await.unwrap().unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["renew", "read"]);
+    }
+
+    #[tokio::test]
+    async fn calls_running_longer_than_long_call_do_not_count_against_the_limit() {
+        let permits = Permits::new(4, true, true);
+        assert_eq!(queueing(&permits), crate::limit::FLOOR);
+        let slow: Vec<Permit> = futures::future::try_join_all(
+            (0..crate::limit::FLOOR)
+                .map(|_| LANE.scope(Lane::Dispatch, permits.acquire(Duration::from_secs(1)))),
+        )
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let next = LANE
+            .scope(Lane::Dispatch, permits.acquire(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= LONG_CALL - RECHECK && waited < LONG_CALL + Duration::from_secs(1),
+            "served once the held calls became long, while they still run: {waited:?}"
+        );
+        // The pool size still bounds them: every connection is in use.
+        assert!(matches!(
+            LANE.scope(Lane::Dispatch, permits.acquire(Duration::from_millis(300)))
+                .await,
+            Err(sqlx::Error::PoolTimedOut)
+        ));
+        drop((slow, next));
     }
 
     #[tokio::test]
