@@ -58,8 +58,6 @@ pub(crate) const MAX_PASSES: u32 = 8;
 /// a large read), and a few of them must not hold every slot the limit allows. Only
 /// the pool size bounds them, as without the limit.
 pub(crate) const LONG_CALL: Duration = Duration::from_secs(1);
-/// How often a waiting checkout looks again whether a call has become long.
-const RECHECK: Duration = Duration::from_millis(100);
 
 pub(crate) struct Permits {
     state: Mutex<State>,
@@ -105,6 +103,9 @@ impl Permits {
     /// `n` slots; `adaptive`: fewer of them at once while statements queue in the
     /// server ([`crate::limit`]).
     pub(crate) fn new(n: usize, lanes: bool, adaptive: bool) -> Arc<Self> {
+        if adaptive {
+            metrics::gauge!("duroxide_pg_pool_limit").set(n as f64);
+        }
         Arc::new(Self {
             state: Mutex::new(State {
                 size: n,
@@ -149,14 +150,16 @@ impl Permits {
         // A slot sent just as the timeout fires is dropped with the receiver, and its
         // drop passes it on to the next waiter.
         let deadline = Instant::now() + timeout;
-        let recheck = self.lock().adaptive.is_some();
         let mut rx = rx;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(sqlx::Error::PoolTimedOut);
             }
-            let wait = if recheck { left.min(RECHECK) } else { left };
+            let wait = match self.lock().next_long_call(Instant::now()) {
+                Some(after) => left.min(after),
+                None => left,
+            };
             match tokio::time::timeout(wait, &mut rx).await {
                 Ok(Ok(permit)) => return Ok(permit),
                 Ok(Err(_)) => return Err(sqlx::Error::PoolClosed),
@@ -250,6 +253,24 @@ impl State {
         self.adaptive
             .as_ref()
             .map_or(self.size, AdaptiveLimit::limit)
+    }
+
+    /// With the adaptive limit on: when the oldest call that is still short becomes long
+    /// and may let a waiter go (at most [`LONG_CALL`] away: the limit may fall below the
+    /// pool size meanwhile).
+    fn next_long_call(&self, now: Instant) -> Option<Duration> {
+        self.adaptive.as_ref()?;
+        let oldest_short = self
+            .held
+            .values()
+            .map(|since| LONG_CALL.saturating_sub(now.duration_since(*since)))
+            .filter(|left| !left.is_zero())
+            .min();
+        Some(
+            oldest_short
+                .unwrap_or(LONG_CALL)
+                .max(Duration::from_millis(1)),
+        )
     }
 
     /// Whether a checkout of `lane` may have a slot now: a connection is free, and the
@@ -471,6 +492,15 @@ mod tests {
         assert!(permits.is_closed());
     }
 
+    /// `n` slots checked out at once in `lane`.
+    async fn hold(permits: &Arc<Permits>, lane: Lane, n: usize) -> Vec<Permit> {
+        futures::future::try_join_all(
+            (0..n).map(|_| LANE.scope(lane, permits.acquire(Duration::from_secs(1)))),
+        )
+        .await
+        .unwrap()
+    }
+
     /// Records statements that take 10× their best (an adaptive limit steps down to its
     /// floor); returns the limit after them.
     fn queueing(permits: &Arc<Permits>) -> usize {
@@ -485,12 +515,7 @@ mod tests {
     async fn an_adaptive_pool_runs_no_more_than_its_limit_and_serves_waiters_when_it_rises() {
         let permits = Permits::new(6, true, true);
         assert_eq!(queueing(&permits), crate::limit::FLOOR);
-        let held: Vec<Permit> = futures::future::try_join_all(
-            (0..crate::limit::FLOOR)
-                .map(|_| LANE.scope(Lane::Dispatch, permits.acquire(Duration::from_secs(1)))),
-        )
-        .await
-        .unwrap();
+        let held = hold(&permits, Lane::Dispatch, crate::limit::FLOOR).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let fetch = passing(&permits, Lane::Dispatch, &order, "fetch").await;
         assert!(
@@ -513,11 +538,7 @@ mod tests {
         let permits = Permits::new(6, true, true);
         assert_eq!(queueing(&permits), crate::limit::FLOOR);
         let floor = crate::limit::FLOOR;
-        let reads: Vec<Permit> = futures::future::try_join_all(
-            (0..floor - 1).map(|_| permits.acquire(Duration::from_secs(1))),
-        )
-        .await
-        .unwrap();
+        let reads = hold(&permits, Lane::Other, floor - 1).await;
         assert!(
             matches!(
                 permits.acquire(Duration::from_millis(20)).await,
@@ -543,12 +564,7 @@ mod tests {
     async fn calls_running_longer_than_long_call_do_not_count_against_the_limit() {
         let permits = Permits::new(4, true, true);
         assert_eq!(queueing(&permits), crate::limit::FLOOR);
-        let slow: Vec<Permit> = futures::future::try_join_all(
-            (0..crate::limit::FLOOR)
-                .map(|_| LANE.scope(Lane::Dispatch, permits.acquire(Duration::from_secs(1)))),
-        )
-        .await
-        .unwrap();
+        let slow = hold(&permits, Lane::Dispatch, crate::limit::FLOOR).await;
         let started = Instant::now();
         let next = LANE
             .scope(Lane::Dispatch, permits.acquire(Duration::from_secs(5)))
@@ -556,7 +572,8 @@ mod tests {
             .unwrap();
         let waited = started.elapsed();
         assert!(
-            waited >= LONG_CALL - RECHECK && waited < LONG_CALL + Duration::from_secs(1),
+            waited >= LONG_CALL - Duration::from_millis(50)
+                && waited < LONG_CALL + Duration::from_millis(500),
             "served once the held calls became long, while they still run: {waited:?}"
         );
         // The pool size still bounds them: every connection is in use.
@@ -572,10 +589,7 @@ mod tests {
     async fn without_the_adaptive_limit_every_slot_serves_either_lane() {
         let permits = Permits::new(3, true, false);
         assert_eq!(queueing(&permits), 3, "samples change nothing");
-        let all: Vec<Permit> =
-            futures::future::try_join_all((0..3).map(|_| permits.acquire(Duration::from_secs(1))))
-                .await
-                .unwrap();
+        let all = hold(&permits, Lane::Other, 3).await;
         assert_eq!(all.len(), 3);
     }
 

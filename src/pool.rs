@@ -105,10 +105,9 @@ pub(crate) struct Conn {
     /// The statement this checkout runs, recorded as prepared when it gives the
     /// connection back.
     statement: Option<u64>,
-    /// When the connection was ready for the statement, and whether it had prepared it:
-    /// the call's duration is then a sample of the adaptive limit.
+    /// When the connection was ready for the statement: on a connection that had
+    /// prepared it, the call's duration is a sample of the adaptive limit.
     ready_at: Instant,
-    warm: bool,
     pool: Arc<PoolInner>,
     /// The connection's state is unknown (a failed ROLLBACK): closed, never reused.
     poisoned: bool,
@@ -192,14 +191,12 @@ impl ConnPool {
         };
         metrics::histogram!("duroxide_pg_pool_wait_seconds")
             .record(started.elapsed().as_secs_f64());
-        let warm = statement.is_some_and(|k| prepared.contains(&k));
         Ok(Conn {
             conn: Some(conn),
             opened,
             prepared,
             statement,
             ready_at: Instant::now(),
-            warm,
             pool: self.inner.clone(),
             poisoned: false,
             _permit: permit,
@@ -394,7 +391,11 @@ impl Conn {
         // Every checkout runs exactly one statement: this counts the provider's round trips.
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("duroxide_pg_round_trips_total", "outcome" => outcome).increment(1);
-        if let (true, true, Some(key)) = (result.is_ok(), self.warm, self.statement) {
+        // (`prepared` is still the set from before this call.)
+        if let Some(key) = self
+            .statement
+            .filter(|k| result.is_ok() && self.prepared.contains(k))
+        {
             self.pool.permits.record(key, self.ready_at.elapsed());
         }
         let too_old = self
