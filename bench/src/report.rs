@@ -46,6 +46,8 @@ fn describe(metric: &str) -> (&'static str, &'static str) {
             "lower",
         ),
         "fetch_statements" => ("statements per fetch", "lower"),
+        "read_ms" => ("client `read(instance)` of the same history (ms)", "lower"),
+        "read_bytes_from_server" => ("bytes server→client per `read(instance)`", "lower"),
         "worker_empty_fetch_ms" => ("fetch_work_item, nothing visible (ms)", "lower"),
         "worker_fetch_ms" => ("fetch_work_item, one visible item (ms)", "lower"),
         "orch_empty_fetch_ms" => (
