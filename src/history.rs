@@ -140,7 +140,7 @@ impl PostgresProvider {
             cache.forget(instance);
             decode_error(op, Some(instance), m)
         })?;
-        rows.into_history(cache, instance, row.o_execution_id)
+        rows.into_history(cache, instance, row.o_execution_id, None)
             .map_err(|m| decode_error(op, Some(instance), m))
     }
 

@@ -10,6 +10,11 @@
 //! turn sees the events other processes appended in between, and an instance deleted and
 //! re-created under the same id is read in full.
 //!
+//! An entry made by a turn also keeps the turn's KV snapshot (`kv_store`), which only an
+//! execution's last ack changes (`05_ack.sql`): the next turn of the execution reuses it
+//! when its history read is incremental and no event read since ends the execution
+//! ([`crate::turn::HistoryRows::carried_kv`]).
+//!
 //! One entry per instance: a new execution (continue-as-new) replaces the previous one's
 //! entry. Memory is bounded by a total number of events; the least recently used entries
 //! go first, and an entry whose execution finished is dropped by the ack.
@@ -29,6 +34,9 @@ pub(crate) const HINT_MAX_ENTRIES: usize = 64;
 /// entry (a process that reads instances it does not run); the set starts over when full.
 const WANTED_MAX: usize = 1_024;
 
+/// A turn's KV snapshot: `(key, value, last_updated_at_ms)` rows of `kv_store`.
+pub(crate) type KvRows = Vec<(String, String, i64)>;
+
 /// What this process holds of one execution's history.
 #[derive(Clone)]
 pub(crate) struct Held {
@@ -38,6 +46,9 @@ pub(crate) struct Held {
     /// `history_row_guard` of that row.
     pub guard: i64,
     pub events: Arc<Vec<Event>>,
+    /// The KV snapshot a turn of this execution read with these events (`None` when the
+    /// entry came from `read(instance)`, which does not read KV).
+    pub kv: Option<Arc<KvRows>>,
 }
 
 struct Entry {
@@ -139,18 +150,19 @@ impl HistoryCache {
             .collect()
     }
 
-    /// Records the full history of `instance`'s execution as just read, replacing any
-    /// entry of the instance (an older execution's included), then evicts the least
-    /// recently used entries beyond the bound. A history longer than the bound alone is
-    /// not kept.
+    /// Records the full history of `instance`'s execution as just read (with the KV
+    /// snapshot that goes with it, if known), replacing any entry of the instance (an
+    /// older execution's included), then evicts the least recently used entries beyond
+    /// the bound. A history longer than the bound alone is not kept.
     pub(crate) fn store(
         &self,
         instance: &str,
         execution_id: i64,
         events: &[Event],
-        last_event_id: i64,
-        guard: i64,
+        last: (i64, i64),
+        kv: Option<Arc<KvRows>>,
     ) {
+        let (last_event_id, guard) = last;
         if self.max_events == 0 {
             return;
         }
@@ -165,6 +177,7 @@ impl HistoryCache {
             last_event_id,
             guard,
             events: Arc::new(events.to_vec()),
+            kv,
         };
         let mut s = self.state();
         s.remove(instance);
@@ -181,6 +194,26 @@ impl HistoryCache {
             }
         }
         metrics::gauge!("duroxide_pg_history_cache_events").set(s.events as f64);
+    }
+
+    /// Gives `instance`'s entry the KV snapshot a turn read, when the entry still holds
+    /// execution `execution_id` up to `last_event_id` (the turn read nothing new).
+    pub(crate) fn attach_kv(
+        &self,
+        instance: &str,
+        execution_id: i64,
+        last_event_id: i64,
+        kv: Arc<KvRows>,
+    ) {
+        if self.max_events == 0 {
+            return;
+        }
+        let mut s = self.state();
+        if let Some(e) = s.entries.get_mut(instance).filter(|e| {
+            e.held.execution_id == execution_id && e.held.last_event_id == last_event_id
+        }) {
+            e.held.kv = Some(kv);
+        }
     }
 
     /// `read` found `instance`'s history long and held no entry of it.
@@ -240,15 +273,15 @@ mod tests {
     #[test]
     fn bound_evicts_least_recently_used() {
         let c = HistoryCache::new(10);
-        c.store("a", 1, &history("a", 4), 4, 7);
-        c.store("b", 1, &history("b", 4), 4, 7);
+        c.store("a", 1, &history("a", 4), (4, 7), None);
+        c.store("b", 1, &history("b", 4), (4, 7), None);
         assert!(c.held("a", 1).is_some()); // a is now the most recent
-        c.store("c", 1, &history("c", 4), 4, 7);
+        c.store("c", 1, &history("c", 4), (4, 7), None);
         assert!(c.held("b", 1).is_none(), "b was least recently used");
         assert!(c.held("a", 1).is_some());
         assert!(c.held("c", 1).is_some());
         assert_eq!(c.len_events(), 8);
-        c.store("big", 1, &history("big", 11), 11, 7);
+        c.store("big", 1, &history("big", 11), (11, 7), None);
         assert!(c.held("big", 1).is_none(), "larger than the bound alone");
         assert_eq!(c.len_events(), 8);
     }
@@ -256,9 +289,9 @@ mod tests {
     #[test]
     fn one_entry_per_instance_and_execution_must_match() {
         let c = HistoryCache::new(100);
-        c.store("a", 1, &history("a", 3), 3, 1);
+        c.store("a", 1, &history("a", 3), (3, 1), None);
         assert!(c.held("a", 2).is_none());
-        c.store("a", 2, &history("a", 2), 2, 9);
+        c.store("a", 2, &history("a", 2), (2, 9), None);
         assert!(
             c.held("a", 1).is_none(),
             "continue-as-new replaced execution 1"
@@ -293,13 +326,19 @@ mod tests {
     #[test]
     fn hints_skip_short_histories_and_zero_disables() {
         let c = HistoryCache::new(1_000);
-        c.store("short", 1, &history("short", 3), 3, 1);
-        c.store("long", 1, &history("long", HINT_MIN_EVENTS as u64), 32, 1);
+        c.store("short", 1, &history("short", 3), (3, 1), None);
+        c.store(
+            "long",
+            1,
+            &history("long", HINT_MIN_EVENTS as u64),
+            (32, 1),
+            None,
+        );
         let hints = c.hints();
         assert_eq!(hints.len(), 1);
         assert_eq!(hints[0].0, "long");
         let off = HistoryCache::new(0);
-        off.store("a", 1, &history("a", 3), 3, 1);
+        off.store("a", 1, &history("a", 3), (3, 1), None);
         assert!(off.held("a", 1).is_none());
         assert!(off.hints().is_empty());
     }

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use common::{database_url, new_provider_with, start_item, test_options};
 use duroxide::providers::{
-    ExecutionMetadata, OrchestrationItem, Provider, ProviderAdmin, WorkItem,
+    ExecutionMetadata, KvEntry, OrchestrationItem, Provider, ProviderAdmin, WorkItem,
 };
 use duroxide::{Event, EventKind};
 use duroxide_pg_hybrid::{FetchPath, PostgresProvider};
-use duroxide_pg_hybrid_testkit::proxy::Proxy;
+use duroxide_pg_hybrid_testkit::proxy::{Proxy, ProxySnapshot};
 
 const LOCK: Duration = Duration::from_secs(30);
 const NOW: Duration = Duration::ZERO;
@@ -100,6 +100,16 @@ async fn fetch(
     proxy: Option<&Proxy>,
     instance: &str,
 ) -> (OrchestrationItem, String, u64) {
+    let (item, token, traffic) = fetch_measured(p, proxy, instance).await;
+    (item, token, traffic.bytes_s2c)
+}
+
+/// [`fetch`], returning what crossed the proxy during the fetch (zero without one).
+async fn fetch_measured(
+    p: &PostgresProvider,
+    proxy: Option<&Proxy>,
+    instance: &str,
+) -> (OrchestrationItem, String, ProxySnapshot) {
     p.enqueue_for_orchestrator(poke(instance), None)
         .await
         .unwrap();
@@ -109,13 +119,13 @@ async fn fetch(
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("expected a turn of {instance}"));
-    let bytes = match (proxy, before) {
-        (Some(px), Some(b)) => px.snapshot().since(&b).bytes_s2c,
-        _ => 0,
+    let traffic = match (proxy, before) {
+        (Some(px), Some(b)) => px.snapshot().since(&b),
+        _ => ProxySnapshot::default(),
     };
     assert_eq!(item.instance, instance);
     assert!(item.history_error.is_none(), "{:?}", item.history_error);
-    (item, token, bytes)
+    (item, token, traffic)
 }
 
 /// Acks a turn of `execution` appending `new` events.
@@ -388,6 +398,224 @@ async fn continue_as_new_starts_its_own_entry_hybrid() {
 #[tokio::test]
 async fn continue_as_new_starts_its_own_entry_procedure() {
     continue_as_new_starts_its_own_entry(FetchPath::Procedure).await;
+}
+
+/// A turn item's fields that do not depend on who fetched it or how often.
+fn turn_view(item: &OrchestrationItem) -> (String, String, u64, Vec<Event>, Vec<(String, String)>) {
+    let mut kv: Vec<(String, String)> = item
+        .kv_snapshot
+        .iter()
+        .map(|(k, e): (&String, &KvEntry)| {
+            (k.clone(), format!("{}@{}", e.value, e.last_updated_at_ms))
+        })
+        .collect();
+    kv.sort();
+    (
+        item.orchestration_name.clone(),
+        item.version.clone(),
+        item.execution_id,
+        item.history.clone(),
+        kv,
+    )
+}
+
+/// The same turn as a process without a history cache sees it: fetched there, then
+/// given back (abandoned at once) for the process under test.
+async fn fresh_view(
+    fresh: &PostgresProvider,
+    instance: &str,
+) -> (String, String, u64, Vec<Event>, Vec<(String, String)>) {
+    let (item, token, _) = fetch(fresh, None, instance).await;
+    fresh
+        .abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+    turn_view(&item)
+}
+
+/// Hybrid path: a turn of an execution this process ran before reads the batch and the
+/// new events only (the instance's name and version come from the held
+/// `OrchestrationStarted`, the KV snapshot from the previous turn). Once another process
+/// ends the execution with KV values (`kv_store` changes only then), the next turn reads
+/// the instance row and KV again, and the item is what a process without a cache gets.
+#[tokio::test]
+async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let fresh = Arc::new(
+        common::connect_waiting(&database_url(), {
+            let mut o = test_options(guard.schema(), FetchPath::Procedure);
+            o.history_cache_events = 0;
+            o
+        })
+        .await
+        .unwrap(),
+    );
+    let inst = "kv-carrier";
+    let mut expected = create(&p, inst, 3, "a").await;
+
+    // No entry yet: claim plus four reads.
+    let (item, token, full) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(item.history, expected);
+    assert_eq!(full.statements, 5, "claim + 4 reads: {full:?}");
+    p.abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+    let (item, token, _) = fetch(&p, Some(&proxy), inst).await;
+    let new = events(inst, 1, 4, 4, "b");
+    expected.extend(new.clone());
+    ack(&p, &token, 1, new).await;
+    assert_eq!(item.history.len(), 3);
+
+    // With the entry: claim, batch, new events.
+    let before = fresh_view(&fresh, inst).await;
+    let (item, token, cached) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(cached.statements, 3, "claim + 2 reads: {cached:?}");
+    assert_eq!(
+        turn_view(&item),
+        before,
+        "cached turn differs from a fresh read"
+    );
+    assert_eq!(item.orchestration_name, "O");
+    assert_eq!(item.version, "1.0.0");
+    assert!(item.kv_snapshot.is_empty());
+    p.abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+
+    // Another process ends execution 1 with a KV value (into kv_store).
+    let (_, token, _) = fetch(&fresh, None, inst).await;
+    let end = vec![
+        Event::with_event_id(
+            5,
+            inst,
+            1,
+            None,
+            EventKind::KeyValueSet {
+                key: "k".into(),
+                value: "v1".into(),
+                last_updated_at_ms: TS,
+            },
+        ),
+        Event::with_event_id(
+            6,
+            inst,
+            1,
+            None,
+            EventKind::OrchestrationCompleted {
+                output: "done".into(),
+            },
+        ),
+    ];
+    fresh
+        .ack_orchestration_item(
+            &token,
+            1,
+            end,
+            vec![],
+            vec![],
+            ExecutionMetadata {
+                status: Some("Completed".into()),
+                output: Some("done".into()),
+                ..running()
+            },
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    // A message after the end: the entry's snapshot is no longer kv_store's.
+    let before = fresh_view(&fresh, inst).await;
+    assert_eq!(before.4, vec![("k".to_string(), format!("v1@{TS}"))]);
+    let (item, token, after_end) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(turn_view(&item), before, "stale KV snapshot served");
+    assert_eq!(
+        after_end.statements, 5,
+        "claim + 2 reads + 2 reads: {after_end:?}"
+    );
+    p.abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+
+    // That turn's snapshot is kept with the entry for the next one.
+    let before = fresh_view(&fresh, inst).await;
+    let (item, _, again) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(turn_view(&item), before);
+    assert_eq!(again.statements, 3, "{again:?}");
+}
+
+/// Hybrid path: an instance deleted and re-created under the same id, whose new
+/// incarnation ended with a KV value, gets its KV snapshot and name read again (the
+/// entry's guard no longer matches).
+#[tokio::test]
+async fn hybrid_recreated_instance_reads_its_kv_and_name() {
+    let path = FetchPath::Hybrid;
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "kv-phoenix";
+    create(&p, inst, 3, "a").await;
+    let (_, token, _) = fetch(&p, Some(&proxy), inst).await;
+    ack(&p, &token, 1, vec![]).await; // p holds events 1..=3 with an empty KV snapshot
+
+    p2.delete_instance(inst, true).await.unwrap();
+    p2.enqueue_for_orchestrator(start_item(inst), None)
+        .await
+        .unwrap();
+    let (_, token, _) = fetch(&p2, None, inst).await;
+    let mut started = event(inst, 1, 1, String::new());
+    if let EventKind::OrchestrationStarted { name, version, .. } = &mut started.kind {
+        *name = "O2".into();
+        *version = "2.0.0".into();
+    }
+    let kv_set = Event::with_event_id(
+        2,
+        inst,
+        1,
+        None,
+        EventKind::KeyValueSet {
+            key: "k".into(),
+            value: "re".into(),
+            last_updated_at_ms: TS,
+        },
+    );
+    let done = Event::with_event_id(
+        3,
+        inst,
+        1,
+        None,
+        EventKind::OrchestrationCompleted {
+            output: "done".into(),
+        },
+    );
+    p2.ack_orchestration_item(
+        &token,
+        1,
+        vec![started, kv_set, done],
+        vec![],
+        vec![],
+        ExecutionMetadata {
+            orchestration_name: Some("O2".into()),
+            orchestration_version: Some("2.0.0".into()),
+            status: Some("Completed".into()),
+            output: Some("done".into()),
+            ..Default::default()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+
+    let (item, _, traffic) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(item.orchestration_name, "O2");
+    assert_eq!(item.version, "2.0.0");
+    assert_eq!(
+        item.kv_snapshot.get("k").map(|e| e.value.as_str()),
+        Some("re"),
+        "stale KV snapshot of the old incarnation"
+    );
+    assert_eq!(traffic.statements, 5, "{traffic:?}");
 }
 
 /// The cache holds at most `history_cache_events` events: caching a second 60-event

@@ -39,9 +39,9 @@ use duroxide::providers::{
 };
 use duroxide::{Event, EventKind};
 
-use crate::codec::{decode_history, decode_messages_strict};
+use crate::codec::{decode_history, decode_messages_strict, event_type};
 use crate::handover::{ClaimSpec, Handed};
-use crate::history_cache::{Held, HistoryCache};
+use crate::history_cache::{Held, HistoryCache, KvRows};
 use crate::notify::{Interest, Queue};
 use crate::options::FetchPath;
 use crate::poll::Attempt;
@@ -126,7 +126,7 @@ pub(crate) struct TurnRows {
     pub meta: Option<(String, Option<String>)>,
     pub messages: Vec<String>,
     pub history: HistoryRows,
-    pub kv: Vec<(String, String, i64)>,
+    pub kv: Arc<KvRows>,
 }
 
 /// A turn's history as read: the events this process held plus the rows read after them
@@ -137,6 +137,9 @@ pub(crate) struct HistoryRows {
     /// `(event_id, guard)` of the execution's last event, for the cache; `None` for an
     /// empty history.
     pub last: Option<(i64, i64)>,
+    /// The held entry's KV snapshot, while it is still `kv_store`'s content: see
+    /// [`Self::carried_kv`].
+    kv: Option<Arc<KvRows>>,
 }
 
 impl HistoryRows {
@@ -150,9 +153,14 @@ impl HistoryRows {
         last_event_id: Option<i64>,
         last_guard: Option<i64>,
     ) -> Result<Self, String> {
-        let held = match (incremental, held) {
-            (false, _) => None,
-            (true, Some(h)) => Some(h.events.clone()),
+        let (held, kv) = match (incremental, held) {
+            (false, _) => (None, None),
+            (true, Some(h)) => {
+                // kv_store changes only in the ack that ends an execution (05_ack.sql),
+                // and that ack appends the event that ends it.
+                let ended = rows.iter().any(|r| ends_execution(event_type(r)));
+                (Some(h.events.clone()), h.kv.clone().filter(|_| !ended))
+            }
             (true, None) => {
                 return Err("history read answered incrementally to no cache entry".into());
             }
@@ -168,23 +176,43 @@ impl HistoryRows {
             held,
             rows,
             last: last_event_id.zip(last_guard),
+            kv,
         })
+    }
+
+    /// The KV snapshot held with the cache entry when it is still `kv_store`'s content:
+    /// the read was incremental (same instance, same execution, rows only appended) and
+    /// no row read ends the execution. `None`: the turn must read KV.
+    pub(crate) fn carried_kv(&self) -> Option<Arc<KvRows>> {
+        self.kv.clone()
     }
 
     /// The whole history of `instance`'s execution `execution_id`: the held events, then
     /// the rows read. The cache entry becomes that history (left as it is when nothing
     /// was new; dropped first otherwise, so the held events are usually taken over
     /// without a copy), or is dropped when the rows do not decode or nothing was read.
+    /// `kv`: the KV snapshot a turn read with these rows (`None` from `read`, which
+    /// keeps the entry's snapshot while [`Self::carried_kv`] has it).
     pub(crate) fn into_history(
         self,
         cache: &HistoryCache,
         instance: &str,
         execution_id: i64,
+        kv: Option<Arc<KvRows>>,
     ) -> Result<Vec<Event>, String> {
-        let Self { held, rows, last } = self;
+        let Self {
+            held,
+            rows,
+            last,
+            kv: carried,
+        } = self;
+        let kv = kv.or(carried);
         if let Some(h) = &held
             && rows.is_empty()
         {
+            if let (Some(kv), Some((last_event_id, _))) = (kv, last) {
+                cache.attach_kv(instance, execution_id, last_event_id, kv);
+            }
             return Ok(h.as_ref().clone());
         }
         let held_len = held.as_ref().map_or(0, |h| h.len());
@@ -201,7 +229,7 @@ impl HistoryRows {
         });
         match (&decoded, last) {
             (Ok(h), Some((last_event_id, guard))) => {
-                cache.store(instance, execution_id, h, last_event_id, guard);
+                cache.store(instance, execution_id, h, (last_event_id, guard), kv);
             }
             _ => cache.forget(instance),
         }
@@ -278,18 +306,18 @@ impl PostgresProvider {
         }
     }
 
-    /// The hybrid path's second round trip: the claimed turn's four concurrent reads.
+    /// The hybrid path's second round trip: the claimed turn's concurrent reads.
     async fn read_claimed(&self, claim: Claim) -> Result<Attempt<TurnRows>, ProviderError> {
         // A future dropped during the reads (runtime shutdown) leaves the claim to its
         // lease, exactly like a dropped procedure-path call that the server committed:
         // the instance stays hidden until the lease runs out, and nothing is lost.
         match self.read_turn(&claim).await {
-            Ok((meta, messages, history, kv)) => Ok(Attempt::Claimed(TurnRows {
+            Ok(reads) => Ok(Attempt::Claimed(TurnRows {
                 claim,
-                meta,
-                messages,
-                history,
-                kv,
+                meta: reads.meta,
+                messages: reads.messages,
+                history: reads.history,
+                kv: reads.kv,
             })),
             Err(e) => {
                 // Never return an error while holding a lease: give the instance back
@@ -299,6 +327,14 @@ impl PostgresProvider {
             }
         }
     }
+}
+
+/// Whether an event of this type ends its execution (`Event::is_terminal`).
+fn ends_execution(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "OrchestrationCompleted" | "OrchestrationFailed" | "OrchestrationContinuedAsNew"
+    )
 }
 
 /// Claim contention: candidates a claim passed over (rows held by concurrent claims,
@@ -336,7 +372,7 @@ fn assemble(rows: TurnRows, cache: &HistoryCache) -> (OrchestrationItem, String,
             (Vec::new(), Some(e))
         }
     };
-    let decoded = history.into_history(cache, &instance, claim.execution_id);
+    let decoded = history.into_history(cache, &instance, claim.execution_id, Some(kv.clone()));
     let (history, history_error) = match decoded {
         Ok(_) if message_error.is_some() => (Vec::new(), message_error),
         Ok(h) => (h, None),
@@ -393,13 +429,13 @@ fn assemble(rows: TurnRows, cache: &HistoryCache) -> (OrchestrationItem, String,
     let kv_snapshot: HashMap<String, KvEntry> = if history_error.is_some() {
         HashMap::new()
     } else {
-        kv.into_iter()
+        kv.iter()
             .map(|(k, value, ts)| {
                 (
-                    k,
+                    k.clone(),
                     KvEntry {
-                        value,
-                        last_updated_at_ms: u64::try_from(ts).unwrap_or(0),
+                        value: value.clone(),
+                        last_updated_at_ms: u64::try_from(*ts).unwrap_or(0),
                     },
                 )
             })

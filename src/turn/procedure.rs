@@ -2,6 +2,8 @@
 //! is told what the history cache holds (the claimed instance is not known in advance,
 //! so the call carries the cache's long entries; see `crate::history_cache`).
 
+use std::sync::Arc;
+
 use duroxide::providers::ProviderError;
 
 use super::claim::{ClaimCall, claim_args};
@@ -97,7 +99,7 @@ impl TurnData {
             meta,
             messages: self.o_messages.unwrap_or_default(),
             history,
-            kv,
+            kv: Arc::new(kv),
         })
     }
 }
