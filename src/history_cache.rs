@@ -72,7 +72,7 @@ impl State {
     fn remove(&mut self, instance: &str) -> Option<Entry> {
         let e = self.entries.remove(instance)?;
         self.lru.remove(&e.used);
-        self.events -= e.held.events.len();
+        self.events -= weight(&e.held);
         Some(e)
     }
 
@@ -85,6 +85,12 @@ impl State {
             self.lru.insert(tick, instance.to_string());
         }
     }
+}
+
+/// What an entry counts against the bound: its events, and at least 1 (an empty
+/// history kept with a turn's KV snapshot).
+fn weight(held: &Held) -> usize {
+    held.events.len().max(1)
 }
 
 /// Bounded, process-local cache of decoded histories (see the module docs).
@@ -153,20 +159,29 @@ impl HistoryCache {
     /// Records the full history of `instance`'s execution as just read (with the KV
     /// snapshot that goes with it, if known), replacing any entry of the instance (an
     /// older execution's included), then evicts the least recently used entries beyond
-    /// the bound. A history longer than the bound alone is not kept.
+    /// the bound. A history longer than the bound alone is not kept. `last`: id and guard
+    /// of the last event; an empty history (`None`) is kept only with a turn's KV
+    /// snapshot, as the start that turn's ack extends ([`Self::extend`]).
     pub(crate) fn store(
         &self,
         instance: &str,
         execution_id: i64,
         events: &[Event],
-        last: (i64, i64),
+        last: Option<(i64, i64)>,
         kv: Option<Arc<KvRows>>,
     ) {
-        let (last_event_id, guard) = last;
         if self.max_events == 0 {
             return;
         }
-        if events.is_empty() || events.len() > self.max_events {
+        let (last_event_id, guard) = match last {
+            Some(l) if !events.is_empty() => l,
+            None if events.is_empty() && kv.is_some() => (0, 0),
+            _ => {
+                self.forget(instance);
+                return;
+            }
+        };
+        if events.len() > self.max_events {
             self.forget(instance);
             return;
         }
@@ -179,9 +194,65 @@ impl HistoryCache {
             events: Arc::new(events.to_vec()),
             kv,
         };
+        self.insert(instance, held);
+    }
+
+    /// The ack of a turn of `instance`'s execution `execution_id` appended `appended`,
+    /// the last of which is stored with `guard`: the entry (what the turn read) becomes
+    /// the history including them, so the next turn reads only what others write after.
+    /// The KV snapshot goes when they end the execution (the ack changed `kv_store`).
+    /// Without a guard (an ack that does not return one) an entry with events stays as it
+    /// is (the next turn reads the appended rows); an entry that cannot be extended (not
+    /// this execution, ids that do not follow on) is dropped.
+    pub(crate) fn extend(
+        &self,
+        instance: &str,
+        execution_id: i64,
+        appended: &[Event],
+        guard: Option<i64>,
+    ) {
+        if self.max_events == 0 || appended.is_empty() {
+            return;
+        }
+        let mut s = self.state();
+        let Some(entry) = s.entries.get(instance) else {
+            return;
+        };
+        let held = &entry.held;
+        let follows = held.execution_id == execution_id
+            && appended
+                .iter()
+                .zip(held.last_event_id + 1..)
+                .all(|(e, id)| i64::try_from(e.event_id()) == Ok(id));
+        let (Some(guard), true) = (guard, follows) else {
+            if !follows || held.events.is_empty() {
+                s.remove(instance);
+            }
+            return;
+        };
+        let mut events = Vec::with_capacity(held.events.len() + appended.len());
+        events.extend_from_slice(&held.events);
+        events.extend_from_slice(appended);
+        let ended = appended.iter().any(Event::is_terminal);
+        let held = Held {
+            execution_id,
+            last_event_id: held.last_event_id + appended.len() as i64,
+            guard,
+            events: Arc::new(events),
+            kv: held.kv.clone().filter(|_| !ended),
+        };
+        drop(s);
+        if held.events.len() > self.max_events {
+            self.forget(instance);
+        } else {
+            self.insert(instance, held);
+        }
+    }
+
+    fn insert(&self, instance: &str, held: Held) {
         let mut s = self.state();
         s.remove(instance);
-        s.events += held.events.len();
+        s.events += weight(&held);
         s.entries
             .insert(instance.to_string(), Entry { held, used: 0 });
         s.touch(instance);
@@ -190,7 +261,7 @@ impl HistoryCache {
                 break;
             };
             if let Some(e) = s.entries.remove(&oldest) {
-                s.events -= e.held.events.len();
+                s.events -= weight(&e.held);
             }
         }
         metrics::gauge!("duroxide_pg_history_cache_events").set(s.events as f64);
@@ -273,15 +344,15 @@ mod tests {
     #[test]
     fn bound_evicts_least_recently_used() {
         let c = HistoryCache::new(10);
-        c.store("a", 1, &history("a", 4), (4, 7), None);
-        c.store("b", 1, &history("b", 4), (4, 7), None);
+        c.store("a", 1, &history("a", 4), Some((4, 7)), None);
+        c.store("b", 1, &history("b", 4), Some((4, 7)), None);
         assert!(c.held("a", 1).is_some()); // a is now the most recent
-        c.store("c", 1, &history("c", 4), (4, 7), None);
+        c.store("c", 1, &history("c", 4), Some((4, 7)), None);
         assert!(c.held("b", 1).is_none(), "b was least recently used");
         assert!(c.held("a", 1).is_some());
         assert!(c.held("c", 1).is_some());
         assert_eq!(c.len_events(), 8);
-        c.store("big", 1, &history("big", 11), (11, 7), None);
+        c.store("big", 1, &history("big", 11), Some((11, 7)), None);
         assert!(c.held("big", 1).is_none(), "larger than the bound alone");
         assert_eq!(c.len_events(), 8);
     }
@@ -289,9 +360,9 @@ mod tests {
     #[test]
     fn one_entry_per_instance_and_execution_must_match() {
         let c = HistoryCache::new(100);
-        c.store("a", 1, &history("a", 3), (3, 1), None);
+        c.store("a", 1, &history("a", 3), Some((3, 1)), None);
         assert!(c.held("a", 2).is_none());
-        c.store("a", 2, &history("a", 2), (2, 9), None);
+        c.store("a", 2, &history("a", 2), Some((2, 9)), None);
         assert!(
             c.held("a", 1).is_none(),
             "continue-as-new replaced execution 1"
@@ -302,6 +373,56 @@ mod tests {
         c.forget("a");
         assert!(c.held("a", 2).is_none());
         assert_eq!(c.len_events(), 0);
+    }
+
+    #[test]
+    fn an_ack_extends_the_entry_its_turn_read() {
+        let c = HistoryCache::new(100);
+        let kv = Arc::new(vec![("k".to_string(), "v".to_string(), 1)]);
+        // A first turn's empty history is kept only with its KV snapshot.
+        c.store("a", 1, &[], None, None);
+        assert!(c.held("a", 1).is_none());
+        c.store("a", 1, &[], None, Some(kv.clone()));
+        let h = c.held("a", 1).unwrap();
+        assert_eq!((h.last_event_id, h.events.len()), (0, 0));
+        assert_eq!(c.len_events(), 1, "an empty entry still counts");
+
+        // The ack appended events 1..=3 and returned the last one's guard.
+        let all = history("a", 5);
+        c.extend("a", 1, &all[..3], Some(42));
+        let h = c.held("a", 1).unwrap();
+        assert_eq!((h.last_event_id, h.guard, h.events.len()), (3, 42, 3));
+        assert!(h.kv.is_some(), "the execution goes on: the snapshot stays");
+
+        // Without a guard the entry stays as the turn read it.
+        c.extend("a", 1, &all[3..4], None);
+        assert_eq!(c.held("a", 1).unwrap().last_event_id, 3);
+        // Ids that do not follow on (event 4 was never added here), or another
+        // execution: the entry goes.
+        c.extend("a", 1, &all[4..5], Some(7));
+        assert!(c.held("a", 1).is_none());
+        c.store("a", 1, &all[..3], Some((3, 1)), Some(kv.clone()));
+        c.extend("a", 2, &history("a", 1), Some(7));
+        assert!(c.held("a", 1).is_none());
+
+        // An empty entry the ack cannot extend (no guard) goes.
+        c.store("b", 1, &[], None, Some(kv.clone()));
+        c.extend("b", 1, &history("b", 2), None);
+        assert!(c.held("b", 1).is_none());
+
+        // Events that end the execution drop the KV snapshot (kv_store changed).
+        c.store("d", 1, &history("d", 2), Some((2, 1)), Some(kv));
+        let end = Event::with_event_id(
+            3,
+            "d",
+            1,
+            None,
+            EventKind::OrchestrationCompleted { output: "o".into() },
+        );
+        c.extend("d", 1, &[end], Some(9));
+        let h = c.held("d", 1).unwrap();
+        assert_eq!((h.last_event_id, h.events.len()), (3, 3));
+        assert!(h.kv.is_none());
     }
 
     #[test]
@@ -326,19 +447,19 @@ mod tests {
     #[test]
     fn hints_skip_short_histories_and_zero_disables() {
         let c = HistoryCache::new(1_000);
-        c.store("short", 1, &history("short", 3), (3, 1), None);
+        c.store("short", 1, &history("short", 3), Some((3, 1)), None);
         c.store(
             "long",
             1,
             &history("long", HINT_MIN_EVENTS as u64),
-            (32, 1),
+            Some((32, 1)),
             None,
         );
         let hints = c.hints();
         assert_eq!(hints.len(), 1);
         assert_eq!(hints[0].0, "long");
         let off = HistoryCache::new(0);
-        off.store("a", 1, &history("a", 3), (3, 1), None);
+        off.store("a", 1, &history("a", 3), Some((3, 1)), None);
         assert!(off.held("a", 1).is_none());
         assert!(off.hints().is_empty());
     }

@@ -618,6 +618,90 @@ async fn hybrid_recreated_instance_reads_its_kv_and_name() {
     assert_eq!(traffic.statements, 5, "{traffic:?}");
 }
 
+/// An ack that hands its activity to a waiting worker fetch of its process returns the
+/// guard of the last event it appended, so the cache holds the history including what
+/// the ack wrote: the next turn reads none of it again (hybrid: claim, batch and history
+/// statements only), even though the first turn's history was empty. A turn of another
+/// process in between is read as usual.
+async fn turn_after_a_handover_ack_rereads_nothing(path: FetchPath) {
+    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
+    let p2 = another_process(guard.schema(), path).await;
+    let inst = "handed-writer";
+    p.enqueue_for_orchestrator(start_item(inst), None)
+        .await
+        .unwrap();
+    let (item, token, _) = p
+        .fetch_orchestration_item(LOCK, NOW, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(item.history.is_empty());
+    let w = p.clone();
+    let waiter = tokio::spawn(async move {
+        w.fetch_work_item(
+            LOCK,
+            Duration::from_secs(10),
+            None,
+            &duroxide::providers::TagFilter::DefaultOnly,
+        )
+        .await
+    });
+    // Let the worker fetch do its empty claim and start waiting.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut expected = events(inst, 1, 1, 40, "a");
+    p.ack_orchestration_item(
+        &token,
+        1,
+        expected.clone(),
+        vec![common::activity_item(inst, 2)],
+        vec![],
+        running(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let (_, wtoken, _) = waiter.await.unwrap().unwrap().expect("handed over");
+    p.ack_work_item(&wtoken, Some(common::completion(inst, 2)))
+        .await
+        .unwrap();
+
+    let (item, token, traffic) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(item.history, expected, "{path:?}");
+    assert!(
+        traffic.bytes_s2c < TURN_OVERHEAD,
+        "{path:?}: the turn read back what its process's ack wrote: {traffic:?}"
+    );
+    if path == FetchPath::Hybrid {
+        assert_eq!(traffic.statements, 3, "claim + 2 reads: {traffic:?}");
+    }
+    p.abandon_orchestration_item(&token, None, true)
+        .await
+        .unwrap();
+
+    // Another process appends two events; the next turn here reads those only.
+    let (_, token, _) = fetch(&p2, None, inst).await;
+    let new = events(inst, 1, 41, 42, "p2-");
+    expected.extend(new.clone());
+    ack(&p2, &token, 1, new).await;
+    let (item, _, traffic) = fetch_measured(&p, Some(&proxy), inst).await;
+    assert_eq!(item.history, expected, "{path:?}");
+    assert!(
+        traffic.bytes_s2c < 2 * EVENT_WIRE_MAX + TURN_OVERHEAD,
+        "{path:?}: {traffic:?}"
+    );
+}
+
+#[tokio::test]
+async fn turn_after_a_handover_ack_rereads_nothing_hybrid() {
+    turn_after_a_handover_ack_rereads_nothing(FetchPath::Hybrid).await;
+}
+
+#[tokio::test]
+async fn turn_after_a_handover_ack_rereads_nothing_procedure() {
+    turn_after_a_handover_ack_rereads_nothing(FetchPath::Procedure).await;
+}
+
 /// The cache holds at most `history_cache_events` events: caching a second 60-event
 /// history evicts the first (least recently used), whose next turn reads in full, while
 /// the second's reads only what is new. `0` turns the cache off.

@@ -1,4 +1,4 @@
--- revision: 20
+-- revision: 21
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -254,11 +254,20 @@ $fn$;
 -- o_instance_id NULL, with a row per item its lost reply had handed over that is still
 -- leased under the waiter's token (the resend carries the same tokens), so the waiters
 -- still get them. Revision 16 added it; the signature without it is dropped.
+-- o_history_guard (every row; revision 21): history_row_guard of the last event this ack
+-- appended (NULL when it appended none, and to a resend), so the caller's history cache
+-- can hold the turn's history including what the ack wrote (src/history_cache.rs). A
+-- new output column changes the return type, so the function is dropped and created.
 DROP FUNCTION IF EXISTS ack_orchestration_handover(
     TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
     BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
     TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[],
     TEXT[], BIGINT[], TEXT[], BIGINT[], INT, TEXT[]);
+DROP FUNCTION IF EXISTS ack_orchestration_handover(
+    TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
+    BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
+    TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], TEXT[], BIGINT[],
+    TEXT[], BIGINT[], TEXT[], BIGINT[], INT, TEXT[], TEXT);
 CREATE OR REPLACE FUNCTION ack_orchestration_handover(
     p_lock_token            TEXT,
     p_execution_id          BIGINT,
@@ -309,7 +318,8 @@ RETURNS TABLE (
     o_item_execution_id BIGINT,
     o_item_activity_id  BIGINT,
     o_item_session_id   TEXT,
-    o_item_tag          TEXT
+    o_item_tag          TEXT,
+    o_history_guard     BIGINT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -343,13 +353,20 @@ BEGIN
         -- A resend of an ack that committed: hand over again what its lost reply did.
         RETURN QUERY
         SELECT NULL::TEXT, w.lock_token, w.work_item, w.attempt_count, w.instance_id,
-               w.execution_id, w.activity_id, w.session_id, w.tag
+               w.execution_id, w.activity_id, w.session_id, w.tag, NULL::BIGINT
         FROM worker_queue w
         WHERE w.lock_token = ANY (p_handover_tokens);
         IF NOT FOUND THEN
             RETURN NEXT;
         END IF;
         RETURN;
+    END IF;
+
+    IF cardinality(p_event_ids) > 0 THEN
+        SELECT history_row_guard(h.created_at_ms, h.event_data) INTO o_history_guard
+        FROM history h
+        WHERE h.instance_id = v_instance AND h.execution_id = p_execution_id
+          AND h.event_id = (SELECT max(e.id) FROM unnest(p_event_ids) e(id));
     END IF;
 
     FOR i IN 1 .. coalesce(cardinality(p_handover_tokens), 0) LOOP

@@ -83,7 +83,8 @@ pub(crate) static ACK_ORCHESTRATION_HANDOVER: SqlFunction = SqlFunction {
     ),
     columns: Some(
         "o_instance_id, o_lock_token, o_work_item, o_attempt_count, o_item_instance_id, \
-         o_item_execution_id, o_item_activity_id, o_item_session_id, o_item_tag",
+         o_item_execution_id, o_item_activity_id, o_item_session_id, o_item_tag, \
+         o_history_guard",
     ),
 };
 
@@ -101,6 +102,8 @@ struct HandoverRow {
     o_item_activity_id: Option<i64>,
     o_item_session_id: Option<String>,
     o_item_tag: Option<String>,
+    /// Guard of the last history row the ack appended (the same on every row).
+    o_history_guard: Option<i64>,
 }
 
 /// Net KV effect of one turn's delta.
@@ -398,7 +401,7 @@ impl PostgresProvider {
                 fetch_one,
                 sqlx::query_scalar_with::<_, Option<String>, _>(&sql, args()?)
             )
-            .map(|instance| (instance, Vec::new()))
+            .map(|instance| (instance, None, Vec::new()))
         } else {
             let sql = self.call_sql(&ACK_ORCHESTRATION_HANDOVER);
             let args = || {
@@ -418,13 +421,15 @@ impl PostgresProvider {
                 sqlx::query_as_with::<_, HandoverRow, _>(&sql, args()?)
             )
             .map(|rows| {
-                let instance = rows.first().and_then(|r| r.o_instance_id.clone());
-                (instance, rows)
+                let first = rows.first();
+                let instance = first.and_then(|r| r.o_instance_id.clone());
+                let guard = first.and_then(|r| r.o_history_guard);
+                (instance, guard, rows)
             })
         };
 
         match result {
-            Ok((instance, handed)) => {
+            Ok((instance, history_guard, handed)) => {
                 let mut reservations: Vec<_> = h_tokens.into_iter().zip(reservations).collect();
                 let mut handed_here = 0;
                 for row in handed {
@@ -465,6 +470,13 @@ impl PostgresProvider {
                     // The history this ack committed answers the read duroxide's worker
                     // makes before each activity handed over (handover_reads.rs).
                     self.keep_handover_history(instance, execution_id, &ev_data, handed_here);
+                    // The next turn of this process reads only what others append.
+                    self.inner.history_cache.extend(
+                        instance,
+                        execution_id,
+                        &history_delta,
+                        history_guard,
+                    );
                     if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
                         // The instance is done: its history will not be read for a turn
                         // again. (After ContinuedAsNew one more turn reads it, then the

@@ -227,11 +227,9 @@ impl HistoryRows {
             }
             None => new,
         });
-        match (&decoded, last) {
-            (Ok(h), Some((last_event_id, guard))) => {
-                cache.store(instance, execution_id, h, (last_event_id, guard), kv);
-            }
-            _ => cache.forget(instance),
+        match &decoded {
+            Ok(h) => cache.store(instance, execution_id, h, last, kv),
+            Err(_) => cache.forget(instance),
         }
         // Row numbers in the message count from the first row read.
         decoded.map_err(|e| {
