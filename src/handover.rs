@@ -11,7 +11,7 @@
 //!   fetch ([`TurnOffer`]); the call claims that instance's turn when it is claimable
 //!   now, with the fetch's lease length and capability filter (`claim_instance`), and on
 //!   the procedure path reads the turn too. On the hybrid path the fetch then runs its
-//!   four concurrent reads.
+//!   concurrent reads.
 //!
 //! Only fetches already waiting (after an empty claim of their own, not while claiming)
 //! are reserved, one item each; a reserved fetch does not claim on its own until the
@@ -242,7 +242,7 @@ impl PostgresProvider {
     /// is on and one waits. `execution_id`: the execution the caller knows the instance
     /// to be on (its cached history is sent for an incremental read), `None` for any.
     /// `read_turn`: the call reads the claimed turn too (the procedure path, and a start
-    /// on either path); otherwise the hybrid fetch runs its four reads.
+    /// on either path); otherwise the hybrid fetch runs its concurrent reads.
     pub(crate) fn offer_turn(
         &self,
         instance: &str,

@@ -108,6 +108,11 @@ impl HistoryCache {
         }
     }
 
+    /// Whether the cache keeps anything (`history_cache_events` > 0).
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_events > 0
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is consistent after every statement; a panic elsewhere cannot leave
         // it half-updated in a way that matters (at worst an entry is read in full).

@@ -178,28 +178,43 @@ async fn create(p: &PostgresProvider, instance: &str, n: u64, tag: &str) -> Vec<
 }
 
 async fn second_turn_reads_only_new_events(path: FetchPath) {
-    let (_direct, guard) = new_provider_with(path, |_| {}).await;
+    let (direct, guard) = new_provider_with(path, |_| {}).await;
     let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
     for (instance, len) in [("short", 40u64), ("long", 200)] {
-        let mut expected = create(&p, instance, len, "a").await;
+        // Written by another process: this one holds nothing of it.
+        let mut expected = create(&direct, instance, len, "a").await;
 
-        // The first turn this process reads (its first turn had no history): all of it.
+        // The first turn this process reads: all of it.
         let (item, token, full) = fetch(&p, Some(&proxy), instance).await;
         assert_eq!(item.history, expected);
         assert!(
             full > len * EVENT_BYTES,
             "{path:?} {instance}: full read of {len} events was {full} bytes"
         );
+        ack(&p, &token, 1, vec![]).await;
+
+        // The other process appends two events; the next turn here reads those only,
+        // whatever the history's length.
+        let (_, token, _) = fetch(&direct, None, instance).await;
         let new = events(instance, 1, len + 1, len + 2, "b");
         expected.extend(new.clone());
-        ack(&p, &token, 1, new).await;
-
-        // The next turn: the two new events only, whatever the history's length.
+        ack(&direct, &token, 1, new).await;
         let (item, token, incremental) = fetch(&p, Some(&proxy), instance).await;
         assert_eq!(item.history, expected, "{path:?} {instance}");
         assert!(
             incremental < 2 * EVENT_WIRE_MAX + TURN_OVERHEAD,
             "{path:?} {instance}: a turn after 2 new events read {incremental} bytes (full read: {full})"
+        );
+
+        // Events this process's ack appended are held: the next turn reads none back.
+        let new = events(instance, 1, len + 3, len + 4, "c");
+        expected.extend(new.clone());
+        ack(&p, &token, 1, new).await;
+        let (item, token, own) = fetch(&p, Some(&proxy), instance).await;
+        assert_eq!(item.history, expected, "{path:?} {instance}");
+        assert!(
+            own < TURN_OVERHEAD,
+            "{path:?} {instance}: read back its own 2 events: {own} bytes"
         );
         ack(&p, &token, 1, vec![]).await;
 
@@ -453,7 +468,7 @@ async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
         .unwrap(),
     );
     let inst = "kv-carrier";
-    let mut expected = create(&p, inst, 3, "a").await;
+    let mut expected = create(&fresh, inst, 3, "a").await;
 
     // No entry yet: claim plus four reads.
     let (item, token, full) = fetch_measured(&p, Some(&proxy), inst).await;

@@ -256,8 +256,9 @@ $fn$;
 -- still get them. Revision 16 added it; the signature without it is dropped.
 -- o_history_guard (every row; revision 21): history_row_guard of the last event this ack
 -- appended (NULL when it appended none, and to a resend), so the caller's history cache
--- can hold the turn's history including what the ack wrote (src/history_cache.rs). A
--- new output column changes the return type, so the function is dropped and created.
+-- can hold the turn's history including what the ack wrote (src/history_cache.rs); a
+-- caller with no waiter calls it for that alone (empty p_handover_* arrays). A new
+-- output column changes the return type, so the function is dropped and created.
 DROP FUNCTION IF EXISTS ack_orchestration_handover(
     TEXT, BIGINT, BIGINT[], TEXT[], TEXT[], TEXT, TEXT, TEXT, TEXT, TEXT, INT, INT, INT,
     BOOLEAN, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],
@@ -329,6 +330,9 @@ DECLARE
     v_instance TEXT;
     v_item     RECORD;
     v_handed   INT := 0;
+    -- No waiter (a caller that wants only o_history_guard): ack_orchestration_item
+    -- announces the turn's worker items itself.
+    v_waiters  INT := coalesce(cardinality(p_handover_tokens), 0);
 BEGIN
     v_instance := ack_orchestration_item(
         p_lock_token => p_lock_token, p_execution_id => p_execution_id,
@@ -347,7 +351,7 @@ BEGIN
         p_cancel_executions => p_cancel_executions, p_cancel_activities => p_cancel_activities,
         p_orch_instances => p_orch_instances, p_orch_kinds => p_orch_kinds,
         p_orch_items => p_orch_items, p_orch_visible_at_ms => p_orch_visible_at_ms,
-        p_notify_worker_items => FALSE, p_call_id => p_call_id);
+        p_notify_worker_items => v_waiters = 0, p_call_id => p_call_id);
 
     IF v_instance IS NULL THEN
         -- A resend of an ack that committed: hand over again what its lost reply did.
@@ -393,13 +397,15 @@ BEGIN
     END LOOP;
 
     -- Wake fetches (of any process) for this turn's items nobody here took.
-    PERFORM notify_worker_items(array_agg(w.tag), array_agg(w.session_id))
-    FROM worker_queue w
-    JOIN unnest(p_worker_instances, p_worker_executions, p_worker_activities)
-         AS k(instance_id, execution_id, activity_id)
-      ON w.instance_id = k.instance_id AND w.execution_id = k.execution_id
-     AND w.activity_id = k.activity_id
-    WHERE w.lock_token IS NULL;
+    IF v_waiters > 0 THEN
+        PERFORM notify_worker_items(array_agg(w.tag), array_agg(w.session_id))
+        FROM worker_queue w
+        JOIN unnest(p_worker_instances, p_worker_executions, p_worker_activities)
+             AS k(instance_id, execution_id, activity_id)
+          ON w.instance_id = k.instance_id AND w.execution_id = k.execution_id
+         AND w.activity_id = k.activity_id
+        WHERE w.lock_token IS NULL;
+    END IF;
 
     IF v_handed = 0 THEN
         o_instance_id := v_instance;

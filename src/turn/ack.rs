@@ -388,7 +388,16 @@ impl PostgresProvider {
         // One id per call, reused by resends: a resend of an ack that committed (its
         // reply was lost) is answered as done, so the call may be sent again.
         let call_id = uuid::Uuid::new_v4().to_string();
-        let result = if reservations.is_empty() {
+        // The hand-over function also returns the guard of the last event appended, which
+        // lets the history cache keep what this ack wrote: worth it (one index lookup)
+        // when the execution goes on and its next turn may run here.
+        let keeps_history = !ev_ids.is_empty()
+            && self.inner.history_cache.enabled()
+            && !matches!(
+                metadata.status.as_deref(),
+                Some("Completed" | "Failed" | "ContinuedAsNew")
+            );
+        let result = if reservations.is_empty() && !keeps_history {
             let sql = self.call_sql(&ACK_ORCHESTRATION_ITEM);
             let args = || {
                 common(Args::new(&ACK_ORCHESTRATION_ITEM))
