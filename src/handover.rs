@@ -287,13 +287,15 @@ impl PostgresProvider {
         let Some(execution_id) = execution_id else {
             return;
         };
-        let claim = Claim {
+        let mut claim = Claim {
             instance: instance.to_string(),
             lock_token: offer.token,
             execution_id,
             attempt_count: attempt_count.unwrap_or(1),
+            batch: None,
         };
         if !offer.read_turn {
+            claim.batch = turn.claimed_batch();
             self.hand_over(offer.reservation, Handed::Claim(claim));
             return;
         }

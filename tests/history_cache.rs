@@ -448,13 +448,13 @@ async fn fresh_view(
     turn_view(&item)
 }
 
-/// Hybrid path: a turn of an execution this process ran before reads the batch and the
-/// new events only (the instance's name and version come from the held
-/// `OrchestrationStarted`, the KV snapshot from the previous turn). Once another process
+/// Hybrid path: the claim returns the batch and the instance's name, so a turn reads
+/// its history and KV snapshot, and a turn of an execution this process ran before reads
+/// only its new events (the KV snapshot is the previous turn's). Once another process
 /// ends the execution with KV values (`kv_store` changes only then), the next turn reads
-/// the instance row and KV again, and the item is what a process without a cache gets.
+/// KV again, and the item is what a process without a cache gets.
 #[tokio::test]
-async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
+async fn hybrid_turn_with_entry_reads_new_events_only() {
     let path = FetchPath::Hybrid;
     let (_direct, guard) = new_provider_with(path, |_| {}).await;
     let (proxy, p) = common::proxied_provider(guard.schema(), path, |_| {}).await;
@@ -470,10 +470,10 @@ async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
     let inst = "kv-carrier";
     let mut expected = create(&fresh, inst, 3, "a").await;
 
-    // No entry yet: claim plus four reads.
+    // No entry yet: the claim, then history and KV.
     let (item, token, full) = fetch_measured(&p, Some(&proxy), inst).await;
     assert_eq!(item.history, expected);
-    assert_eq!(full.statements, 5, "claim + 4 reads: {full:?}");
+    assert_eq!(full.statements, 3, "claim + history + KV: {full:?}");
     p.abandon_orchestration_item(&token, None, true)
         .await
         .unwrap();
@@ -483,10 +483,10 @@ async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
     ack(&p, &token, 1, new).await;
     assert_eq!(item.history.len(), 3);
 
-    // With the entry: claim, batch, new events.
+    // With the entry: the claim, then the new events.
     let before = fresh_view(&fresh, inst).await;
     let (item, token, cached) = fetch_measured(&p, Some(&proxy), inst).await;
-    assert_eq!(cached.statements, 3, "claim + 2 reads: {cached:?}");
+    assert_eq!(cached.statements, 2, "claim + history: {cached:?}");
     assert_eq!(
         turn_view(&item),
         before,
@@ -546,8 +546,8 @@ async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
     let (item, token, after_end) = fetch_measured(&p, Some(&proxy), inst).await;
     assert_eq!(turn_view(&item), before, "stale KV snapshot served");
     assert_eq!(
-        after_end.statements, 5,
-        "claim + 2 reads + 2 reads: {after_end:?}"
+        after_end.statements, 3,
+        "claim + history, then KV: {after_end:?}"
     );
     p.abandon_orchestration_item(&token, None, true)
         .await
@@ -557,7 +557,7 @@ async fn hybrid_turn_with_entry_reads_batch_and_new_events_only() {
     let before = fresh_view(&fresh, inst).await;
     let (item, _, again) = fetch_measured(&p, Some(&proxy), inst).await;
     assert_eq!(turn_view(&item), before);
-    assert_eq!(again.statements, 3, "{again:?}");
+    assert_eq!(again.statements, 2, "{again:?}");
 }
 
 /// Hybrid path: an instance deleted and re-created under the same id, whose new
@@ -630,7 +630,7 @@ async fn hybrid_recreated_instance_reads_its_kv_and_name() {
         Some("re"),
         "stale KV snapshot of the old incarnation"
     );
-    assert_eq!(traffic.statements, 5, "{traffic:?}");
+    assert_eq!(traffic.statements, 3, "claim + history + KV: {traffic:?}");
 }
 
 /// An ack that hands its activity to a waiting worker fetch of its process returns the
@@ -688,7 +688,7 @@ async fn turn_after_a_handover_ack_rereads_nothing(path: FetchPath) {
         "{path:?}: the turn read back what its process's ack wrote: {traffic:?}"
     );
     if path == FetchPath::Hybrid {
-        assert_eq!(traffic.statements, 3, "claim + 2 reads: {traffic:?}");
+        assert_eq!(traffic.statements, 2, "claim + history: {traffic:?}");
     }
     p.abandon_orchestration_item(&token, None, true)
         .await

@@ -181,8 +181,9 @@ async fn round_trips(path: FetchPath) {
         }
     }
     let hybrid_fetch = match path {
-        // Claim, then 4 reads on 4 connections (serial depth 2, see below).
-        FetchPath::Hybrid => 5,
+        // Claim (with the batch and the instance's name), then the history and KV reads
+        // on 2 connections (serial depth 2, see below).
+        FetchPath::Hybrid => 3,
         FetchPath::Procedure => 1,
     };
     for (call, bursts) in &best {
@@ -211,7 +212,7 @@ async fn procedure_round_trips_per_call() {
 }
 
 /// Serial depth of a fetch, shown with 60 ms of simulated round-trip time: hybrid costs
-/// two round trips back to back (the four reads overlap), procedure one.
+/// two round trips back to back (its reads overlap), procedure one.
 /// A statement runs on a pooled connection that has already prepared it (`pool.rs`):
 /// after concurrent calls of another statement have reshuffled which connection was
 /// used last, a statement prepared on one of six connections still costs one round

@@ -1,9 +1,14 @@
--- revision: 6
+-- revision: 7
 -- The claim: sp_fetch_and_lock and its steps.
 --
 -- sp_fetch_and_lock claims one runnable orchestration instance and its visible messages
--- in ONE round trip and returns keys only (the hybrid path then reads the turn with
--- plain SQL, concurrently; fetch_orchestration_full reads it in the same call).
+-- in ONE round trip and returns the keys, the claimed messages (the rows it tags anyway)
+-- and the instance row's name and version (read for the capability filter anyway); the
+-- hybrid path then reads the history and KV snapshot with plain SQL, concurrently
+-- (fetch_orchestration_turn reads them in the same call). Revision 7 added the batch
+-- and the name to the result (claim_instance's and sp_fetch_and_lock's return types
+-- change, so both are dropped and created; callers that name their columns, releases
+-- before this one included, are unaffected).
 --
 -- It picks instances, not queue rows: claim_pick is one indexed FOR NO KEY UPDATE SKIP
 -- LOCKED scan over pending_instances, so instances that cannot run (orphans, pinned
@@ -217,9 +222,12 @@ END;
 $fn$;
 
 -- Steps 2-5 for one picked, try-locked instance. o_outcome:
---   'claimed'   leased and tagged (o_attempt_count, o_execution_id set);
+--   'claimed'   leased and tagged (o_attempt_count, o_execution_id, o_messages: the
+--               tagged batch in queue order, o_has_instance and the instance row's
+--               o_orchestration_name / o_orchestration_version set);
 --   'skipped'   not claimable by this caller; its claim state was corrected;
 --   'contended' another transaction is busy with it right now: look again soon.
+DROP FUNCTION IF EXISTS claim_instance(TEXT, TEXT, BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT);
 CREATE OR REPLACE FUNCTION claim_instance(
     p_instance_id      TEXT,
     p_lock_token       TEXT,
@@ -229,7 +237,11 @@ CREATE OR REPLACE FUNCTION claim_instance(
     p_max_major INT, p_max_minor INT, p_max_patch INT,
     OUT o_outcome        TEXT,
     OUT o_attempt_count  INT,
-    OUT o_execution_id   BIGINT
+    OUT o_execution_id   BIGINT,
+    OUT o_messages       TEXT[],
+    OUT o_has_instance   BOOLEAN,
+    OUT o_orchestration_name     TEXT,
+    OUT o_orchestration_version  TEXT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -263,7 +275,8 @@ BEGIN
     END IF;
 
     -- The instance row and its current execution, read once for steps 3 to 5.
-    SELECT i.current_execution_id, e.pinned_major, e.pinned_minor, e.pinned_patch
+    SELECT i.current_execution_id, e.pinned_major, e.pinned_minor, e.pinned_patch,
+           i.orchestration_name, i.orchestration_version
     INTO v_current
     FROM instances i
     LEFT JOIN executions e
@@ -327,9 +340,10 @@ BEGIN
         UPDATE orchestrator_queue q
         SET lock_token = p_lock_token, attempt_count = q.attempt_count + 1
         WHERE q.instance_id = p_instance_id AND q.visible_at_ms <= v_now
-        RETURNING q.attempt_count
+        RETURNING q.id, q.attempt_count, q.work_item
     )
-    SELECT count(*), max(t.attempt_count) INTO v_tagged, o_attempt_count FROM tagged t;
+    SELECT count(*), max(t.attempt_count), array_agg(t.work_item ORDER BY t.id)
+    INTO v_tagged, o_attempt_count, o_messages FROM tagged t;
     IF v_tagged = 0 THEN
         -- The claim state promised more than the queue holds (messages acked, deleted or
         -- delayed since): give the lease back (the lease-end trigger corrects the state)
@@ -353,6 +367,9 @@ BEGIN
         v_current.current_execution_id,
         (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = p_instance_id),
         1);
+    o_has_instance := v_exists;
+    o_orchestration_name := v_current.orchestration_name;
+    o_orchestration_version := v_current.orchestration_version;
     o_outcome := 'claimed';
 END;
 $fn$;
@@ -372,8 +389,13 @@ $fn$;
 -- under a token made here (rows the first attempt may have left with the caller's token,
 -- an expired lease and its tagged batch, must never be taken for the new claim's).
 -- Revision 6 added both arguments; the signature without them is dropped (earlier
--- callers, positional or named, resolve to this one through the defaults).
+-- callers, positional or named, resolve to this one through the defaults). Revision 7
+-- added o_messages, o_has_instance, o_orchestration_name and o_orchestration_version
+-- (claim_instance's; a resend reads them again): a new return type, so the function is
+-- dropped and created.
 DROP FUNCTION IF EXISTS sp_fetch_and_lock(BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT, INT);
+DROP FUNCTION IF EXISTS sp_fetch_and_lock(BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT, INT,
+                                          TEXT, BOOLEAN);
 CREATE OR REPLACE FUNCTION sp_fetch_and_lock(
     p_lock_timeout_ms  BIGINT,
     p_filter_enabled   BOOLEAN,
@@ -391,7 +413,11 @@ RETURNS TABLE (
     o_now_ms         BIGINT,
     o_next_wake_ms   BIGINT,
     -- Instances examined and passed over before this result: the contention signal.
-    o_skipped        INT
+    o_skipped        INT,
+    o_messages       TEXT[],
+    o_has_instance   BOOLEAN,
+    o_orchestration_name     TEXT,
+    o_orchestration_version  TEXT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -417,8 +443,14 @@ BEGIN
                 (SELECT i.current_execution_id FROM instances i WHERE i.instance_id = v_instance),
                 (SELECT max(e.execution_id) FROM executions e WHERE e.instance_id = v_instance),
                 1);
-            o_attempt_count := (SELECT max(q.attempt_count) FROM orchestrator_queue q
-                                WHERE q.lock_token = p_lock_token);
+            SELECT max(q.attempt_count), array_agg(q.work_item ORDER BY q.id)
+            INTO o_attempt_count, o_messages
+            FROM orchestrator_queue q
+            WHERE q.lock_token = p_lock_token;
+            SELECT TRUE, i.orchestration_name, i.orchestration_version
+            INTO o_has_instance, o_orchestration_name, o_orchestration_version
+            FROM instances i WHERE i.instance_id = v_instance;
+            o_has_instance := coalesce(o_has_instance, FALSE);
             o_skipped := 0;
             RETURN NEXT;
             RETURN;
@@ -461,6 +493,10 @@ BEGIN
             o_lock_token := v_token;
             o_execution_id := v_step.o_execution_id;
             o_attempt_count := v_step.o_attempt_count;
+            o_messages := v_step.o_messages;
+            o_has_instance := v_step.o_has_instance;
+            o_orchestration_name := v_step.o_orchestration_name;
+            o_orchestration_version := v_step.o_orchestration_version;
             o_now_ms := now_ms();
             o_skipped := cardinality(v_tried) - 1;
             RETURN NEXT;

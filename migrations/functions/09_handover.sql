@@ -1,4 +1,4 @@
--- revision: 21
+-- revision: 22
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -185,8 +185,12 @@ $fn$;
 -- grace that holds the row (claimable later than its visible messages, no lease) and
 -- takes the turn in the same write, the claim's lease; if the claim takes nothing, the
 -- caller ends the grace itself. Revision 20 added it; the signature without it is
--- dropped (its callers are in this file).
+-- dropped (its callers are in this file). Revision 22 passes on claim_instance's batch
+-- and instance name (o_messages, o_has_instance, o_orchestration_*: what a hybrid fetch
+-- would otherwise read); a new return type, so it is dropped and created.
 DROP FUNCTION IF EXISTS claim_instance_turn(TEXT, TEXT, BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT);
+DROP FUNCTION IF EXISTS claim_instance_turn(TEXT, TEXT, BIGINT, BOOLEAN, INT, INT, INT, INT, INT, INT,
+                                            BOOLEAN);
 CREATE OR REPLACE FUNCTION claim_instance_turn(
     p_instance_id      TEXT,
     p_lock_token       TEXT,
@@ -196,7 +200,11 @@ CREATE OR REPLACE FUNCTION claim_instance_turn(
     p_max_major INT, p_max_minor INT, p_max_patch INT,
     p_ending_grace     BOOLEAN DEFAULT FALSE,
     OUT o_attempt_count  INT,
-    OUT o_execution_id   BIGINT
+    OUT o_execution_id   BIGINT,
+    OUT o_messages       TEXT[],
+    OUT o_has_instance   BOOLEAN,
+    OUT o_orchestration_name     TEXT,
+    OUT o_orchestration_version  TEXT
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -222,6 +230,10 @@ BEGIN
     IF v_step.o_outcome = 'claimed' THEN
         o_attempt_count := v_step.o_attempt_count;
         o_execution_id := v_step.o_execution_id;
+        o_messages := v_step.o_messages;
+        o_has_instance := v_step.o_has_instance;
+        o_orchestration_name := v_step.o_orchestration_name;
+        o_orchestration_version := v_step.o_orchestration_version;
     END IF;
 END;
 $fn$;
@@ -617,6 +629,12 @@ BEGIN
             v_queued := 0;
             o_execution_id := v_claim.o_execution_id;
             o_attempt_count := v_claim.o_attempt_count;
+            -- The batch and the instance's name, as the claim found them (the hybrid
+            -- fetch then reads only history and KV; replaced below on the procedure path).
+            o_messages := v_claim.o_messages;
+            o_has_instance := v_claim.o_has_instance;
+            o_orchestration_name := v_claim.o_orchestration_name;
+            o_orchestration_version := v_claim.o_orchestration_version;
             IF p_read_turn THEN
                 SELECT * INTO v_turn
                 FROM read_claimed_turn(p_instance_id, p_turn_lock_token, o_execution_id,
@@ -737,6 +755,11 @@ BEGIN
     o_execution_id := v_claim.o_execution_id;
     o_attempt_count := v_claim.o_attempt_count;
     IF NOT p_read_turn THEN
+        -- The batch and the instance's name, as the claim found them.
+        o_messages := v_claim.o_messages;
+        o_has_instance := v_claim.o_has_instance;
+        o_orchestration_name := v_claim.o_orchestration_name;
+        o_orchestration_version := v_claim.o_orchestration_version;
         RETURN NEXT;
         RETURN;
     END IF;

@@ -1,11 +1,12 @@
 //! The claim: one call of `sp_fetch_and_lock` (protocol: migrations/functions/03_claim.sql),
+//! which returns the claimed batch and the instance's name with the keys,
 //! and the release of a claim whose reads failed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use duroxide::providers::ProviderError;
 
-use super::{Claim, ClaimArgs, OP};
+use super::{Batch, Claim, ClaimArgs, OP};
 use crate::errors::db_error;
 use crate::poll::{Attempt, wake_in};
 use crate::provider::PostgresProvider;
@@ -44,11 +45,12 @@ pub(crate) static SP_FETCH_AND_LOCK: SqlFunction = SqlFunction {
     name: "sp_fetch_and_lock",
     args: claim_args!("p_max_candidates", "p_lock_token", "p_resend"),
     columns: Some(
-        "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, o_skipped",
+        "o_instance_id, o_lock_token, o_execution_id, o_attempt_count, o_now_ms, o_next_wake_ms, \
+         o_skipped, o_messages, o_has_instance, o_orchestration_name, o_orchestration_version",
     ),
 };
 
-/// The claim's one row: keys when won, else the next wake-up time.
+/// The claim's one row: keys and batch when won, else the next wake-up time.
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
     o_instance_id: Option<String>,
@@ -58,6 +60,10 @@ struct ClaimRow {
     o_now_ms: i64,
     o_next_wake_ms: Option<i64>,
     o_skipped: Option<i32>,
+    o_messages: Option<Vec<String>>,
+    o_has_instance: Option<bool>,
+    o_orchestration_name: Option<String>,
+    o_orchestration_version: Option<String>,
 }
 
 impl PostgresProvider {
@@ -81,6 +87,12 @@ impl PostgresProvider {
                 lock_token,
                 execution_id: row.o_execution_id.unwrap_or(1),
                 attempt_count: row.o_attempt_count.unwrap_or(1),
+                batch: Batch::from_columns(
+                    row.o_messages,
+                    row.o_has_instance,
+                    row.o_orchestration_name,
+                    row.o_orchestration_version,
+                ),
             }),
             _ => Attempt::Empty {
                 wake_in: wake_in(row.o_now_ms, row.o_next_wake_ms),

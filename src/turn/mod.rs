@@ -111,13 +111,42 @@ fn clamp(v: u64) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
 
-/// A won claim: keys only.
+/// A won claim: its keys, and the batch when the claiming call returned it.
 #[derive(Debug)]
 pub(crate) struct Claim {
     pub instance: String,
     pub lock_token: String,
     pub execution_id: i64,
     pub attempt_count: i32,
+    /// The tagged messages and the instance row's name and version, as the claim found
+    /// them (`sp_fetch_and_lock`, and a hand-over's `claim_instance_turn`): the hybrid
+    /// path then does not read them. `None`: read them.
+    pub batch: Option<Box<Batch>>,
+}
+
+/// What a claiming call returns of its turn besides the keys.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub messages: Vec<String>,
+    /// `Some((name, version))` when the instance row exists.
+    pub meta: Option<(String, Option<String>)>,
+}
+
+impl Batch {
+    /// From a claiming call's columns; `None` when it returned no batch.
+    pub(crate) fn from_columns(
+        messages: Option<Vec<String>>,
+        has_instance: Option<bool>,
+        name: Option<String>,
+        version: Option<String>,
+    ) -> Option<Box<Self>> {
+        Some(Box::new(Self {
+            messages: messages?,
+            meta: name
+                .filter(|_| has_instance.unwrap_or(false))
+                .map(|n| (n, version)),
+        }))
+    }
 }
 
 /// Raw rows of a claimed turn, as either path loaded them.
@@ -310,7 +339,9 @@ impl PostgresProvider {
         // A future dropped during the reads (runtime shutdown) leaves the claim to its
         // lease, exactly like a dropped procedure-path call that the server committed:
         // the instance stays hidden until the lease runs out, and nothing is lost.
-        match self.read_turn(&claim).await {
+        let mut claim = claim;
+        let batch = claim.batch.take();
+        match self.read_turn(&claim, batch).await {
             Ok(reads) => Ok(Attempt::Claimed(TurnRows {
                 claim,
                 meta: reads.meta,

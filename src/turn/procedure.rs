@@ -63,6 +63,17 @@ pub(crate) struct TurnData {
 }
 
 impl TurnData {
+    /// The batch and name a hand-over's claim returned without the turn's reads (the
+    /// hybrid path's hand-over).
+    pub(crate) fn claimed_batch(self) -> Option<Box<super::Batch>> {
+        super::Batch::from_columns(
+            self.o_messages,
+            self.o_has_instance,
+            self.o_orchestration_name,
+            self.o_orchestration_version,
+        )
+    }
+
     /// The rows of `claim`'s turn; `held` is the history cache entry sent with the call.
     /// On an inconsistent answer the claim comes back with the reason (to be released).
     pub(crate) fn into_turn_rows(
@@ -168,6 +179,7 @@ impl PostgresProvider {
             lock_token,
             execution_id,
             attempt_count: r.o_attempt_count.unwrap_or(1),
+            batch: None,
         };
         match r.data.into_turn_rows(claim, held) {
             Ok(rows) => Ok(Attempt::Claimed(rows)),

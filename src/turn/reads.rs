@@ -3,20 +3,22 @@
 //! the wire. The history read asks only for the events after those the history cache
 //! holds (`read_history_since`).
 //!
-//! A turn of an execution whose previous turn this process ran needs two reads, not
-//! four: the instance's name and version are those of the execution's
-//! `OrchestrationStarted` event (what every ack of the execution writes to the instance
-//! row), and the KV snapshot is the one that turn read, which stays `kv_store`'s content
-//! until the execution ends (`HistoryRows::carried_kv`). When the history read shows
-//! that the entry no longer describes the execution (not incremental, or an event that
-//! ends it), the two reads follow, still under the claim's lease.
+//! The claim returns the batch and the instance row's name and version with its keys
+//! (`sp_fetch_and_lock` tags those rows and reads that row anyway), so a turn reads its
+//! history and KV snapshot. A turn of an execution whose previous turn this process ran
+//! reads only its history: the KV snapshot that turn read stays `kv_store`'s content
+//! until the execution ends (`HistoryRows::carried_kv`). When the history read shows that
+//! the entry no longer describes the execution (not incremental, or an event that ends
+//! it), the KV read follows, still under the claim's lease. A claim without its batch
+//! (none is made today; kept so a claim from any caller is served) reads the messages and
+//! the instance row too.
 
 use std::sync::Arc;
 
 use duroxide::providers::ProviderError;
-use duroxide::{Event, EventKind};
+use futures::future::OptionFuture;
 
-use super::{Claim, HistoryRows, OP};
+use super::{Batch, Claim, HistoryRows, OP};
 use crate::errors::db_error;
 use crate::history_cache::{Held, KvRows};
 use crate::provider::PostgresProvider;
@@ -74,49 +76,52 @@ pub(crate) struct TurnReads {
 }
 
 impl PostgresProvider {
-    pub(crate) async fn read_turn(&self, claim: &Claim) -> Result<TurnReads, ProviderError> {
+    /// `batch`: what the claim returned of the turn (`None`: read it here).
+    pub(crate) async fn read_turn(
+        &self,
+        claim: &Claim,
+        batch: Option<Box<Batch>>,
+    ) -> Result<TurnReads, ProviderError> {
         let held = self
             .inner
             .history_cache
             .held(&claim.instance, claim.execution_id);
-        let started = held
-            .as_ref()
-            .filter(|h| h.kv.is_some())
-            .and_then(|h| started_meta(&h.events));
-        if let Some(meta) = started {
-            let (messages, history) = tokio::join!(
-                self.read_messages(claim),
-                self.read_history(claim, held.as_ref())
-            );
-            let (messages, history) = (messages?, history?);
-            if let Some(kv) = history.carried_kv() {
-                metrics::counter!("duroxide_pg_turn_reads_skipped_total").increment(2);
-                return Ok(TurnReads {
-                    meta: Some(meta),
-                    messages,
-                    history,
-                    kv,
-                });
-            }
-            let (meta, kv) = tokio::join!(self.read_meta(claim), self.read_kv(claim));
-            return Ok(TurnReads {
-                meta: meta?,
-                messages,
-                history,
-                kv: Arc::new(kv?),
-            });
-        }
+        let kv_held = held.as_ref().is_some_and(|h| h.kv.is_some());
+        let unread = batch.is_none();
         let (messages, meta, history, kv) = tokio::join!(
-            self.read_messages(claim),
-            self.read_meta(claim),
+            OptionFuture::from(unread.then(|| self.read_messages(claim))),
+            OptionFuture::from(unread.then(|| self.read_meta(claim))),
             self.read_history(claim, held.as_ref()),
-            self.read_kv(claim),
+            OptionFuture::from((!kv_held).then(|| self.read_kv(claim))),
         );
+        let history = history?;
+        let (messages, meta) = match batch {
+            Some(b) => {
+                let Batch { messages, meta } = *b;
+                (messages, meta)
+            }
+            None => (
+                messages.transpose()?.unwrap_or_default(),
+                meta.transpose()?.flatten(),
+            ),
+        };
+        let mut issued = 1 + if unread { 2 } else { 0 } + u64::from(!kv_held);
+        let kv = match (kv.transpose()?, history.carried_kv()) {
+            (Some(rows), _) => Arc::new(rows),
+            (None, Some(kv)) => kv,
+            (None, None) => {
+                issued += 1;
+                Arc::new(self.read_kv(claim).await?)
+            }
+        };
+        if issued < 4 {
+            metrics::counter!("duroxide_pg_turn_reads_skipped_total").increment(4 - issued);
+        }
         Ok(TurnReads {
-            meta: meta?,
-            messages: messages?,
-            history: history?,
-            kv: Arc::new(kv?),
+            meta,
+            messages,
+            history,
+            kv,
         })
     }
 
@@ -202,15 +207,4 @@ impl PostgresProvider {
         )
         .map_err(|e| db_error(OP, Some(&claim.instance), e))
     }
-}
-
-/// Name and version of the execution's `OrchestrationStarted` event, as the instance row
-/// holds them once the execution's first turn is acked.
-fn started_meta(events: &[Event]) -> Meta {
-    events.iter().find_map(|e| match &e.kind {
-        EventKind::OrchestrationStarted { name, version, .. } => {
-            Some((name.clone(), Some(version.clone())))
-        }
-        _ => None,
-    })
 }
