@@ -24,8 +24,9 @@ pub const MAX_HANDOVER_HISTORY_WINDOW: Duration = Duration::from_secs(1);
 /// so workers on different paths can run side by side against one database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FetchPath {
-    /// `sp_fetch_and_lock` (one round trip), then messages, metadata, history and KV
-    /// snapshot read concurrently on separate pooled connections (one more round trip).
+    /// `sp_fetch_and_lock` (one round trip, returning the batch and the instance's name),
+    /// then history and KV snapshot read concurrently on separate pooled connections (one
+    /// more round trip; the history alone for an execution whose last turn ran here).
     Hybrid,
     /// `fetch_orchestration_full`: claim and all reads in one function call (one round trip).
     Procedure,
@@ -93,7 +94,7 @@ impl std::str::FromStr for FetchPath {
 pub struct ProviderOptions {
     /// Schema holding all objects (validated: `[a-z_][a-z0-9_]*`, at most 63 bytes).
     pub schema: String,
-    /// Connections for provider calls. A hybrid fetch uses up to four at once for its
+    /// Connections for provider calls. A hybrid fetch uses up to two at once for its
     /// reads. (The provider also keeps up to 2 for migrations and `pool()`, and 1 for
     /// LISTEN once a fetch long-polls.)
     pub max_connections: u32,

@@ -15,7 +15,7 @@
 //! that connection runs it, in a round trip of its own. A call takes the most recently
 //! used idle connection that has already run its statement (else the most recently used
 //! one), so once a statement is prepared somewhere it rarely costs that trip again; the
-//! hybrid path's four concurrent reads would otherwise meet unprepared (statement,
+//! hybrid path's concurrent reads would otherwise meet unprepared (statement,
 //! connection) pairs for a long time.
 //!
 //! Idle connections older than `idle_timeout` (or any older than `max_lifetime`) are

@@ -85,7 +85,7 @@ impl PostgresProvider {
         // An item visible now, while a local orchestration fetch waits: the enqueue
         // claims the instance's turn for it (handover.rs). A start's turn is read in the
         // same call on the hybrid path too: it is small (a new instance has no history
-        // and no KV), and its four reads would be a round trip before the first turn.
+        // and no KV), and its reads would be a round trip before the first turn.
         let read_turn = self.fetch_path() == FetchPath::Procedure
             || matches!(item, WorkItem::StartOrchestration { .. });
         if delay_ms <= 0

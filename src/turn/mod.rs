@@ -6,9 +6,10 @@
 //! then loads what the turn needs. Two interchangeable paths share the claim and the
 //! read functions:
 //!
-//! * hybrid: claim, then plain reads issued concurrently on separate pooled
-//!   connections (four, or two for an execution whose last turn ran here, `reads.rs`),
-//!   so the serial depth is 2 round trips;
+//! * hybrid: the claim (which returns the batch and the instance's name), then history
+//!   and KV read concurrently on separate pooled connections (the history alone for an
+//!   execution whose last turn ran here, `reads.rs`), so the serial depth is 2 round
+//!   trips;
 //! * procedure: `fetch_orchestration_turn`, claim and reads in one call (1 round trip).
 //!
 //! Both read only the history events this process has not seen yet when it ran the
