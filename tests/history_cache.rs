@@ -165,6 +165,49 @@ async fn continue_as_new(p: &PostgresProvider, token: &str, instance: &str, end:
     .unwrap();
 }
 
+/// Acks `token`'s turn of execution 1 appending `first`, then events setting KV key `k` to
+/// `value` and completing the execution (ids following on): the value lands in
+/// `kv_store`. `metadata` gets status and output.
+async fn complete_with_kv(
+    p: &PostgresProvider,
+    token: &str,
+    instance: &str,
+    first: Vec<Event>,
+    value: &str,
+    metadata: ExecutionMetadata,
+) {
+    let next = first.last().map_or(1, |e| e.event_id() + 1);
+    let mut appended = first;
+    appended.push(Event::with_event_id(
+        next,
+        instance,
+        1,
+        None,
+        EventKind::KeyValueSet {
+            key: "k".into(),
+            value: value.into(),
+            last_updated_at_ms: TS,
+        },
+    ));
+    appended.push(Event::with_event_id(
+        next + 1,
+        instance,
+        1,
+        None,
+        EventKind::OrchestrationCompleted {
+            output: "done".into(),
+        },
+    ));
+    let metadata = ExecutionMetadata {
+        status: Some("Completed".into()),
+        output: Some("done".into()),
+        ..metadata
+    };
+    p.ack_orchestration_item(token, 1, appended, vec![], vec![], metadata, vec![])
+        .await
+        .unwrap();
+}
+
 /// Starts `instance` through `p` with events 1..=n of execution 1.
 async fn create(p: &PostgresProvider, instance: &str, n: u64, tag: &str) -> Vec<Event> {
     p.enqueue_for_orchestrator(start_item(instance), None)
@@ -501,44 +544,8 @@ async fn hybrid_turn_with_entry_reads_new_events_only() {
 
     // Another process ends execution 1 with a KV value (into kv_store).
     let (_, token, _) = fetch(&fresh, None, inst).await;
-    let end = vec![
-        Event::with_event_id(
-            5,
-            inst,
-            1,
-            None,
-            EventKind::KeyValueSet {
-                key: "k".into(),
-                value: "v1".into(),
-                last_updated_at_ms: TS,
-            },
-        ),
-        Event::with_event_id(
-            6,
-            inst,
-            1,
-            None,
-            EventKind::OrchestrationCompleted {
-                output: "done".into(),
-            },
-        ),
-    ];
-    fresh
-        .ack_orchestration_item(
-            &token,
-            1,
-            end,
-            vec![],
-            vec![],
-            ExecutionMetadata {
-                status: Some("Completed".into()),
-                output: Some("done".into()),
-                ..running()
-            },
-            vec![],
-        )
-        .await
-        .unwrap();
+    let before_end = vec![event(inst, 1, 5, payload("b"))];
+    complete_with_kv(&fresh, &token, inst, before_end, "v1", running()).await;
 
     // A message after the end: the entry's snapshot is no longer kv_store's.
     let before = fresh_view(&fresh, inst).await;
@@ -584,43 +591,19 @@ async fn hybrid_recreated_instance_reads_its_kv_and_name() {
         *name = "O2".into();
         *version = "2.0.0".into();
     }
-    let kv_set = Event::with_event_id(
-        2,
-        inst,
-        1,
-        None,
-        EventKind::KeyValueSet {
-            key: "k".into(),
-            value: "re".into(),
-            last_updated_at_ms: TS,
-        },
-    );
-    let done = Event::with_event_id(
-        3,
-        inst,
-        1,
-        None,
-        EventKind::OrchestrationCompleted {
-            output: "done".into(),
-        },
-    );
-    p2.ack_orchestration_item(
+    complete_with_kv(
+        &p2,
         &token,
-        1,
-        vec![started, kv_set, done],
-        vec![],
-        vec![],
+        inst,
+        vec![started],
+        "re",
         ExecutionMetadata {
             orchestration_name: Some("O2".into()),
             orchestration_version: Some("2.0.0".into()),
-            status: Some("Completed".into()),
-            output: Some("done".into()),
             ..Default::default()
         },
-        vec![],
     )
-    .await
-    .unwrap();
+    .await;
 
     let (item, _, traffic) = fetch_measured(&p, Some(&proxy), inst).await;
     assert_eq!(item.orchestration_name, "O2");

@@ -479,12 +479,14 @@ impl PostgresProvider {
                     // The history this ack committed answers the read duroxide's worker
                     // makes before each activity handed over (handover_reads.rs).
                     self.keep_handover_history(instance, execution_id, &ev_data, handed_here);
-                    // The next turn of this process reads only what others append.
+                    // The next turn of this process reads only what others append. The
+                    // events are decoded from the text stored, as a read would return them.
+                    let stored = history_guard.and_then(|_| decode_history(&ev_data).ok());
                     self.inner.history_cache.extend(
                         instance,
                         execution_id,
-                        &history_delta,
-                        history_guard,
+                        stored.as_deref().unwrap_or(&history_delta),
+                        history_guard.filter(|_| stored.is_some()),
                     );
                     if matches!(metadata.status.as_deref(), Some("Completed" | "Failed")) {
                         // The instance is done: its history will not be read for a turn
