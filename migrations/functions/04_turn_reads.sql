@@ -1,4 +1,4 @@
--- revision: 5
+-- revision: 6
 -- The four reads of an orchestration fetch, defined ONCE and used by both fetch paths:
 -- the hybrid path calls them from Rust concurrently on separate connections, the
 -- full-procedure path calls them inside fetch_orchestration_turn (this release) or
@@ -180,13 +180,18 @@ $fn$;
 -- fetch_orchestration_turn, and a worker ack that hands the instance's next turn to a
 -- waiting fetch, 09_handover.sql): the same four reads the hybrid path issues from Rust.
 -- p_after_event_id / p_guard: the caller's history cache entry of this execution (NULL =
--- none; read_history_since then returns the whole execution).
+-- none; read_history_since then returns the whole execution). p_messages: the batch the
+-- claim returned (claim_instance tags and returns it; NULL = read it by p_lock_token).
+-- Revision 6 added it; the signature without it is dropped (its callers are in this file
+-- and 09_handover.sql).
+DROP FUNCTION IF EXISTS read_claimed_turn(TEXT, TEXT, BIGINT, BIGINT, BIGINT);
 CREATE OR REPLACE FUNCTION read_claimed_turn(
     p_instance_id     TEXT,
     p_lock_token      TEXT,
     p_execution_id    BIGINT,
     p_after_event_id  BIGINT,
     p_guard           BIGINT,
+    p_messages        TEXT[] DEFAULT NULL,
     OUT o_has_instance            BOOLEAN,
     OUT o_orchestration_name      TEXT,
     OUT o_orchestration_version   TEXT,
@@ -209,8 +214,12 @@ BEGIN
     FROM read_instance_meta(p_instance_id) m;
     o_has_instance := FOUND;
 
-    SELECT coalesce(array_agg(b.item ORDER BY b.n), '{}') INTO o_messages
-    FROM read_batch_messages(p_lock_token) WITH ORDINALITY b(item, n);
+    IF p_messages IS NOT NULL THEN
+        o_messages := p_messages;
+    ELSE
+        SELECT coalesce(array_agg(b.item ORDER BY b.n), '{}') INTO o_messages
+        FROM read_batch_messages(p_lock_token) WITH ORDINALITY b(item, n);
+    END IF;
 
     SELECT r.o_incremental, r.o_events, r.o_last_event_id, r.o_last_guard
     INTO o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard
@@ -326,7 +335,7 @@ DECLARE
     v_guard BIGINT;
 BEGIN
     SELECT c.o_instance_id, c.o_lock_token, c.o_execution_id, c.o_attempt_count,
-           c.o_now_ms, c.o_next_wake_ms, c.o_skipped
+           c.o_now_ms, c.o_next_wake_ms, c.o_skipped, c.o_messages
     INTO v_claim
     FROM sp_fetch_and_lock(p_lock_timeout_ms, p_filter_enabled,
                            p_min_major, p_min_minor, p_min_patch,
@@ -360,7 +369,8 @@ BEGIN
     INTO o_has_instance, o_orchestration_name, o_orchestration_version, o_messages,
          o_history_incremental, o_history, o_history_last_event_id, o_history_last_guard,
          o_kv_keys, o_kv_values, o_kv_updated_ms
-    FROM read_claimed_turn(o_instance_id, o_lock_token, o_execution_id, v_after, v_guard) r;
+    FROM read_claimed_turn(o_instance_id, o_lock_token, o_execution_id, v_after, v_guard,
+                           v_claim.o_messages) r;
 
     RETURN NEXT;
 END;

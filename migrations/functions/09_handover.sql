@@ -1,4 +1,4 @@
--- revision: 22
+-- revision: 23
 -- In-process hand-over: an ack that makes work runnable claims it, in the same call, for
 -- a fetch of the acking process that is already waiting for exactly that kind of work
 -- (src/handover.rs picks the waiters and passes what each can take). The claims are the
@@ -641,7 +641,8 @@ BEGIN
                                        CASE WHEN p_history_execution_id = o_execution_id
                                             THEN p_history_after_event_id END,
                                        CASE WHEN p_history_execution_id = o_execution_id
-                                            THEN p_history_guard END);
+                                            THEN p_history_guard END,
+                                       v_claim.o_messages);
                 o_has_instance := v_turn.o_has_instance;
                 o_orchestration_name := v_turn.o_orchestration_name;
                 o_orchestration_version := v_turn.o_orchestration_version;
@@ -772,6 +773,7 @@ BEGIN
                            CASE WHEN p_history_execution_id = o_execution_id
                                 THEN p_history_after_event_id END,
                            CASE WHEN p_history_execution_id = o_execution_id
-                                THEN p_history_guard END) t;
+                                THEN p_history_guard END,
+                           v_claim.o_messages) t;
 END;
 $fn$;
